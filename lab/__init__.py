@@ -1,0 +1,1 @@
+"""The ``lab`` command line: train, eval, watch, fit, bench, list, demo."""

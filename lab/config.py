@@ -1,0 +1,144 @@
+"""``--set key=value`` overrides for the config dataclasses of agents and tasks.
+
+Each dataclass field may carry range metadata, ``field(default=..., metadata={"help": ..., "min": 0,
+"max": 1, "choices": (...)})``. Values are parsed by the field's annotated type (int, float, bool,
+str, ``Literal[...]``, ``tuple[int, ...]``, ``X | None``) and checked against that metadata, so a typo
+fails before any work starts, with a message naming the valid keys or values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A malformed or out-of-range override; the message is one line fit for the user."""
+
+
+def config_fields(config_class: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_class)}
+
+
+def apply_overrides(config: Any, overrides: list[str] | None) -> Any:
+    """Returns a copy of dataclass ``config`` with ``key=value`` overrides applied and validated.
+
+    Raises:
+        ConfigError: unknown key (with close matches), unparsable value, or value out of range.
+    """
+    if not overrides:
+        return config
+    fields = config_fields(type(config))
+    hints = get_type_hints(type(config))
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = (part.strip() for part in item.split("=", 1))
+        key = key.replace("-", "_")
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(sorted(fields))}")
+        changes[key] = parse_value(key, raw, hints[key], fields[key].metadata)
+    return dataclasses.replace(config, **changes)
+
+
+def validate(config: Any) -> None:
+    """Checks every field of ``config`` against its range metadata (for values set in code or files)."""
+    for name, field in config_fields(type(config)).items():
+        _check_range(name, getattr(config, name), field.metadata)
+
+
+def parse_value(key: str, raw: str, annotation: Any, metadata: typing.Mapping[str, Any]) -> Any:
+    value = _parse_typed(key, raw, annotation)
+    _check_range(key, value, metadata)
+    return value
+
+
+def _parse_typed(key: str, raw: str, annotation: Any) -> Any:
+    origin = get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in get_args(annotation) if a is not type(None)]
+        if type(None) in get_args(annotation) and raw.lower() in ("none", "null", ""):
+            return None
+        errors = []
+        for option in options:
+            try:
+                return _parse_typed(key, raw, option)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot parse {raw!r}")
+    if origin is Literal:
+        choices = get_args(annotation)
+        for choice in choices:
+            if str(choice) == raw:
+                return choice
+        raise ConfigError(f"{key}={raw!r} is not valid; choose from: {', '.join(map(str, choices))}")
+    if origin is tuple:
+        args = get_args(annotation)
+        item_type = args[0] if args else str
+        parts = [p for p in raw.strip("()[] ").split(",") if p.strip()]
+        return tuple(_parse_typed(key, p.strip(), item_type) for p in parts)
+    if annotation is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} expects a boolean (true/false), got {raw!r}")
+    if annotation is int:
+        try:
+            return int(float(raw)) if _is_integral_float(raw) else int(raw)
+        except ValueError:
+            raise ConfigError(f"{key} expects an integer, got {raw!r}") from None
+    if annotation is float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{key} expects a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{key} expects a finite number, got {raw!r}")
+        return value
+    if annotation is str:
+        return raw
+    raise ConfigError(f"{key} cannot be set from the command line")
+
+
+def _is_integral_float(raw: str) -> bool:
+    # Accept 1e6 or 2.0 for integer fields (step counts are often written that way), not 2.5.
+    try:
+        value = float(raw)
+    except ValueError:
+        return False
+    return value.is_integer() and any(c in raw for c in ".eE") and abs(value) < 2**62
+
+
+def _check_range(key: str, value: Any, metadata: typing.Mapping[str, Any]) -> None:
+    if value is None:
+        return
+    choices = metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose from: {', '.join(map(str, choices))}")
+    values = value if isinstance(value, tuple) else (value,)
+    for item in values:
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            continue
+        if "min" in metadata and item < metadata["min"]:
+            raise ConfigError(f"{key}={value!r} is out of range; it must be >= {metadata['min']}")
+        if "max" in metadata and item > metadata["max"]:
+            raise ConfigError(f"{key}={value!r} is out of range; it must be <= {metadata['max']}")
+
+
+def describe(config_class: type) -> list[tuple[str, str, Any, str]]:
+    """(name, type, default, help) for every field, for ``--help`` listings."""
+    hints = get_type_hints(config_class)
+    rows = []
+    for field in dataclasses.fields(config_class):
+        default = field.default if field.default is not dataclasses.MISSING else None
+        type_name = getattr(hints[field.name], "__name__", str(hints[field.name]))
+        rows.append((field.name, type_name, default, field.metadata.get("help", "")))
+    return rows
