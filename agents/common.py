@@ -1,0 +1,342 @@
+"""Algorithm-independent helpers shared by ppo.py and dqn.py: devices, seeding, run directories,
+checkpoints of a training run, episode statistics, logging with a progress bar, greedy evaluation.
+
+Nothing here knows what PPO or DQN is; each algorithm file keeps its own math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from agents.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    read_sidecar,
+    save_checkpoint,
+)
+
+RUN_FORMAT_VERSION = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA device is available; use --device cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> np.random.Generator:
+    """Seeds Python, numpy and torch; returns a numpy Generator for the algorithm's own sampling."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+    return np.random.default_rng(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run directories
+# ---------------------------------------------------------------------------------------------
+
+
+def new_run_dir(base: str | os.PathLike, name: str) -> Path:
+    """``base/name-YYYYmmdd-HHMMSS`` (with a suffix if taken); created empty."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(base) / f"{name}-{stamp}"
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path(base) / f"{name}-{stamp}-{suffix}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def write_run_config(run_dir: Path, algo: str, config: Any) -> None:
+    """Writes ``config.json``: what ``lab eval|watch|train --resume`` need to rebuild the run."""
+    atomic_write_json(
+        run_dir / "config.json",
+        {"run_format_version": RUN_FORMAT_VERSION, "algo": algo, "config": dataclasses.asdict(config)},
+    )
+
+
+def read_run_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
+    """Returns ``(algo, config dict)`` of a run directory; CheckpointError when it is not one."""
+    path = Path(run_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{run_dir} is not a run directory (no config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is unreadable ({error})") from None
+    if not isinstance(data, dict) or "algo" not in data or "config" not in data:
+        raise CheckpointError(f"{path} is not an agent-lab run config")
+    if data.get("run_format_version") != RUN_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{run_dir} was written by an incompatible lab version "
+            f"(run format {data.get('run_format_version')!r}, this lab reads {RUN_FORMAT_VERSION})"
+        )
+    return data["algo"], data["config"]
+
+
+def locate_checkpoint(run_or_checkpoint: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Finds the checkpoint to load from a run directory or a checkpoint file.
+
+    Returns:
+        ``(sidecar_path, meta)`` where meta holds at least ``algo`` and ``config``.
+
+    Raises:
+        CheckpointError: nothing loadable there.
+    """
+    path = Path(run_or_checkpoint)
+    if not path.exists() and not path.with_name(path.name + ".json").exists():
+        raise CheckpointError(f"{path} does not exist")
+    if path.is_dir():
+        sidecar = latest_checkpoint(path / "checkpoints")
+        if sidecar is None:
+            raise CheckpointError(f"{path} holds no loadable checkpoint (looked in {path / 'checkpoints'})")
+    else:
+        sidecar = path
+    meta = read_sidecar(sidecar).get("meta", {})
+    if "algo" not in meta or "config" not in meta:
+        raise CheckpointError(f"{sidecar} is not an agent checkpoint (no algo/config in its sidecar)")
+    return Path(sidecar), meta
+
+
+def save_training_checkpoint(
+    run_dir: Path, global_step: int, state: dict[str, Any], meta: dict[str, Any], keep: int
+) -> Path:
+    """Saves ``checkpoints/step_<global_step>`` atomically and keeps only the newest ``keep``."""
+    sidecar = save_checkpoint(run_dir / "checkpoints" / f"step_{global_step:012d}", state, meta)
+    prune_checkpoints(run_dir / "checkpoints", keep)
+    return sidecar
+
+
+def load_training_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The newest good checkpoint of a run, or None when it has none yet."""
+    sidecar = latest_checkpoint(run_dir / "checkpoints")
+    return None if sidecar is None else load_checkpoint(sidecar)
+
+
+# ---------------------------------------------------------------------------------------------
+# Episode statistics from a same-step-autoreset vector env
+# ---------------------------------------------------------------------------------------------
+
+
+def finished_episodes(infos: dict[str, Any]) -> Iterator[tuple[int, dict[str, float]]]:
+    """Yields ``(env_index, stats)`` for every episode that ended at this vector step.
+
+    ``stats`` has ``return`` and ``length`` and, where the env reports them, ``x_pos_max`` and
+    ``flag_get`` (Mario). Reads Gymnasium's dict-of-arrays ``final_info`` with its ``_key`` masks.
+    """
+    final_info = infos.get("final_info")
+    if not final_info or "_final_info" not in infos:
+        return
+    episode = final_info.get("episode", {})
+    for index in np.flatnonzero(infos["_final_info"]):
+        if "_episode" in final_info and not final_info["_episode"][index]:
+            continue
+        stats = {"return": float(episode["r"][index]), "length": float(episode["l"][index])}
+        for key in ("x_pos_max", "flag_get"):
+            if key in final_info and final_info.get(f"_{key}", np.ones(index + 1, bool))[index]:
+                stats[key] = float(final_info[key][index])
+        yield int(index), stats
+
+
+class EpisodeTracker:
+    """Recent-episode window for the progress bar and TensorBoard ``charts/``."""
+
+    def __init__(self, window: int = 100) -> None:
+        self.recent: deque[dict[str, float]] = deque(maxlen=window)
+        self.count = 0
+
+    def add(self, stats: dict[str, float]) -> None:
+        self.recent.append(stats)
+        self.count += 1
+
+    def mean(self, key: str) -> float:
+        values = [s[key] for s in self.recent if key in s]
+        return float(np.mean(values)) if values else math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: TensorBoard + a progress bar (SPS, recent return, ETA)
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """TensorBoard writer plus a tqdm bar over agent steps; resumes the event stream on resume."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool, config: Any) -> None:
+        # purge_step drops events written after the checkpoint we resume from, so curves do not fold back.
+        self.writer = SummaryWriter(str(run_dir), purge_step=start_step if start_step > 0 else None)
+        if start_step == 0:
+            rows = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(config).items())
+            self.writer.add_text("config", f"|param|value|\n|-|-|\n{rows}")
+        self.bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not progress,
+            unit="step",
+            dynamic_ncols=True,
+            smoothing=0.05,
+        )
+        self.last_step = start_step
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for name, value in values.items():
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(name, value, step)
+
+    def progress(self, step: int, episodes: EpisodeTracker, sps: float) -> None:
+        self.bar.update(step - self.last_step)
+        self.last_step = step
+        postfix = {"sps": f"{sps:.0f}", "eps": episodes.count}
+        if episodes.recent:
+            postfix["return"] = f"{episodes.mean('return'):.1f}"
+            if not math.isnan(episodes.mean("x_pos_max")):
+                postfix["x"] = f"{episodes.mean('x_pos_max'):.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.flush()
+        self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+class Policy(Protocol):
+    """What evaluation and video need from a trained agent."""
+
+    def reset(self, num_envs: int) -> None: ...
+
+    def act(self, obs: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Greedy actions for a batch of observations; ``starts[i]`` marks a new episode in env i."""
+        ...
+
+
+def evaluate(
+    policy: Policy,
+    make_vec_env: Callable[[int], Any],
+    episodes: int,
+    seed: int,
+    max_envs: int = 8,
+) -> dict[str, Any]:
+    """Plays ``episodes`` greedy episodes and summarises them.
+
+    Each env gets a fixed quota of episodes, so short episodes are not over-represented.
+
+    Returns:
+        ``episodes``, ``return_mean``, ``return_std``, ``length_mean`` and, for Mario,
+        ``clear_rate`` and ``x_pos_mean``; plus the per-episode list under ``per_episode``.
+    """
+    num_envs = max(1, min(max_envs, episodes))
+    quota = [episodes // num_envs + (1 if i < episodes % num_envs else 0) for i in range(num_envs)]
+    env = make_vec_env(num_envs)
+    results: list[dict[str, float]] = []
+    try:
+        obs, _ = env.reset(seed=seed)
+        policy.reset(num_envs)
+        starts = np.ones(num_envs, dtype=bool)
+        done_count = [0] * num_envs
+        while len(results) < episodes:
+            actions, _ = policy.act(obs, starts)
+            obs, _, terminations, truncations, infos = env.step(actions)
+            starts = np.logical_or(terminations, truncations)
+            for index, stats in finished_episodes(infos):
+                if done_count[index] < quota[index]:
+                    done_count[index] += 1
+                    results.append(stats)
+    finally:
+        env.close()
+    return summarize_episodes(results)
+
+
+def summarize_episodes(results: list[dict[str, float]]) -> dict[str, Any]:
+    returns = np.array([r["return"] for r in results], dtype=np.float64)
+    summary: dict[str, Any] = {
+        "episodes": len(results),
+        "return_mean": float(returns.mean()) if len(results) else math.nan,
+        "return_std": float(returns.std()) if len(results) else math.nan,
+        "length_mean": float(np.mean([r["length"] for r in results])) if results else math.nan,
+    }
+    if results and "flag_get" in results[0]:
+        summary["clear_rate"] = float(np.mean([r.get("flag_get", 0.0) for r in results]))
+        summary["x_pos_mean"] = float(np.mean([r.get("x_pos_max", 0.0) for r in results]))
+    summary["per_episode"] = results
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# End of a run: metrics.json and the learning curve
+# ---------------------------------------------------------------------------------------------
+
+
+def finish_run(run_dir: Path, summary: dict[str, Any], history: list[dict[str, float]]) -> None:
+    """Writes ``metrics.json`` (summary + per-update history) and ``learning_curve.png``."""
+    atomic_write_json(run_dir / "metrics.json", {**summary, "history": history})
+    if history:
+        plot_learning_curve(history, run_dir / "learning_curve.png", title=f"{summary.get('algo')} on {summary.get('env')}")
+
+
+def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str = "") -> None:
+    """Recent mean episode return over agent steps; Mario adds furthest x and the clear rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.array([h["step"] for h in history], dtype=np.float64)
+    has_mario = any(not math.isnan(h.get("clear_rate", math.nan)) for h in history)
+    fig, axes = plt.subplots(1, 3 if has_mario else 1, figsize=(13 if has_mario else 6, 3.6), squeeze=False)
+    panels = [("return_mean", "mean episode return (last 100)")]
+    if has_mario:
+        panels += [("x_pos_max_mean", "furthest x (last 100 episodes)"), ("clear_rate", "flag reached (last 100)")]
+    for axis, (key, label) in zip(axes[0], panels, strict=True):
+        axis.plot(steps, [h.get(key, math.nan) for h in history], color="tab:blue")
+        axis.set_xlabel("agent steps")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy-evaluation scalars for TensorBoard (added with dqn.py; ppo.py has the same in its file)
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """``eval/`` TensorBoard scalars of an :func:`evaluate` summary."""
+    scalars = {"eval/return_mean": summary["return_mean"], "eval/length_mean": summary["length_mean"]}
+    if "clear_rate" in summary:
+        scalars["eval/clear_rate"] = summary["clear_rate"]
+        scalars["eval/x_pos_mean"] = summary["x_pos_mean"]
+    return scalars

@@ -1,0 +1,549 @@
+"""Proximal Policy Optimization (Schulman et al. 2017), one readable file in the style of CleanRL.
+
+The loop is flat: collect ``num_steps`` transitions from ``num_envs`` envs, compute advantages
+with GAE, then run ``update_epochs`` passes of minibatch SGD on the clipped objective
+
+    L = -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) + c_v * L_value - c_e * H[pi],
+    r_t = pi(a_t | s_t) / pi_old(a_t | s_t).
+
+Optional memory: the encoder's features go through an LSTM, a GRU or a causal Transformer from
+``nets/`` before the actor-critic head. Recurrent minibatches then hold whole env sequences
+(time order kept) and re-run the memory from the state saved at the start of the rollout, with the
+memory reset wherever an episode started.
+
+Tensors in the rollout are time-major: ``(T, N, ...)`` with T = num_steps and N = num_envs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.distributions import Categorical
+
+import envs
+import nets
+from agents import common
+from agents.checkpoint import rng_state, set_rng_state
+
+ALGO = "ppo"
+
+
+@dataclass
+class PPOConfig:
+    """Every field can be set with ``lab train ... --set key=value``."""
+
+    env: str = field(default="cartpole", metadata={"help": "preset name or Gymnasium id"})
+    net: str = field(default="auto", metadata={"help": "encoder from nets/ (auto: by observation type)"})
+    hidden: tuple[int, ...] = field(default=(64, 64), metadata={"help": "MLP widths for vector observations"})
+    shared_encoder: bool = field(default=True, metadata={"help": "actor and critic share the encoder"})
+    memory: Literal["none", "lstm", "gru", "transformer"] = field(
+        default="none", metadata={"help": "recurrent/attention memory after the encoder"}
+    )
+    memory_size: int = field(default=128, metadata={"help": "memory width (hidden size / d_model)", "min": 1})
+    memory_len: int = field(default=16, metadata={"help": "Transformer memory length in steps", "min": 1})
+    seed: int = field(default=1, metadata={"help": "seed of torch, numpy and the envs", "min": 0})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    total_steps: int = field(default=200_000, metadata={"help": "agent steps over the whole run", "min": 1})
+    num_envs: int = field(default=8, metadata={"help": "parallel envs", "min": 1, "max": 1024})
+    num_steps: int = field(default=128, metadata={"help": "rollout length per env per update", "min": 1})
+    env_backend: Literal["sync", "async"] = field(default="sync", metadata={"help": "vector env back-end"})
+    learning_rate: float = field(default=2.5e-4, metadata={"help": "Adam learning rate", "min": 0.0})
+    anneal_lr: bool = field(default=True, metadata={"help": "linearly anneal the learning rate to 0"})
+    gamma: float = field(default=0.99, metadata={"help": "discount", "min": 0.0, "max": 1.0})
+    gae_lambda: float = field(default=0.95, metadata={"help": "GAE lambda", "min": 0.0, "max": 1.0})
+    num_minibatches: int = field(default=4, metadata={"help": "minibatches per epoch", "min": 1})
+    update_epochs: int = field(default=4, metadata={"help": "passes over each rollout", "min": 1})
+    norm_adv: bool = field(default=True, metadata={"help": "normalise advantages per minibatch"})
+    clip_coef: float = field(default=0.2, metadata={"help": "policy ratio clip epsilon", "min": 0.0})
+    clip_vloss: bool = field(default=True, metadata={"help": "clip the value loss too"})
+    ent_coef: float = field(default=0.01, metadata={"help": "entropy bonus coefficient", "min": 0.0})
+    vf_coef: float = field(default=0.5, metadata={"help": "value loss coefficient", "min": 0.0})
+    max_grad_norm: float = field(default=0.5, metadata={"help": "gradient clipping norm", "min": 0.0})
+    target_kl: float | None = field(default=None, metadata={"help": "stop the epochs early above this KL"})
+    reward_scale: float = field(default=1.0, metadata={"help": "multiply env rewards by this", "min": 0.0})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA"})
+    eval_every: int = field(default=0, metadata={"help": "agent steps between greedy evals (0: at end)", "min": 0})
+    eval_episodes: int = field(default=10, metadata={"help": "episodes per greedy eval", "min": 1})
+    checkpoint_every: int = field(default=50_000, metadata={"help": "agent steps between checkpoints", "min": 1})
+    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk", "min": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# The network: encoder -> (memory) -> actor-critic head
+# ---------------------------------------------------------------------------------------------
+
+
+def build_encoder(config: PPOConfig, obs_shape: tuple[int, ...]) -> nn.Module:
+    name = config.net
+    if name == "auto":
+        name = "nature" if len(obs_shape) == 3 else "mlp"
+    if name == "mlp":
+        return nets.build("mlp", in_shape=obs_shape, hidden=config.hidden, activation="tanh")
+    return nets.build(name, in_shape=obs_shape)
+
+
+class ActorCritic(nn.Module):
+    """Policy and value network. ``forward`` takes time-major batches ``(T, B, *obs_shape)``."""
+
+    def __init__(self, config: PPOConfig, obs_shape: tuple[int, ...], num_actions: int) -> None:
+        super().__init__()
+        self.encoder = build_encoder(config, obs_shape)
+        # CleanRL's classic-control PPO keeps separate actor and critic networks; a shared trunk suits pixels.
+        self.critic_encoder = None if config.shared_encoder else build_encoder(config, obs_shape)
+        features = self.encoder.out_dim
+        self.memory: nn.Module | None = None
+        if config.memory in ("lstm", "gru"):
+            self.memory = nets.build(config.memory, in_dim=features, hidden_size=config.memory_size)
+        elif config.memory == "transformer":
+            self.memory = nets.build(
+                "transformer",
+                in_dim=features,
+                d_model=config.memory_size,
+                causal=True,
+                memory_len=config.memory_len,
+                max_len=config.memory_len + config.num_steps + 1,
+            )
+        if self.memory is not None:
+            features = self.memory.out_dim
+        self.head = nets.ActorCriticHead(features, num_actions)
+
+    def initial_state(self, batch_size: int, device: torch.device) -> Any:
+        return None if self.memory is None else self.memory.initial_state(batch_size, device=device)
+
+    def forward(
+        self, obs: torch.Tensor, state: Any, starts: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """Args: obs (T, B, *obs_shape); starts (T, B) bool, True where an episode begins.
+
+        Returns: logits (T, B, A), values (T, B), the memory state after the last step.
+        """
+        steps, batch = starts.shape
+        features = self.encoder(obs.flatten(0, 1))  # (T*B, F)
+        if self.memory is not None:
+            sequence = features.view(steps, batch, -1).transpose(0, 1)  # (B, T, F)
+            sequence, state = self.memory(sequence, state, reset=starts.transpose(0, 1))
+            features = sequence.transpose(0, 1).flatten(0, 1)  # (T*B, M)
+        if self.critic_encoder is None:
+            logits, values = self.head(features)
+        else:
+            logits = self.head.actor(features)
+            values = self.head.critic(self.critic_encoder(obs.flatten(0, 1))).squeeze(-1)
+        return logits.view(steps, batch, -1), values.view(steps, batch), state
+
+
+def select_state(state: Any, index: torch.Tensor) -> Any:
+    """Memory state of the envs in ``index``; states are dicts/tuples of (B, ...) tensors or None."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state[index]
+    if isinstance(state, dict):
+        return {key: select_state(value, index) for key, value in state.items()}
+    return type(state)(select_state(value, index) for value in state)
+
+
+def detach_state(state: Any) -> Any:
+    if state is None or isinstance(state, torch.Tensor):
+        return None if state is None else state.detach().clone()
+    if isinstance(state, dict):
+        return {key: detach_state(value) for key, value in state.items()}
+    return type(state)(detach_state(value) for value in state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy policy for evaluation and video
+# ---------------------------------------------------------------------------------------------
+
+
+class PPOPolicy:
+    """Greedy (argmax) actions from a trained ActorCritic; keeps the memory state between calls."""
+
+    def __init__(self, agent: ActorCritic, device: torch.device) -> None:
+        self.agent = agent.eval()
+        self.device = device
+        self.state: Any = None
+
+    def reset(self, num_envs: int) -> None:
+        self.state = self.agent.initial_state(num_envs, self.device)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        obs_tensor = torch.as_tensor(obs, device=self.device).unsqueeze(0)  # (1, B, ...)
+        starts_tensor = torch.as_tensor(starts, device=self.device).unsqueeze(0)
+        logits, values, self.state = self.agent(obs_tensor, self.state, starts_tensor)
+        actions = logits[0].argmax(dim=-1)
+        return actions.cpu().numpy(), {"value": values[0].float().cpu().numpy()}
+
+
+def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> PPOPolicy:
+    """Rebuilds the greedy policy of a PPO checkpoint."""
+    from agents.checkpoint import load_checkpoint
+
+    state, _ = load_checkpoint(sidecar)
+    config = config_from_dict(meta["config"])
+    agent = ActorCritic(config, tuple(meta["obs_shape"]), int(meta["num_actions"])).to(device)
+    agent.load_state_dict(state["model"])
+    return PPOPolicy(agent, device)
+
+
+def config_from_dict(values: dict[str, Any]) -> PPOConfig:
+    known = {f.name for f in dataclasses.fields(PPOConfig)}
+    cleaned = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
+    return PPOConfig(**cleaned)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Trains PPO, writing TensorBoard events, checkpoints and metrics.json into ``run_dir``.
+
+    Returns:
+        The summary of DESIGN.md's ``lab train --json``: run_dir, steps, sps, episodes,
+        eval_return_mean (and eval_clear_rate for Mario).
+    """
+    device = common.resolve_device(config.device)
+    np_rng = common.seed_everything(config.seed)
+    batch_size = config.num_envs * config.num_steps
+    minibatch_size = batch_size // config.num_minibatches
+    if minibatch_size < 1 or (config.memory != "none" and config.num_envs % config.num_minibatches):
+        raise ValueError(
+            f"num_envs*num_steps={batch_size} must split into num_minibatches={config.num_minibatches} "
+            "(recurrent PPO: num_envs must be divisible by num_minibatches)"
+        )
+    num_updates = max(1, config.total_steps // batch_size)
+
+    # Resume: model, optimizer, counters and RNG states come from the newest good checkpoint.
+    checkpoint = common.load_training_checkpoint(run_dir) if resume else None
+    global_step = 0 if checkpoint is None else int(checkpoint[0]["global_step"])
+    start_update = 0 if checkpoint is None else int(checkpoint[0]["update"])
+
+    vec_env = envs.make_vec(
+        config.env, config.num_envs, seed=config.seed + global_step, backend=config.env_backend
+    )
+    obs_shape = tuple(vec_env.single_observation_space.shape)
+    num_actions = int(vec_env.single_action_space.n)
+    agent = ActorCritic(config, obs_shape, num_actions).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5)
+    episodes = common.EpisodeTracker()
+    history: list[dict[str, float]] = []
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint[0]["model"])
+        optimizer.load_state_dict(checkpoint[0]["optimizer"])
+        set_rng_state(checkpoint[0]["rng"], np_rng)
+        episodes.count = int(checkpoint[0]["episodes"])
+        history = list(checkpoint[0].get("history", []))
+    forward = torch.compile(agent) if config.compile else agent
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+    meta = {
+        "algo": ALGO,
+        "config": dataclasses.asdict(config),
+        "obs_shape": list(obs_shape),
+        "num_actions": num_actions,
+    }
+
+    # Rollout storage, time-major, on the device. Pixel observations stay uint8 (4x less memory).
+    obs_dtype = torch.uint8 if vec_env.single_observation_space.dtype == np.uint8 else torch.float32
+    obs = torch.zeros((config.num_steps, config.num_envs, *obs_shape), dtype=obs_dtype, device=device)
+    starts = torch.zeros((config.num_steps, config.num_envs), dtype=torch.bool, device=device)
+    actions = torch.zeros((config.num_steps, config.num_envs), dtype=torch.long, device=device)
+    logprobs = torch.zeros((config.num_steps, config.num_envs), device=device)
+    rewards = torch.zeros((config.num_steps, config.num_envs), device=device)
+    ends = torch.zeros((config.num_steps, config.num_envs), device=device)
+    values = torch.zeros((config.num_steps, config.num_envs), device=device)
+
+    next_obs_np, _ = vec_env.reset(seed=config.seed + global_step)
+    next_obs = torch.as_tensor(next_obs_np, device=device)
+    next_starts = torch.ones(config.num_envs, dtype=torch.bool, device=device)
+    memory_state = agent.initial_state(config.num_envs, device)
+
+    logger = common.RunLogger(run_dir, num_updates * batch_size, global_step, progress, config)
+    run_start, run_start_step = time.time(), global_step
+    last_checkpoint_step, last_eval_step = global_step, global_step
+    skipped_updates = 0
+    eval_summary: dict[str, Any] = {}
+
+    def save() -> None:
+        state = {
+            "model": agent.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "rng": rng_state(np_rng),
+            # Only completed updates count: an interrupted rollout is collected again on resume.
+            "global_step": completed_steps,
+            "update": completed_updates,
+            "episodes": episodes.count,
+            "history": history,
+        }
+        common.save_training_checkpoint(run_dir, completed_steps, state, meta, config.keep_checkpoints)
+
+    completed_updates, completed_steps = start_update, global_step
+    try:
+        for update in range(start_update, num_updates):
+            if config.anneal_lr:
+                optimizer.param_groups[0]["lr"] = config.learning_rate * (1.0 - update / num_updates)
+            rollout_start_state = detach_state(memory_state)
+
+            # ---- collect: one batched forward pass for all envs per step --------------------------
+            for step in range(config.num_steps):
+                global_step += config.num_envs
+                obs[step] = next_obs
+                starts[step] = next_starts
+                with torch.no_grad(), autocast:
+                    logits, value, memory_state = forward(next_obs[None], memory_state, next_starts[None])
+                distribution = Categorical(logits=logits[0].float())
+                action = distribution.sample()
+                actions[step], logprobs[step], values[step] = action, distribution.log_prob(action), value[0]
+
+                next_obs_np, reward, terminations, truncations, infos = vec_env.step(action.cpu().numpy())
+                reward = reward * config.reward_scale
+                # A time-limit truncation is not a real end: bootstrap it, r += gamma * V(final_obs).
+                truncated_only = np.flatnonzero(truncations & ~terminations)
+                if truncated_only.size:
+                    final_obs = np.stack(infos["final_obs"][truncated_only])
+                    index = torch.as_tensor(truncated_only, device=device)
+                    with torch.no_grad(), autocast:
+                        _, final_value, _ = forward(
+                            torch.as_tensor(final_obs, device=device)[None],
+                            select_state(memory_state, index),
+                            torch.zeros((1, truncated_only.size), dtype=torch.bool, device=device),
+                        )
+                    reward = reward.astype(np.float32)
+                    reward[truncated_only] += config.gamma * final_value[0].float().cpu().numpy()
+                rewards[step] = torch.as_tensor(reward, device=device, dtype=torch.float32)
+                done = np.logical_or(terminations, truncations)
+                ends[step] = torch.as_tensor(done, device=device, dtype=torch.float32)
+                # Same-step autoreset: next_obs of a finished env already starts its next episode.
+                next_obs = torch.as_tensor(next_obs_np, device=device)
+                next_starts = torch.as_tensor(done, device=device)
+                for _, stats in common.finished_episodes(infos):
+                    episodes.add(stats)
+
+            # ---- advantages: GAE(lambda), no bootstrap across an episode end --------------------
+            with torch.no_grad(), autocast:
+                _, next_value, _ = forward(next_obs[None], memory_state, next_starts[None])
+            advantages = compute_gae(rewards, values, ends, next_value[0].float(), config.gamma, config.gae_lambda)
+            returns = advantages + values
+
+            # ---- learn: clipped surrogate, clipped value loss, entropy bonus ---------------------
+            clip_fractions, approx_kl = [], torch.zeros((), device=device)
+            for _epoch in range(config.update_epochs):
+                for mb_index in minibatch_indices(config, np_rng):
+                    mb = slice_minibatch(mb_index, config, obs, starts, actions, logprobs, advantages, returns, values)
+                    mb_state = select_state(rollout_start_state, mb["envs"]) if mb["envs"] is not None else None
+                    with autocast:
+                        new_logits, new_values, _ = forward(mb["obs"], mb_state, mb["starts"])
+                    distribution = Categorical(logits=new_logits.float())
+                    new_logprobs = distribution.log_prob(mb["actions"])
+                    entropy = distribution.entropy().mean()
+                    log_ratio = new_logprobs - mb["logprobs"]
+                    ratio = log_ratio.exp()
+                    with torch.no_grad():
+                        approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator, Schulman 2020
+                        clip_fractions.append(((ratio - 1.0).abs() > config.clip_coef).float().mean())
+
+                    mb_advantages = mb["advantages"]
+                    if config.norm_adv:
+                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                    policy_loss = torch.max(
+                        -mb_advantages * ratio,
+                        -mb_advantages * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
+                    ).mean()
+
+                    new_values = new_values.float()
+                    if config.clip_vloss:
+                        clipped = mb["values"] + (new_values - mb["values"]).clamp(-config.clip_coef, config.clip_coef)
+                        value_loss = 0.5 * torch.max(
+                            (new_values - mb["returns"]) ** 2, (clipped - mb["returns"]) ** 2
+                        ).mean()
+                    else:
+                        value_loss = 0.5 * ((new_values - mb["returns"]) ** 2).mean()
+
+                    loss = policy_loss - config.ent_coef * entropy + config.vf_coef * value_loss
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
+                    # A non-finite loss or gradient skips this step instead of poisoning the weights.
+                    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                        optimizer.step()
+                    else:
+                        skipped_updates += 1
+                if config.target_kl is not None and approx_kl > config.target_kl:
+                    break
+
+            # ---- log once per update (the only host syncs besides actions) ----------------------
+            sps = (global_step - run_start_step) / max(time.time() - run_start, 1e-9)
+            variance = returns.var()
+            explained_variance = float(1 - (returns - values).var() / variance) if variance > 0 else float("nan")
+            record = {
+                "step": global_step,
+                "loss": loss.item(),
+                "policy_loss": policy_loss.item(),
+                "value_loss": value_loss.item(),
+                "entropy": entropy.item(),
+                "return_mean": episodes.mean("return"),
+                "x_pos_max_mean": episodes.mean("x_pos_max"),
+                "clear_rate": episodes.mean("flag_get"),
+            }
+            history.append(record)
+            logger.scalars(
+                {
+                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                    "charts/SPS": sps,
+                    "charts/episodic_return": record["return_mean"],
+                    "charts/episodic_length": episodes.mean("length"),
+                    "charts/x_pos_max": record["x_pos_max_mean"],
+                    "charts/clear_rate": record["clear_rate"],
+                    "charts/episodes": episodes.count,
+                    "charts/skipped_updates": skipped_updates,
+                    "losses/value_loss": record["value_loss"],
+                    "losses/policy_loss": record["policy_loss"],
+                    "losses/entropy": record["entropy"],
+                    "losses/approx_kl": float(approx_kl),
+                    "losses/clipfrac": float(torch.stack(clip_fractions).mean()),
+                    "losses/explained_variance": explained_variance,
+                },
+                global_step,
+            )
+            logger.progress(global_step, episodes, sps)
+
+            if config.eval_every and global_step - last_eval_step >= config.eval_every:
+                last_eval_step = global_step
+                eval_summary = run_eval(agent, config, device, seed=config.seed + 10_000 + global_step)
+                agent.train()
+                logger.scalars(eval_scalars(eval_summary), global_step)
+            completed_updates, completed_steps = update + 1, global_step
+            if global_step - last_checkpoint_step >= config.checkpoint_every:
+                last_checkpoint_step = global_step
+                save()
+    except KeyboardInterrupt:
+        save()
+        logger.close()
+        vec_env.close()
+        raise
+    vec_env.close()
+    save()
+
+    eval_summary = run_eval(agent, config, device, seed=config.seed + 10_000)
+    logger.scalars(eval_scalars(eval_summary), global_step)
+    logger.close()
+    summary = {
+        "run_dir": str(run_dir),
+        "algo": ALGO,
+        "env": config.env,
+        "steps": global_step,
+        "sps": round((global_step - run_start_step) / max(time.time() - run_start, 1e-9), 1),
+        "episodes": episodes.count,
+        "skipped_updates": skipped_updates,
+        "eval_episodes": eval_summary["episodes"],
+        "eval_return_mean": eval_summary["return_mean"],
+        "eval_return_std": eval_summary["return_std"],
+    }
+    if "clear_rate" in eval_summary:
+        summary["eval_clear_rate"] = eval_summary["clear_rate"]
+        summary["eval_x_pos_mean"] = eval_summary["x_pos_mean"]
+    common.finish_run(run_dir, summary, history)
+    return summary
+
+
+def compute_gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    ends: torch.Tensor,
+    next_value: torch.Tensor,
+    gamma: float,
+    gae_lambda: float,
+) -> torch.Tensor:
+    """Generalized Advantage Estimation (Schulman et al. 2016), backwards over time.
+
+    Args:
+        rewards, values, ends: (T, N); ends[t] = 1 where transition t ended its episode.
+        next_value: (N,) value of the observation after the last step.
+
+    Returns:
+        advantages (T, N).
+    """
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros_like(next_value)
+    for t in reversed(range(rewards.shape[0])):
+        value_after = next_value if t == rewards.shape[0] - 1 else values[t + 1]
+        not_end = 1.0 - ends[t]
+        # delta_t = r_t + gamma * V(s_{t+1}) * (1 - end_t) - V(s_t)
+        delta = rewards[t] + gamma * value_after * not_end - values[t]
+        # A_t = delta_t + gamma * lambda * (1 - end_t) * A_{t+1}
+        last_gae = delta + gamma * gae_lambda * not_end * last_gae
+        advantages[t] = last_gae
+    return advantages
+
+
+def minibatch_indices(config: PPOConfig, np_rng: np.random.Generator) -> list[np.ndarray]:
+    """Feed-forward: shuffled flat (T*N) indices. Recurrent: shuffled env indices (whole sequences)."""
+    if config.memory == "none":
+        flat = np_rng.permutation(config.num_steps * config.num_envs)
+        return np.array_split(flat, config.num_minibatches)
+    return np.array_split(np_rng.permutation(config.num_envs), config.num_minibatches)
+
+
+def slice_minibatch(
+    index: np.ndarray,
+    config: PPOConfig,
+    obs: torch.Tensor,
+    starts: torch.Tensor,
+    actions: torch.Tensor,
+    logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    values: torch.Tensor,
+) -> dict[str, Any]:
+    """Feed-forward minibatches are (1, M) "sequences" of single steps; recurrent ones (T, envs)."""
+    index_tensor = torch.as_tensor(index, device=obs.device)
+    if config.memory == "none":
+        t_index, env_index = index_tensor // config.num_envs, index_tensor % config.num_envs
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            return x[t_index, env_index][None]  # (1, M, ...)
+
+        envs_in_batch = None
+    else:
+
+        def take(x: torch.Tensor) -> torch.Tensor:
+            return x[:, index_tensor]  # (T, E, ...)
+
+        envs_in_batch = index_tensor
+    return {
+        "obs": take(obs),
+        "starts": take(starts),
+        "actions": take(actions),
+        "logprobs": take(logprobs),
+        "advantages": take(advantages),
+        "returns": take(returns),
+        "values": take(values),
+        "envs": envs_in_batch,
+    }
+
+
+def run_eval(agent: ActorCritic, config: PPOConfig, device: torch.device, seed: int) -> dict[str, Any]:
+    policy = PPOPolicy(agent, device)
+    return common.evaluate(
+        policy,
+        lambda n: envs.make_vec(config.env, n, seed=seed, **envs.eval_overrides(config.env)),
+        config.eval_episodes,
+        seed,
+    )
+
+
+def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    scalars = {"eval/return_mean": summary["return_mean"], "eval/length_mean": summary["length_mean"]}
+    if "clear_rate" in summary:
+        scalars["eval/clear_rate"] = summary["clear_rate"]
+        scalars["eval/x_pos_mean"] = summary["x_pos_mean"]
+    return scalars

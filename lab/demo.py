@@ -1,0 +1,50 @@
+"""``lab demo``: the flagship demo on the shipped defaults.
+
+With the shipped Mario agent (runs/mario-1-1/) it plays World 1-1 greedily on the CPU, writes the
+video under runs/, and prints the outcome. Without it (a checkout that does not ship the agent) it
+falls back to the supervised playground: a spiral classified by the MLP, with its decision-boundary
+plot.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+SHIPPED_RUN = Path("runs/mario-1-1")
+
+
+def demo() -> dict[str, Any]:
+    if (SHIPPED_RUN / "checkpoints").is_dir():
+        return mario_demo(SHIPPED_RUN)
+    return playground_demo()
+
+
+def mario_demo(run_dir: Path) -> dict[str, Any]:
+    from lab.cli import describe_episode, load_agent
+    from lab.watch import watch
+
+    started = time.time()
+    policy, config, meta = load_agent(str(run_dir), "cpu")
+    out = Path("runs") / "demo" / "mario-1-1.mp4"
+    summary = watch(policy, config.env, out, episodes=1, seed=0, human=False, max_steps=4000)
+    episode = summary["per_episode"][0]
+    print(f"Mario World 1-1, shipped PPO agent ({run_dir}): {describe_episode(episode)}")
+    print(f"video: {summary['video']} ({summary['frames']} frames at {summary['fps']:.0f} fps), {time.time() - started:.0f} s")
+    return summary
+
+
+def playground_demo() -> dict[str, Any]:
+    import tasks
+    from agents import common
+
+    print("No shipped Mario agent in runs/mario-1-1 yet: running the spiral playground instead.")
+    spec = tasks.get("playground")
+    run_dir = common.new_run_dir("runs", "demo-playground")
+    metrics = spec.run(spec.config_class(), run_dir, progress=True)
+    pngs = sorted(str(p) for p in run_dir.glob("*.png"))
+    print(json.dumps({k: metrics[k] for k in ("task", "net", "test_accuracy", "seconds") if k in metrics}))
+    print("plots: " + ", ".join(pngs))
+    return metrics

@@ -1,0 +1,150 @@
+"""PPO: GAE against a naive reference, smoke runs (feed-forward and memory), determinism, resume,
+no autoreset transition, and a slow CartPole learning run."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import envs
+from agents import common, ppo
+
+
+def naive_gae(rewards, values, ends, next_value, gamma, lam):
+    """Sum over l of (gamma * lam)^l * delta_{t+l}, truncated at the episode end: the textbook form."""
+    steps, num_envs = rewards.shape
+    values_after = np.concatenate([values[1:], next_value[None]], axis=0)
+    deltas = rewards + gamma * values_after * (1 - ends) - values
+    advantages = np.zeros_like(rewards)
+    for env in range(num_envs):
+        for t in range(steps):
+            total, discount = 0.0, 1.0
+            for k in range(t, steps):
+                total += discount * deltas[k, env]
+                if ends[k, env]:
+                    break
+                discount *= gamma * lam
+            advantages[t, env] = total
+    return advantages
+
+
+def test_gae_matches_the_naive_sum():
+    rng = np.random.default_rng(0)
+    rewards, values = rng.normal(size=(9, 3)), rng.normal(size=(9, 3))
+    ends = (rng.random((9, 3)) < 0.25).astype(np.float64)
+    next_value = rng.normal(size=3)
+    fast = ppo.compute_gae(*(torch.tensor(x) for x in (rewards, values, ends, next_value)), 0.97, 0.9)
+    np.testing.assert_allclose(fast.numpy(), naive_gae(rewards, values, ends, next_value, 0.97, 0.9), atol=1e-10)
+
+
+def small_config(**changes):
+    base = dict(
+        env="cartpole", total_steps=512, num_envs=2, num_steps=64, device="cpu", eval_episodes=2,
+        checkpoint_every=256, update_epochs=2, num_minibatches=2,
+    )
+    return ppo.PPOConfig(**{**base, **changes})
+
+
+def train(tmp_path, name="run", resume=False, **changes):
+    run_dir = tmp_path / name
+    run_dir.mkdir(exist_ok=True)
+    config = small_config(**changes)
+    common.write_run_config(run_dir, "ppo", config)
+    return ppo.train(config, run_dir, resume=resume, progress=False), run_dir
+
+
+@pytest.mark.parametrize("memory", ["none", "lstm", "gru", "transformer"])
+def test_smoke_run_writes_a_loadable_run(tmp_path, memory):
+    summary, run_dir = train(tmp_path, memory=memory, memory_size=16, memory_len=4)
+    assert summary["steps"] == 512 and summary["eval_episodes"] == 2
+    for key in ("run_dir", "steps", "sps", "episodes", "eval_return_mean"):
+        assert key in summary
+    assert (run_dir / "metrics.json").exists() and (run_dir / "learning_curve.png").exists()
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    sidecar, meta = common.locate_checkpoint(run_dir)
+    policy = ppo.load_policy(sidecar, meta, torch.device("cpu"))
+    policy.reset(3)
+    actions, extras = policy.act(np.zeros((3, 4), dtype=np.float32), np.ones(3, dtype=bool))
+    assert actions.shape == (3,) and extras["value"].shape == (3,)
+
+
+def test_same_seed_gives_identical_first_losses(tmp_path):
+    first, run_a = train(tmp_path, "a", seed=5)
+    second, run_b = train(tmp_path, "b", seed=5)
+    third, run_c = train(tmp_path, "c", seed=6)
+    losses = [[h["loss"] for h in json.loads((d / "metrics.json").read_text())["history"][:3]] for d in (run_a, run_b, run_c)]
+    assert len(losses[0]) == 3
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+def test_resume_continues_steps_and_learning_rate_schedule(tmp_path):
+    _, run_dir = train(tmp_path, total_steps=512)
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    summary, _ = train(tmp_path, resume=True, total_steps=1024)
+    assert summary["steps"] == 1024
+    resumed = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in resumed] == [128 * i for i in range(1, 9)]
+    assert resumed[:4] == history
+    # Checkpoints now sit at 1024, so the run's latest state is the resumed one.
+    state, _ = common.load_training_checkpoint(run_dir)
+    assert state["global_step"] == 1024 and state["update"] == 8
+
+
+class CountingEnv(gym.Env):
+    """Reward 1 every step, episodes of 3 steps; counts the steps it really simulates."""
+
+    observation_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+    real_steps = 0
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return np.zeros(4, np.float32), {}
+
+    def step(self, action):
+        CountingEnv.real_steps += 1
+        self.t += 1
+        return np.full(4, self.t / 3, np.float32), 1.0, self.t >= 3, False, {}
+
+
+def test_no_autoreset_transition_is_collected(tmp_path, monkeypatch):
+    """Every vector step is a real env step with reward 1: no reset transition with reward 0."""
+    gym.register("LabTest/Counting-v0", entry_point=CountingEnv)
+    CountingEnv.real_steps = 0
+    collected_rewards = []
+    real_make_vec = envs.make_vec
+
+    def recording_make_vec(*args, **kwargs):
+        vec = real_make_vec(*args, **kwargs)
+        step = vec.step
+
+        def recording_step(actions):
+            result = step(actions)
+            collected_rewards.append(np.asarray(result[1]).copy())
+            return result
+
+        vec.step = recording_step
+        return vec
+
+    monkeypatch.setattr(envs, "make_vec", recording_make_vec)
+    no_eval = {"episodes": 0, "return_mean": 0.0, "return_std": 0.0, "length_mean": 0.0}
+    monkeypatch.setattr(ppo, "run_eval", lambda *args, **kwargs: no_eval)
+    summary, _ = train(tmp_path, env="LabTest/Counting-v0", total_steps=256)
+    # Next-step autoreset would swallow one step per episode (reward 0, action ignored).
+    assert CountingEnv.real_steps == 256
+    assert (np.concatenate(collected_rewards) == 1.0).all()
+    assert summary["episodes"] == 2 * (128 // 3)
+
+
+@pytest.mark.slow
+def test_ppo_solves_cartpole(tmp_path):
+    preset = envs.get_preset("cartpole")
+    config = ppo.PPOConfig(**{**preset.ppo, "env": "cartpole", "seed": 1, "device": "cpu", "eval_episodes": 10})
+    run_dir = tmp_path / "cartpole"
+    run_dir.mkdir()
+    summary = ppo.train(config, run_dir, progress=False)
+    assert summary["eval_return_mean"] >= 475, summary
