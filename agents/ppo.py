@@ -386,6 +386,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
             explained_variance = float(1 - (returns - values).var() / variance) if variance > 0 else float("nan")
             record = {
                 "step": global_step,
+                "sps": sps,
                 "loss": loss.item(),
                 "policy_loss": policy_loss.item(),
                 "value_loss": value_loss.item(),

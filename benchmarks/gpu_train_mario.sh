@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One device run on the GPU box (see ../shared/gpu/README.md): trains (or resumes) the flagship
+# Mario PPO run for a fixed wall-clock budget, then stops it with SIGINT, which saves a checkpoint.
+# The run directory comes back as a tarball split into <16 MiB parts under $OUT.
+#
+# Usage (from the device tool, with carry [".whl", "runs/mario-1-1"] when resuming):
+#   bash benchmarks/gpu_train_mario.sh SECONDS [extra lab train args...]
+set -uo pipefail
+budget=${1:-420}
+shift || true
+[ -n "${SKIP_WHEELS:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --ignore-requires-python --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nproc; nvidia-smi 2>/dev/null --query-gpu=name,memory.used,memory.total --format=csv,noheader
+run=runs/mario-1-1
+if [ -f "$run/config.json" ]; then
+  cmd=(python3 -m lab train --resume "$run" --device "${DEVICE:-cuda}" --no-progress --json "$@")
+else
+  cmd=(python3 -m lab train mario-1-1 --device "${DEVICE:-cuda}" --run-dir "$run" --no-progress --json "$@")
+fi
+echo "${cmd[@]}"
+start=$(date +%s)
+timeout -s INT "$budget" "${cmd[@]}" > "$OUT/train.log" 2>&1
+echo "train exit $? after $(( $(date +%s) - start )) s"
+tail -c 3000 "$OUT/train.log"
+python3 - <<'PY'
+from agents.common import load_training_checkpoint
+from pathlib import Path
+state, _ = load_training_checkpoint(Path("runs/mario-1-1"))
+for record in state["history"][-5:]:
+    print({k: round(v, 3) if isinstance(v, float) else v for k, v in record.items()})
+PY
+if [ "${SB3_SECONDS:-0}" != 0 ]; then
+  timeout 300 python3 -m benchmarks.sb3_ppo_mario --seconds "$SB3_SECONDS" --envs 16 --device "${DEVICE:-cuda}" > "$OUT/sb3.log" 2>&1
+  tail -3 "$OUT/sb3.log"
+fi
+tar -C runs -czf /tmp/mario-run.tgz mario-1-1
+split -b 15M -d /tmp/mario-run.tgz "$OUT/mario-run.tgz.part"
+ls -la "$OUT"
