@@ -298,7 +298,9 @@ def finish_run(run_dir: Path, summary: dict[str, Any], history: list[dict[str, f
     """Writes ``metrics.json`` (summary + per-update history) and ``learning_curve.png``."""
     atomic_write_json(run_dir / "metrics.json", {**summary, "history": history})
     if history:
-        plot_learning_curve(history, run_dir / "learning_curve.png", title=f"{summary.get('algo')} on {summary.get('env')}")
+        plot_learning_curve(
+            history, run_dir / "learning_curve.png", title=f"{summary.get('algo')} on {summary.get('env')}"
+        )
 
 
 def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str = "") -> None:
@@ -313,7 +315,10 @@ def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str 
     fig, axes = plt.subplots(1, 3 if has_mario else 1, figsize=(13 if has_mario else 6, 3.6), squeeze=False)
     panels = [("return_mean", "mean episode return (last 100)")]
     if has_mario:
-        panels += [("x_pos_max_mean", "furthest x (last 100 episodes)"), ("clear_rate", "flag reached (last 100)")]
+        panels += [
+            ("x_pos_max_mean", "furthest x (last 100 episodes)"),
+            ("clear_rate", "flag reached (last 100)"),
+        ]
     for axis, (key, label) in zip(axes[0], panels, strict=True):
         axis.plot(steps, [h.get(key, math.nan) for h in history], color="tab:blue")
         axis.set_xlabel("agent steps")
@@ -340,3 +345,43 @@ def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
         scalars["eval/clear_rate"] = summary["clear_rate"]
         scalars["eval/x_pos_mean"] = summary["x_pos_mean"]
     return scalars
+
+
+def export_slim_checkpoint(run_dir: Path, out_dir: Path) -> Path:
+    """Copies a run's newest checkpoint without optimizer state and RNG (a few MB, for shipping).
+
+    ``out_dir`` becomes a run directory of its own: ``lab eval|watch`` load it, and
+    ``lab train --resume`` continues from its weights with a fresh optimizer.
+    """
+    loaded = load_training_checkpoint(run_dir)
+    if loaded is None:
+        raise CheckpointError(f"{run_dir} holds no loadable checkpoint")
+    state, meta = loaded
+    slim = {
+        key: state[key] for key in ("model", "global_step", "update", "episodes", "history") if key in state
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_bytes((run_dir / "config.json").read_bytes())
+    for old in (out_dir / "checkpoints").glob("*") if (out_dir / "checkpoints").is_dir() else []:
+        old.unlink()
+    return save_training_checkpoint(out_dir, int(state["global_step"]), slim, meta, keep=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping a run that cannot go on
+# ---------------------------------------------------------------------------------------------
+
+MAX_BAD_UPDATES = 3  # updates in a row whose every step had a non-finite loss or gradient
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (persistent NaNs, env workers that keep failing); the message says why."""
+
+
+def try_to_save(save: Callable[[], None]) -> str:
+    """Runs ``save``; returns "" or a note on why the checkpoint could not be written."""
+    try:
+        save()
+    except OSError as error:
+        return f" (and the checkpoint could not be written: {error.strerror or error})"
+    return "; a checkpoint was saved"

@@ -70,9 +70,13 @@ class PPOConfig:
     reward_scale: float = field(default=1.0, metadata={"help": "multiply env rewards by this", "min": 0.0})
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA"})
-    eval_every: int = field(default=0, metadata={"help": "agent steps between greedy evals (0: at end)", "min": 0})
+    eval_every: int = field(
+        default=0, metadata={"help": "agent steps between greedy evals (0: at end)", "min": 0}
+    )
     eval_episodes: int = field(default=10, metadata={"help": "episodes per greedy eval", "min": 1})
-    checkpoint_every: int = field(default=50_000, metadata={"help": "agent steps between checkpoints", "min": 1})
+    checkpoint_every: int = field(
+        default=50_000, metadata={"help": "agent steps between checkpoints", "min": 1}
+    )
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk", "min": 1})
 
 
@@ -239,9 +243,12 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     history: list[dict[str, float]] = []
     if checkpoint is not None:
         agent.load_state_dict(checkpoint[0]["model"])
-        optimizer.load_state_dict(checkpoint[0]["optimizer"])
-        set_rng_state(checkpoint[0]["rng"], np_rng)
-        episodes.count = int(checkpoint[0]["episodes"])
+        # A slim (weights-only) checkpoint, as shipped, resumes with a fresh optimizer and RNG.
+        if "optimizer" in checkpoint[0]:
+            optimizer.load_state_dict(checkpoint[0]["optimizer"])
+        if "rng" in checkpoint[0]:
+            set_rng_state(checkpoint[0]["rng"], np_rng)
+        episodes.count = int(checkpoint[0].get("episodes", 0))
         history = list(checkpoint[0].get("history", []))
     forward = torch.compile(agent) if config.compile else agent
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
@@ -270,7 +277,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     logger = common.RunLogger(run_dir, num_updates * batch_size, global_step, progress, config)
     run_start, run_start_step = time.time(), global_step
     last_checkpoint_step, last_eval_step = global_step, global_step
-    skipped_updates = 0
+    skipped_updates, bad_updates_in_a_row = 0, 0
     eval_summary: dict[str, Any] = {}
 
     def save() -> None:
@@ -331,15 +338,22 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
             # ---- advantages: GAE(lambda), no bootstrap across an episode end --------------------
             with torch.no_grad(), autocast:
                 _, next_value, _ = forward(next_obs[None], memory_state, next_starts[None])
-            advantages = compute_gae(rewards, values, ends, next_value[0].float(), config.gamma, config.gae_lambda)
+            advantages = compute_gae(
+                rewards, values, ends, next_value[0].float(), config.gamma, config.gae_lambda
+            )
             returns = advantages + values
 
             # ---- learn: clipped surrogate, clipped value loss, entropy bonus ---------------------
             clip_fractions, approx_kl = [], torch.zeros((), device=device)
+            skipped_before = skipped_updates
             for _epoch in range(config.update_epochs):
                 for mb_index in minibatch_indices(config, np_rng):
-                    mb = slice_minibatch(mb_index, config, obs, starts, actions, logprobs, advantages, returns, values)
-                    mb_state = select_state(rollout_start_state, mb["envs"]) if mb["envs"] is not None else None
+                    mb = slice_minibatch(
+                        mb_index, config, obs, starts, actions, logprobs, advantages, returns, values
+                    )
+                    mb_state = (
+                        select_state(rollout_start_state, mb["envs"]) if mb["envs"] is not None else None
+                    )
                     with autocast:
                         new_logits, new_values, _ = forward(mb["obs"], mb_state, mb["starts"])
                     distribution = Categorical(logits=new_logits.float())
@@ -361,10 +375,15 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
 
                     new_values = new_values.float()
                     if config.clip_vloss:
-                        clipped = mb["values"] + (new_values - mb["values"]).clamp(-config.clip_coef, config.clip_coef)
-                        value_loss = 0.5 * torch.max(
-                            (new_values - mb["returns"]) ** 2, (clipped - mb["returns"]) ** 2
-                        ).mean()
+                        clipped = mb["values"] + (new_values - mb["values"]).clamp(
+                            -config.clip_coef, config.clip_coef
+                        )
+                        value_loss = (
+                            0.5
+                            * torch.max(
+                                (new_values - mb["returns"]) ** 2, (clipped - mb["returns"]) ** 2
+                            ).mean()
+                        )
                     else:
                         value_loss = 0.5 * ((new_values - mb["returns"]) ** 2).mean()
 
@@ -379,11 +398,21 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                         skipped_updates += 1
                 if config.target_kl is not None and approx_kl > config.target_kl:
                     break
+            # Persistent non-finite losses will not heal: stop, keeping the last good checkpoint.
+            all_skipped = skipped_updates - skipped_before == len(clip_fractions)
+            bad_updates_in_a_row = bad_updates_in_a_row + 1 if all_skipped else 0
+            if bad_updates_in_a_row >= common.MAX_BAD_UPDATES:
+                raise common.TrainingStopped(
+                    f"loss or gradients were not finite for {bad_updates_in_a_row} updates in a row; "
+                    f"the last good checkpoint in {run_dir / 'checkpoints'} is kept (try a lower learning_rate)"
+                )
 
             # ---- log once per update (the only host syncs besides actions) ----------------------
             sps = (global_step - run_start_step) / max(time.time() - run_start, 1e-9)
             variance = returns.var()
-            explained_variance = float(1 - (returns - values).var() / variance) if variance > 0 else float("nan")
+            explained_variance = (
+                float(1 - (returns - values).var() / variance) if variance > 0 else float("nan")
+            )
             record = {
                 "step": global_step,
                 "sps": sps,
@@ -423,7 +452,8 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                 agent.train()
                 logger.scalars(eval_scalars(eval_summary), global_step)
             completed_updates, completed_steps = update + 1, global_step
-            if global_step - last_checkpoint_step >= config.checkpoint_every:
+            # Only a healthy update is worth a checkpoint: NaN streaks keep the last good one.
+            if global_step - last_checkpoint_step >= config.checkpoint_every and bad_updates_in_a_row == 0:
                 last_checkpoint_step = global_step
                 save()
     except KeyboardInterrupt:
@@ -431,6 +461,16 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
         logger.close()
         vec_env.close()
         raise
+    except common.TrainingStopped:
+        logger.close()
+        vec_env.close()
+        raise
+    except Exception as error:
+        # An env worker that keeps failing, a full disk...: keep what was learnt, then report.
+        save_error = common.try_to_save(save)
+        logger.close()
+        vec_env.close()
+        raise common.TrainingStopped(f"training stopped: {error}{save_error}") from error
     vec_env.close()
     save()
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One device run on the GPU box (see ../shared/gpu/README.md): trains (or resumes) the flagship
 # Mario PPO run for a fixed wall-clock budget, then stops it with SIGINT, which saves a checkpoint.
-# The run directory comes back as a tarball split into <16 MiB parts under $OUT.
+# The run directory comes back as a tarball split into <16 MiB parts under $OUT, refreshed every
+# 30 s while training runs: the device tool may stop the command early (a slow machine start eats
+# into the session's device time), and whatever $OUT holds then is what comes back.
 #
 # Usage (from the device tool, with carry [".whl", "runs/mario-1-1"] when resuming):
 #   bash benchmarks/gpu_train_mario.sh SECONDS [extra lab train args...]
@@ -20,8 +22,17 @@ else
   cmd=(python3 -m lab train mario-1-1 --device "${DEVICE:-cuda}" --run-dir "$run" --no-progress --json "$@")
 fi
 echo "${cmd[@]}"
+pack() {  # snapshot the run into $OUT atomically: split into a staging folder, then rename
+  [ -d "$run/checkpoints" ] || return 0
+  rm -rf "$OUT/.staging" && mkdir -p "$OUT/.staging"
+  tar -C runs -czf - mario-1-1 | split -b 15M -d - "$OUT/.staging/mario-run.tgz.part"
+  rm -f "$OUT"/mario-run.tgz.part* && mv "$OUT"/.staging/* "$OUT"/ && rmdir "$OUT/.staging"
+}
 start=$(date +%s)
-timeout -s INT "$budget" "${cmd[@]}" > "$OUT/train.log" 2>&1
+timeout -s INT "$budget" "${cmd[@]}" > "$OUT/train.log" 2>&1 &
+train_pid=$!
+while kill -0 "$train_pid" 2>/dev/null; do sleep 30; pack; done
+wait "$train_pid"
 echo "train exit $? after $(( $(date +%s) - start )) s"
 tail -c 3000 "$OUT/train.log"
 python3 - <<'PY'
@@ -35,6 +46,5 @@ if [ "${SB3_SECONDS:-0}" != 0 ]; then
   timeout 300 python3 -m benchmarks.sb3_ppo_mario --seconds "$SB3_SECONDS" --envs 16 --device "${DEVICE:-cuda}" > "$OUT/sb3.log" 2>&1
   tail -3 "$OUT/sb3.log"
 fi
-tar -C runs -czf /tmp/mario-run.tgz mario-1-1
-split -b 15M -d /tmp/mario-run.tgz "$OUT/mario-run.tgz.part"
+pack
 ls -la "$OUT"

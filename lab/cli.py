@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -61,8 +62,14 @@ def build_parser() -> Parser:
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="where to train")
     train.add_argument("--run-dir", default=None, help="output directory (default: runs/<env>-<algo>-<time>)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override any config field (repeatable); see `lab train ENV --help-config`")
+    train.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field (repeatable); see `lab train ENV --help-config`",
+    )
     train.add_argument("--help-config", action="store_true", help="list the config fields and exit")
     train.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -72,8 +79,11 @@ def build_parser() -> Parser:
     evaluate.add_argument("--episodes", type=positive_int, default=20, help="episodes to play (default 20)")
     evaluate.add_argument("--seed", type=non_negative_int, default=12345, help="seed of the eval envs")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
-    evaluate.add_argument("--deterministic-start", action="store_true",
-                          help="no randomised starts (no-ops / sticky actions) in Mario")
+    evaluate.add_argument(
+        "--deterministic-start",
+        action="store_true",
+        help="no randomised starts (no-ops / sticky actions) in Mario",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
     watch = commands.add_parser("watch", help="record rollouts of a trained agent to MP4/GIF")
@@ -82,7 +92,9 @@ def build_parser() -> Parser:
     watch.add_argument("--out", default=None, help="output .mp4 or .gif (default: RUN/videos/watch.mp4)")
     watch.add_argument("--human", action="store_true", help="open a window instead of writing a file")
     watch.add_argument("--seed", type=non_negative_int, default=0, help="seed of the env")
-    watch.add_argument("--max-steps", type=positive_int, default=5000, help="stop an episode after this many steps")
+    watch.add_argument(
+        "--max-steps", type=positive_int, default=5000, help="stop an episode after this many steps"
+    )
     watch.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
     watch.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
@@ -93,8 +105,14 @@ def build_parser() -> Parser:
     fit.add_argument("--seed", type=non_negative_int, default=None, help="random seed")
     fit.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     fit.add_argument("--run-dir", default=None, help="output directory (default: runs/fit-<task>-<time>)")
-    fit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override any config field (repeatable); see `lab fit TASK --help-config`")
+    fit.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config field (repeatable); see `lab fit TASK --help-config`",
+    )
     fit.add_argument("--help-config", action="store_true", help="list the config fields and exit")
     fit.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -144,7 +162,9 @@ def _number(text: str, kind: type) -> Any:
             raise ValueError
         return value
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a{'n integer' if kind is int else ' number'}, got {text!r}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,7 +202,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         config = apply_overrides(config, args.overrides)
     else:
         if not args.env:
-            raise UsageError("lab train: give a preset or Gymnasium id (see `lab list envs`), or --resume DIR")
+            raise UsageError(
+                "lab train: give a preset or Gymnasium id (see `lab list envs`), or --resume DIR"
+            )
         import envs
 
         preset = envs.resolve(args.env)
@@ -210,7 +232,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         validate(config)
         check_net(config.net, allow_auto=True)
         common.resolve_device(config.device)
-        run_dir = Path(args.run_dir) if args.run_dir else common.new_run_dir("runs", f"{slug(config.env)}-{algo}")
+        run_dir = (
+            Path(args.run_dir) if args.run_dir else common.new_run_dir("runs", f"{slug(config.env)}-{algo}")
+        )
         if args.run_dir:
             if (run_dir / "config.json").exists():
                 raise UsageError(f"{run_dir} already holds a run; resume it with --resume {run_dir}")
@@ -332,15 +356,21 @@ def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
     config = apply_overrides(config, args.overrides)
     validate(config)
     if config.net not in spec.nets:
-        raise UsageError(f"task {spec.name!r} cannot use net {config.net!r}; valid nets: {', '.join(spec.nets)}")
-    run_dir = Path(args.run_dir) if args.run_dir else common.new_run_dir("runs", f"fit-{spec.name}-{config.net}")
+        raise UsageError(
+            f"task {spec.name!r} cannot use net {config.net!r}; valid nets: {', '.join(spec.nets)}"
+        )
+    run_dir = (
+        Path(args.run_dir) if args.run_dir else common.new_run_dir("runs", f"fit-{spec.name}-{config.net}")
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = spec.run(config, run_dir, progress=not args.no_progress)
     if not args.json:
         metric_name = metrics.get("metric", "test_accuracy")
         value = metrics.get("test_accuracy", metrics.get("test_metric"))
-        print(f"{spec.name} with {config.net}: {metric_name} {value:.4f}, train loss "
-              f"{metrics['train_loss']:.4f}, {metrics['seconds']:.1f} s -> {run_dir}")
+        print(
+            f"{spec.name} with {config.net}: {metric_name} {value:.4f}, train loss "
+            f"{metrics['train_loss']:.4f}, {metrics['seconds']:.1f} s -> {run_dir}"
+        )
     return {k: v for k, v in metrics.items() if k != "history"}
 
 
@@ -411,6 +441,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     """Runs ``lab``; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     from agents.checkpoint import CheckpointError
+    from agents.common import TrainingStopped
 
     debug = os.environ.get("LAB_DEBUG") == "1"
     try:
@@ -418,6 +449,11 @@ def main(argv: list[str] | None = None) -> int:
         result = COMMANDS[args.command](args)
     except UsageError as error:
         return fail(str(error))
+    except TrainingStopped as error:
+        if debug:
+            raise
+        print(f"lab: {one_line(str(error))} (LAB_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return EXIT_FAILURE
     except CheckpointError as error:
         return fail(f"lab: {error}")
     except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as error:

@@ -32,7 +32,9 @@ def mario_demo(run_dir: Path) -> dict[str, Any]:
     summary = watch(policy, config.env, out, episodes=1, seed=0, human=False, max_steps=4000)
     episode = summary["per_episode"][0]
     print(f"Mario World 1-1, shipped PPO agent ({run_dir}): {describe_episode(episode)}")
-    print(f"video: {summary['video']} ({summary['frames']} frames at {summary['fps']:.0f} fps), {time.time() - started:.0f} s")
+    print(
+        f"video: {summary['video']} ({summary['frames']} frames at {summary['fps']:.0f} fps), {time.time() - started:.0f} s"
+    )
     return summary
 
 

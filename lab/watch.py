@@ -32,7 +32,9 @@ def caption(frame: np.ndarray, text: str) -> np.ndarray:
     height, width = frame.shape[:2]
     canvas = np.zeros((height + CAPTION_HEIGHT, width, 3), dtype=np.uint8)
     canvas[:height] = frame
-    cv2.putText(canvas, text, (3, height + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (255, 255, 255), 1, cv2.LINE_AA)
+    cv2.putText(
+        canvas, text, (3, height + 15), cv2.FONT_HERSHEY_SIMPLEX, 0.36, (255, 255, 255), 1, cv2.LINE_AA
+    )
     return canvas
 
 
@@ -94,4 +96,10 @@ def watch(
     if out is not None and frames:
         out.parent.mkdir(parents=True, exist_ok=True)
         video = str(write_video(frames, out, fps=fps))
-    return {"episodes": len(results), "per_episode": results, "video": video, "fps": fps, "frames": len(frames)}
+    return {
+        "episodes": len(results),
+        "per_episode": results,
+        "video": video,
+        "fps": fps,
+        "frames": len(frames),
+    }

@@ -75,7 +75,10 @@ def test_latest_checkpoint_skips_a_corrupt_newest_one(tmp_path):
     newest = latest_checkpoint(tmp_path)
     assert newest is not None and newest.name == "step_000000000002.json"
     prune_checkpoints(tmp_path, keep=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000000000003.json", "step_000000000003.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_000000000003.json",
+        "step_000000000003.safetensors",
+    ]
 
 
 def test_atomic_write_leaves_no_temp_file_on_failure(tmp_path):

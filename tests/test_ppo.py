@@ -36,13 +36,22 @@ def test_gae_matches_the_naive_sum():
     ends = (rng.random((9, 3)) < 0.25).astype(np.float64)
     next_value = rng.normal(size=3)
     fast = ppo.compute_gae(*(torch.tensor(x) for x in (rewards, values, ends, next_value)), 0.97, 0.9)
-    np.testing.assert_allclose(fast.numpy(), naive_gae(rewards, values, ends, next_value, 0.97, 0.9), atol=1e-10)
+    np.testing.assert_allclose(
+        fast.numpy(), naive_gae(rewards, values, ends, next_value, 0.97, 0.9), atol=1e-10
+    )
 
 
 def small_config(**changes):
     base = dict(
-        env="cartpole", total_steps=512, num_envs=2, num_steps=64, device="cpu", eval_episodes=2,
-        checkpoint_every=256, update_epochs=2, num_minibatches=2,
+        env="cartpole",
+        total_steps=512,
+        num_envs=2,
+        num_steps=64,
+        device="cpu",
+        eval_episodes=2,
+        checkpoint_every=256,
+        update_epochs=2,
+        num_minibatches=2,
     )
     return ppo.PPOConfig(**{**base, **changes})
 
@@ -74,7 +83,10 @@ def test_same_seed_gives_identical_first_losses(tmp_path):
     first, run_a = train(tmp_path, "a", seed=5)
     second, run_b = train(tmp_path, "b", seed=5)
     third, run_c = train(tmp_path, "c", seed=6)
-    losses = [[h["loss"] for h in json.loads((d / "metrics.json").read_text())["history"][:3]] for d in (run_a, run_b, run_c)]
+    losses = [
+        [h["loss"] for h in json.loads((d / "metrics.json").read_text())["history"][:3]]
+        for d in (run_a, run_b, run_c)
+    ]
     assert len(losses[0]) == 3
     assert losses[0] == losses[1]
     assert losses[0] != losses[2]
@@ -143,8 +155,39 @@ def test_no_autoreset_transition_is_collected(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_ppo_solves_cartpole(tmp_path):
     preset = envs.get_preset("cartpole")
-    config = ppo.PPOConfig(**{**preset.ppo, "env": "cartpole", "seed": 1, "device": "cpu", "eval_episodes": 10})
+    config = ppo.PPOConfig(
+        **{**preset.ppo, "env": "cartpole", "seed": 1, "device": "cpu", "eval_episodes": 10}
+    )
     run_dir = tmp_path / "cartpole"
     run_dir.mkdir()
     summary = ppo.train(config, run_dir, progress=False)
     assert summary["eval_return_mean"] >= 475, summary
+
+
+def test_a_transient_nan_skips_the_update_and_training_goes_on(tmp_path, monkeypatch):
+    real_gae = ppo.compute_gae
+    calls = []
+
+    def gae_with_one_nan(*args):
+        calls.append(1)
+        advantages = real_gae(*args)
+        return advantages * float("nan") if len(calls) == 2 else advantages
+
+    monkeypatch.setattr(ppo, "compute_gae", gae_with_one_nan)
+    summary, run_dir = train(tmp_path, total_steps=512)
+    assert summary["steps"] == 512
+    assert summary["skipped_updates"] == 2 * 2  # both epochs x both minibatches of update 2
+    state, _ = common.load_training_checkpoint(run_dir)
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def test_persistent_nans_stop_training_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _, run_dir = train(tmp_path, total_steps=256)
+    good, _ = common.load_training_checkpoint(run_dir)
+    monkeypatch.setattr(ppo, "compute_gae", lambda *args: torch.full_like(args[0], float("nan")))
+    with pytest.raises(common.TrainingStopped, match="not finite for 3 updates in a row"):
+        train(tmp_path, resume=True, total_steps=2048)
+    kept, _ = common.load_training_checkpoint(run_dir)
+    assert kept["global_step"] == good["global_step"] == 256
+    for key, value in good["model"].items():
+        assert torch.equal(kept["model"][key], value)
