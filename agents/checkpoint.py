@@ -54,10 +54,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.replace(tmp_name, path)
     except BaseException:
         # Never leave a half-written temp file behind (disk full, read-only dir, Ctrl-C).
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
+        Path(tmp_name).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
 
