@@ -148,7 +148,9 @@ def unpack(skeleton: Any, tensors: dict[str, torch.Tensor]) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def save_checkpoint(stem: str | os.PathLike, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    stem: str | os.PathLike, state: dict[str, Any], meta: dict[str, Any] | None = None
+) -> Path:
     """Saves ``state`` (nested tensors and scalars) as ``<stem>.safetensors`` + ``<stem>.json``.
 
     Args:
@@ -187,7 +189,9 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint at {sidecar_path}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"checkpoint sidecar {sidecar_path} is unreadable or truncated ({error})") from None
+        raise CheckpointError(
+            f"checkpoint sidecar {sidecar_path} is unreadable or truncated ({error})"
+        ) from None
     if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
         raise CheckpointError(f"{sidecar_path} is not an agent-lab checkpoint")
     if sidecar.get("format_version") != FORMAT_VERSION:
@@ -218,7 +222,9 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, 
     except OSError:
         raise CheckpointError(f"checkpoint weights {weights_path} are missing or unreadable") from None
     if hashlib.sha256(weights).hexdigest() != sidecar.get("weights_sha256"):
-        raise CheckpointError(f"checkpoint weights {weights_path} do not match their sidecar (truncated or tampered)")
+        raise CheckpointError(
+            f"checkpoint weights {weights_path} do not match their sidecar (truncated or tampered)"
+        )
     try:
         tensors = safetensors_load(weights)
     except Exception as error:  # safetensors raises its own error types on malformed headers
