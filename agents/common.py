@@ -125,6 +125,9 @@ def save_training_checkpoint(
     run_dir: Path, global_step: int, state: dict[str, Any], meta: dict[str, Any], keep: int
 ) -> Path:
     """Saves ``checkpoints/step_<global_step>`` atomically and keeps only the newest ``keep``."""
+    # A run has one writer: temp files here were left by a process killed mid-write.
+    for stale in (run_dir / "checkpoints").glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     sidecar = save_checkpoint(run_dir / "checkpoints" / f"step_{global_step:012d}", state, meta)
     prune_checkpoints(run_dir / "checkpoints", keep)
     return sidecar
@@ -150,7 +153,9 @@ def finished_episodes(infos: dict[str, Any]) -> Iterator[tuple[int, dict[str, fl
     final_info = infos.get("final_info")
     if not final_info or "_final_info" not in infos:
         return
-    episode = final_info.get("episode", {})
+    episode = final_info.get("episode")
+    if episode is None:
+        return
     for index in np.flatnonzero(infos["_final_info"]):
         if "_episode" in final_info and not final_info["_episode"][index]:
             continue

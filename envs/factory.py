@@ -23,6 +23,7 @@ from gymnasium.wrappers import (
 from envs.gridworld import OneHotGridObservation
 from envs.mario import make_mario
 from envs.registry import Preset, is_image_space, resolve
+from envs.vector import DEFAULT_MAX_RESTARTS, DEFAULT_RESTART_WINDOW, DEFAULT_STEP_TIMEOUT, SubprocVectorEnv
 from envs.wrappers import ChannelFirstObservation, MergeStackChannels, OneHotObservation
 
 BACKENDS = ("sync", "async")
@@ -133,6 +134,9 @@ def make_vec(
     seed: int = 0,
     backend: str = "sync",
     envs_per_worker: int | None = None,
+    step_timeout: float | None = DEFAULT_STEP_TIMEOUT,
+    max_restarts: int = DEFAULT_MAX_RESTARTS,
+    restart_window: int = DEFAULT_RESTART_WINDOW,
     **overrides: Any,
 ) -> VectorEnv:
     """Builds ``num_envs`` copies of an env as one vector env with same-step autoreset.
@@ -141,7 +145,9 @@ def make_vec(
     ``truncations[i]``, ``obs[i]`` is already the first observation of the next episode,
     ``infos["final_obs"][i]`` is the true last observation and ``infos["final_info"]`` the last
     info (with ``episode`` = {"r", "l", "t"}, and for Mario ``x_pos_max`` and ``flag_get``), in
-    Gymnasium's dict-of-arrays form with ``_key`` masks.
+    Gymnasium's dict-of-arrays form with ``_key`` masks. With ``backend="async"``, a worker that
+    raises, crashes or hangs is restarted and its sub-envs' episodes are dropped (that step marks
+    them terminated with reward 0 and ``infos["dropped"]``; see :mod:`envs.vector`).
 
     Args:
         name: a preset name or a registered Gymnasium id.
@@ -152,6 +158,12 @@ def make_vec(
             processes, observations in shared memory).
         envs_per_worker: async only: sub-envs stepped one after another in each worker; None picks
             ``ceil(num_envs / cpu_count)``, so that there is one worker per core.
+        step_timeout: async only: seconds without a worker's reply before it counts as hung and
+            is restarted (None: wait forever).
+        max_restarts: async only: worker failures (exception, crash, hang) tolerated within
+            ``restart_window`` steps, each restarting the worker and dropping its episodes; one more
+            raises ``envs.vector.EnvWorkerError``. 0: the first failure raises.
+        restart_window: async only: that window, in vector steps.
         **overrides: passed to :func:`make` for every sub-env.
 
     Returns:
@@ -170,8 +182,13 @@ def make_vec(
     if backend == "sync":
         vector_env: VectorEnv = SyncVectorEnv(env_fns, autoreset_mode=AutoresetMode.SAME_STEP)
     else:
-        from envs.vector import SubprocVectorEnv
-
-        vector_env = SubprocVectorEnv(env_fns, envs_per_worker=envs_per_worker)
+        vector_env = SubprocVectorEnv(
+            env_fns,
+            envs_per_worker=envs_per_worker,
+            step_timeout=step_timeout,
+            max_restarts=max_restarts,
+            restart_window=restart_window,
+            seed=int(seed),
+        )
     vector_env.action_space.seed(int(seed))
     return vector_env

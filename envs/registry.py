@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,7 +308,12 @@ def _preset_for_id(name: str) -> Preset:
                       description=f"{name} (one-hot partial view)")  # fmt: skip
     # Build it once to learn its spaces: the action space must be discrete (PPO and DQN here are
     # for discrete actions), and the observation type picks the encoder and hyperparameters.
-    env = gym.make(name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # old -v0 ids print multi-line deprecation notes
+            env = gym.make(name)
+    except ImportError as error:  # DependencyNotInstalled, a missing physics package...
+        raise ValueError(f"env {name!r} needs a package that is not installed: {error}") from None
     try:
         action_space, observation_space = env.action_space, env.observation_space
     finally:

@@ -199,6 +199,18 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{run_dir} has no loadable checkpoint to resume from")
         changes = {"total_steps": args.steps, "device": args.device}
         config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+        fixed = [
+            item.split("=", 1)[0].strip()
+            for item in args.overrides
+            if item.split("=", 1)[0].strip() in FIXED_ON_RESUME
+        ]
+        if args.envs is not None or args.seed is not None:
+            raise UsageError("--envs and --seed cannot change when resuming; start a new run instead")
+        if fixed or args.net:
+            raise UsageError(
+                f"{', '.join(fixed or ['net'])} cannot change when resuming: the checkpoint was trained with "
+                f"{', '.join(f'{k}={getattr(config, k, None)!r}' for k in (fixed or ['net']))}; start a new run instead"
+            )
         config = apply_overrides(config, args.overrides)
     else:
         if not args.env:
@@ -257,6 +269,13 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+# Fields that define the network or the data; a resumed run keeps them.
+FIXED_ON_RESUME = frozenset(
+    {"env", "net", "hidden", "shared_encoder", "memory", "memory_size", "memory_len", "dueling", "num_envs",
+     "num_steps", "n_step", "buffer_size"}
+)  # fmt: skip
 
 
 def print_config_help(config: Any) -> None:
@@ -400,8 +419,14 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import env_throughput
+    from envs.vector import available_cpus
 
-    return env_throughput.run(seconds=args.seconds, repeats=args.repeats, quiet=args.json)
+    result = env_throughput.run(
+        args.seconds, args.repeats, max(8, 2 * available_cpus()), None, list(env_throughput.SYSTEMS)
+    )
+    if not args.json:
+        env_throughput.print_report(result)
+    return result
 
 
 def cmd_demo(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -442,14 +467,19 @@ def main(argv: list[str] | None = None) -> int:
     """Runs ``lab``; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     from agents.checkpoint import CheckpointError
     from agents.common import TrainingStopped
+    from envs.vector import EnvWorkerError
 
     debug = os.environ.get("LAB_DEBUG") == "1"
+    # A path or name the terminal cannot encode must not turn finished work into an error.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         args = build_parser().parse_args(argv)
         result = COMMANDS[args.command](args)
     except UsageError as error:
         return fail(str(error))
-    except TrainingStopped as error:
+    except (TrainingStopped, EnvWorkerError) as error:
         if debug:
             raise
         print(f"lab: {one_line(str(error))} (LAB_DEBUG=1 shows the traceback)", file=sys.stderr)

@@ -414,7 +414,7 @@ def _crashing_env() -> gym.Env:
 
 
 def test_async_worker_errors_reach_the_caller():
-    vec = SubprocVectorEnv([_crashing_env, _crashing_env], envs_per_worker=1)
+    vec = SubprocVectorEnv([_crashing_env, _crashing_env], envs_per_worker=1, max_restarts=0)
     vec.reset(seed=0)
     with pytest.raises(RuntimeError, match="boom in step"):
         vec.step(np.array([0, 1]))
