@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device run on the GPU box (see ../shared/gpu/README.md): trains (or resumes) the flagship
-# Mario PPO run for a fixed wall-clock budget, then stops it with SIGINT, which saves a checkpoint.
+# Mario PPO run for a fixed wall-clock budget, then stops it with SIGTERM, which saves a checkpoint (a background job ignores SIGINT).
 # The run directory comes back as a tarball split into <16 MiB parts under $OUT, refreshed every
 # 30 s while training runs: the device tool may stop the command early (a slow machine start eats
 # into the session's device time), and whatever $OUT holds then is what comes back.
@@ -29,7 +29,7 @@ pack() {  # snapshot the run into $OUT atomically: split into a staging folder, 
   rm -f "$OUT"/mario-run.tgz.part* && mv "$OUT"/.staging/* "$OUT"/ && rmdir "$OUT/.staging"
 }
 start=$(date +%s)
-timeout -s INT "$budget" "${cmd[@]}" > "$OUT/train.log" 2>&1 &
+timeout -s TERM "$budget" "${cmd[@]}" > "$OUT/train.log" 2>&1 &
 train_pid=$!
 while kill -0 "$train_pid" 2>/dev/null; do sleep 30; pack; done
 wait "$train_pid"
