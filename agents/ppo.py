@@ -450,7 +450,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                 last_eval_step = global_step
                 eval_summary = run_eval(agent, config, device, seed=config.seed + 10_000 + global_step)
                 agent.train()
-                logger.scalars(eval_scalars(eval_summary), global_step)
+                logger.scalars(common.eval_scalars(eval_summary), global_step)
             completed_updates, completed_steps = update + 1, global_step
             # Only a healthy update is worth a checkpoint: NaN streaks keep the last good one.
             if global_step - last_checkpoint_step >= config.checkpoint_every and bad_updates_in_a_row == 0:
@@ -475,7 +475,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     save()
 
     eval_summary = run_eval(agent, config, device, seed=config.seed + 10_000)
-    logger.scalars(eval_scalars(eval_summary), global_step)
+    logger.scalars(common.eval_scalars(eval_summary), global_step)
     logger.close()
     summary = {
         "run_dir": str(run_dir),
@@ -580,11 +580,3 @@ def run_eval(agent: ActorCritic, config: PPOConfig, device: torch.device, seed: 
         config.eval_episodes,
         seed,
     )
-
-
-def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
-    scalars = {"eval/return_mean": summary["return_mean"], "eval/length_mean": summary["length_mean"]}
-    if "clear_rate" in summary:
-        scalars["eval/clear_rate"] = summary["clear_rate"]
-        scalars["eval/x_pos_mean"] = summary["x_pos_mean"]
-    return scalars

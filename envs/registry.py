@@ -73,10 +73,10 @@ PPO_CARTPOLE = dict(
 )  # fmt: skip
 # RL Zoo dqn.yml CartPole-v1 (net_arch [256, 256] in the Zoo).
 DQN_CARTPOLE = dict(
-    total_steps=50_000, num_envs=1, buffer_size=100_000, learning_rate=2.3e-3, gamma=0.99, batch_size=64,
-    learning_starts=1_000, train_frequency=256, gradient_steps=128, target_network_frequency=10, tau=1.0,
-    exploration_fraction=0.16, start_e=1.0, end_e=0.04, n_step=1, double=False, dueling=False,
-    prioritized=False, net="mlp",
+    total_steps=50_000, num_envs=1, buffer_size=100_000, learning_rate=2.3e-3, anneal_lr=True, gamma=0.99,
+    batch_size=64, learning_starts=1_000, train_frequency=2, gradient_steps=1, target_network_frequency=256,
+    tau=1.0, exploration_fraction=0.16, start_e=1.0, end_e=0.04, n_step=3, double=True, dueling=False,
+    prioritized=False, net="mlp", hidden=(256, 256), eval_every=2_500, keep_best=True,
 )  # fmt: skip
 # CleanRL ppo.py's classic-control settings, the base of the Zoo values below.
 PPO_CLASSIC = dict(
@@ -93,7 +93,7 @@ DQN_ACROBOT = dict(
     total_steps=100_000, num_envs=1, buffer_size=50_000, learning_rate=6.3e-4, gamma=0.99, batch_size=128,
     learning_starts=0, train_frequency=4, gradient_steps=4, target_network_frequency=250, tau=1.0,
     exploration_fraction=0.12,
-    start_e=1.0, end_e=0.1, n_step=1, double=False, dueling=False, prioritized=False, net="mlp",
+    start_e=1.0, end_e=0.1, n_step=1, double=False, dueling=False, prioritized=False, net="mlp", eval_every=0, keep_best=False, anneal_lr=False,
 )  # fmt: skip
 DQN_LUNARLANDER = DQN_ACROBOT
 # RL Zoo dqn.yml MountainCar-v0.
@@ -120,7 +120,7 @@ DQN_MARIO = dict(
     total_steps=2_000_000, num_envs=1, buffer_size=100_000, learning_rate=1e-4, gamma=0.9, batch_size=32,
     learning_starts=10_000, train_frequency=4, gradient_steps=1, target_network_frequency=1_000, tau=1.0,
     exploration_fraction=0.1, start_e=1.0, end_e=0.01, n_step=3, double=True, dueling=True,
-    prioritized=False, net="nature",
+    prioritized=False, net="nature", eval_every=0, keep_best=False, anneal_lr=False,
 )  # fmt: skip
 
 # Memory tasks: recurrent PPO (an MLP encoder, then an LSTM). MiniGrid values after rl-starter-files
@@ -135,7 +135,7 @@ DQN_GRID = dict(
     total_steps=200_000, num_envs=1, buffer_size=50_000, learning_rate=2.5e-4, gamma=0.99, batch_size=64,
     learning_starts=1_000, train_frequency=4, gradient_steps=1, target_network_frequency=500, tau=1.0,
     exploration_fraction=0.3, start_e=1.0, end_e=0.05, n_step=1, double=True, dueling=False,
-    prioritized=False, net="mlp",
+    prioritized=False, net="mlp", eval_every=0, keep_best=False, anneal_lr=False,
 )  # fmt: skip
 
 # Defaults for ids without a preset, by observation type.
