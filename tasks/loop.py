@@ -1,0 +1,354 @@
+"""The supervised loop every task shares: seed, train, evaluate, log, checkpoint, plot.
+
+Data sets here are small, so they live in memory as tuples of tensors ``(*inputs, labels)`` with the
+batch on dim 0; the loop shuffles indices itself instead of going through a DataLoader. A model takes
+``*inputs`` and returns logits, either ``(B, C)`` (one label per example) or ``(B, T, C)`` (one label
+per position, ``-100`` where a position carries no label). So one loss and one accuracy serve xor,
+playground, digits, parity, copy/reverse and sentiment.
+
+What a run leaves in ``run_dir``: ``config.json``, ``metrics.json`` (with a per-epoch ``history``),
+TensorBoard events, ``checkpoints/final.safetensors`` + ``.json`` and ``learning_curve.png``; tasks
+add their own plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from agents.checkpoint import atomic_write_json, save_checkpoint
+
+Tensors = tuple[torch.Tensor, ...]
+IGNORE_INDEX = -100  # label of positions that carry no target (padding, the prompt of copy/reverse)
+
+
+class TaskError(ValueError):
+    """Bad task input or unreachable data; the message is one line fit for the user."""
+
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple | None = None,
+) -> Any:
+    """A dataclass field whose metadata ``lab fit --set key=value`` validates against.
+
+    Args:
+        default: the default value (immutable: ints, floats, strings, tuples).
+        help: one-line description shown by ``lab fit TASK --help``.
+        min: smallest allowed value (inclusive), for numbers and each item of a tuple.
+        max: largest allowed value (inclusive).
+        choices: the allowed values.
+
+    Returns:
+        A ``dataclasses.field`` carrying ``metadata={"help", "min", "max", "choices"}``.
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if min is not None:
+        metadata["min"] = min
+    if max is not None:
+        metadata["max"] = max
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, numpy and torch (CPU and CUDA) so that a CPU run repeats exactly."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def resolve_device(name: str) -> torch.device:
+    """Maps ``auto|cpu|cuda`` to a torch device; ``cuda`` without a GPU is a TaskError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TaskError("device=cuda was asked for but torch sees no CUDA device; use device=cpu or auto")
+    if name not in DEVICES:
+        raise TaskError(f"unknown device {name!r}; choose from: {', '.join(DEVICES)}")
+    return torch.device(name)
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for ``(B, C)`` logits with ``(B,)`` labels or ``(B, T, C)`` with ``(B, T)``."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+@torch.no_grad()
+def predict(model: nn.Module, inputs: Tensors, batch_size: int = 1024) -> torch.Tensor:
+    """Logits of ``model`` on in-memory ``inputs``, in eval mode and in chunks (CPU tensor)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    n = inputs[0].shape[0]
+    chunks = [
+        model(*(x[i : i + batch_size].to(device) for x in inputs)).float().cpu()
+        for i in range(0, n, batch_size)
+    ]
+    model.train(was_training)
+    return torch.cat(chunks)
+
+
+def accuracy_metrics(model: nn.Module, data: Tensors) -> dict[str, float]:
+    """``accuracy`` (over labelled positions) and ``loss`` of ``model`` on ``data = (*inputs, labels)``.
+
+    For per-position labels ``(B, T)`` it adds ``sequence_accuracy``: the share of examples whose
+    every labelled position is right.
+    """
+    *inputs, labels = data
+    logits = predict(model, tuple(inputs))
+    labelled = labels != IGNORE_INDEX
+    correct = (logits.argmax(-1) == labels) & labelled
+    metrics = {
+        "accuracy": correct.sum().item() / max(1, labelled.sum().item()),
+        "loss": classification_loss(logits, labels).item(),
+    }
+    if labels.dim() == 2:
+        # An example is right when no labelled position is wrong: (B, T) -> (B,).
+        metrics["sequence_accuracy"] = (correct == labelled).all(dim=1).float().mean().item()
+    return metrics
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What :func:`fit` hands back to a task, besides the files it wrote."""
+
+    model: nn.Module
+    metrics: dict[str, Any]
+
+
+def fit(
+    *,
+    task: str,
+    config: Any,
+    model: nn.Module,
+    train: Tensors,
+    test: Tensors,
+    run_dir: Path,
+    progress: bool = True,
+    metric: str = "accuracy",
+    evaluate: Callable[[nn.Module, Tensors], dict[str, float]] = accuracy_metrics,
+    loss_fn: Callable[[nn.Module, Tensors], torch.Tensor] | None = None,
+    augment: Callable[[Tensors, torch.Generator], Tensors] | None = None,
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+    extra_metrics: dict[str, Any] | None = None,
+    checkpoint_meta: dict[str, Any] | None = None,
+) -> FitResult:
+    """Trains ``model`` on ``train``, evaluates on ``test`` after every epoch and writes the run.
+
+    The optimizer is AdamW; the learning rate warms up linearly over ``config.warmup`` (a fraction of
+    all steps, 0 if the config has no such field) and then follows ``config.schedule`` (``cosine``
+    decay to zero, or ``constant``). Gradients are clipped to norm ``config.grad_clip`` when set.
+
+    Args:
+        task: the task name, recorded in metrics and checkpoint.
+        config: the task's config dataclass; needs ``net, epochs, seed, lr, batch_size, device`` and may
+            have ``weight_decay, warmup, schedule, grad_clip``.
+        model: maps ``*inputs`` to logits ``(B, C)`` or ``(B, T, C)``; it is moved to the device.
+        train: ``(*inputs, labels)`` tensors of the training split, batch on dim 0.
+        test: the held-out split, same layout.
+        run_dir: the existing run directory to write into.
+        progress: show a tqdm bar (on stderr, so ``--json`` output on stdout stays clean).
+        metric: the key of ``evaluate``'s result reported as ``test_metric`` (``accuracy`` is also
+            reported as ``test_accuracy``).
+        evaluate: ``(model, split) -> {metric: value, ...}``; every key is logged as ``<key>/test``.
+        loss_fn: ``(model, batch) -> scalar loss``; default cross-entropy on the model's logits.
+        augment: ``(batch, generator) -> batch``, applied to training batches only.
+        on_epoch_end: called as ``on_epoch_end(epoch, model)`` after each evaluation (for GIF frames).
+        extra_metrics: more keys for metrics.json (data sizes, per-length results are added by tasks
+            afterwards through the returned dict).
+        checkpoint_meta: more JSON-able keys for the checkpoint sidecar (a vocabulary, class names).
+
+    Returns:
+        The trained model (in eval mode) and the metrics dict that was written to metrics.json.
+    """
+    from torch.utils.tensorboard import SummaryWriter  # slow import, only when a task runs
+
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    model.to(device)
+    loss_fn = loss_fn or (lambda m, batch: classification_loss(m(*batch[:-1]), batch[-1]))
+
+    n_train = train[0].shape[0]
+    batch_size = min(config.batch_size, n_train)
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, weight_decay=getattr(config, "weight_decay", 0.0)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        _lr_lambda(total_steps, getattr(config, "warmup", 0.0), getattr(config, "schedule", "constant")),
+    )
+    grad_clip = getattr(config, "grad_clip", 0.0)
+    # Shuffling has its own generator so that augmentation or dropout draws never change the order.
+    shuffle_generator = torch.Generator().manual_seed(config.seed)
+    augment_generator = torch.Generator().manual_seed(config.seed + 1)
+
+    atomic_write_json(
+        run_dir / "config.json", {"task": task, "config": _jsonable(dataclasses.asdict(config))}
+    )
+    writer = SummaryWriter(log_dir=str(run_dir))
+    history: list[dict[str, float]] = []
+    bar = tqdm(total=total_steps, desc=f"{task}/{config.net}", unit="step", disable=not progress, leave=False)
+    step = 0
+    try:
+        for epoch in range(1, config.epochs + 1):
+            epoch_started = time.perf_counter()
+            model.train()
+            order = torch.randperm(n_train, generator=shuffle_generator)
+            loss_sum = torch.zeros((), device=device)
+            for start in range(0, n_train, batch_size):
+                index = order[start : start + batch_size]
+                batch = tuple(x[index] for x in train)
+                if augment is not None:
+                    batch = augment(batch, augment_generator)
+                batch = tuple(x.to(device, non_blocking=True) for x in batch)
+                loss = loss_fn(model, batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                scheduler.step()
+                # Summing on the device avoids a GPU->CPU sync per step; weighted by the batch's share.
+                loss_sum += loss.detach() * index.numel()
+                step += 1
+                bar.update(1)
+            train_loss = loss_sum.item() / n_train
+            results = evaluate(model, test)
+            row = {"epoch": epoch, "train_loss": train_loss, **{f"test_{k}": v for k, v in results.items()}}
+            history.append(row)
+            writer.add_scalar("loss/train", train_loss, epoch)
+            for key, value in results.items():
+                writer.add_scalar(f"{key}/test", value, epoch)
+            writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], epoch)
+            writer.add_scalar("charts/epoch_seconds", time.perf_counter() - epoch_started, epoch)
+            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **{metric: f"{results[metric]:.4f}"})
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, model)
+    finally:
+        bar.close()
+        writer.close()
+
+    model.eval()
+    final = history[-1]
+    metrics: dict[str, Any] = {
+        "task": task,
+        "net": config.net,
+        "epochs": config.epochs,
+        "train_loss": final["train_loss"],
+        "metric": metric,
+        "test_metric": final[f"test_{metric}"],
+    }
+    if metric == "accuracy":
+        metrics["test_accuracy"] = final["test_accuracy"]
+    metrics.update({k: v for k, v in final.items() if k.startswith("test_") and k not in metrics})
+    metrics["seconds"] = round(time.perf_counter() - started, 3)
+    metrics["run_dir"] = str(run_dir)
+    metrics["device"] = str(device)
+    metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    metrics["train_size"] = n_train
+    metrics["test_size"] = int(test[0].shape[0])
+    metrics.update(extra_metrics or {})
+    metrics["history"] = history
+
+    save_checkpoint(
+        run_dir / "checkpoints" / "final",
+        {"model": model.state_dict(), "epoch": config.epochs, "step": step},
+        meta={
+            "kind": "task",
+            "task": task,
+            "net": config.net,
+            "config": _jsonable(dataclasses.asdict(config)),
+            **(checkpoint_meta or {}),
+        },
+    )
+    plot_learning_curve(history, metric, run_dir / "learning_curve.png", title=f"{task} / {config.net}")
+    write_metrics(run_dir, metrics)
+    return FitResult(model=model, metrics=metrics)
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """(Re)writes ``run_dir/metrics.json`` atomically; tasks call it again after adding keys."""
+    atomic_write_json(Path(run_dir) / "metrics.json", _jsonable(metrics))
+
+
+def _lr_lambda(total_steps: int, warmup: float, schedule: str) -> Callable[[int], float]:
+    warmup_steps = int(warmup * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def _jsonable(obj: Any) -> Any:
+    """Tuples to lists and numpy scalars to Python numbers, recursively, for JSON files."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def plot_learning_curve(history: list[dict[str, float]], metric: str, path: Path, title: str = "") -> Path:
+    """Draws training loss and the test metric per epoch into a PNG (matplotlib, Agg backend)."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, loss_axis = plt.subplots(figsize=(6, 3.5), dpi=100)
+    loss_axis.plot(epochs, [row["train_loss"] for row in history], color="tab:blue", label="train loss")
+    loss_axis.set_xlabel("epoch")
+    loss_axis.set_ylabel("train loss", color="tab:blue")
+    if min(row["train_loss"] for row in history) > 0:
+        loss_axis.set_yscale("log")
+    metric_axis = loss_axis.twinx()
+    metric_axis.plot(
+        epochs, [row[f"test_{metric}"] for row in history], color="tab:orange", label=f"test {metric}"
+    )
+    metric_axis.set_ylabel(f"test {metric}", color="tab:orange")
+    metric_axis.set_ylim(0.0, 1.02)
+    loss_axis.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
