@@ -2,7 +2,8 @@
 
 Smoke runs train for an epoch or two on small data and check that every output of a run is written.
 The ``slow`` tests train with the task defaults (or close to them) and assert the accuracy targets of
-the issue; together they take a few minutes on two CPU cores.
+the issue; together they take about two minutes of CPU time on one thread (the Transformer's parity
+run is about one of them).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from tasks.loop import IGNORE_INDEX, TaskError, predict
 
 
 @pytest.fixture(autouse=True)
-def _two_threads():
-    # CI has two cores; more threads than cores only adds contention.
+def _one_thread():
+    # These models are small (batches of 32-64 short sequences or 8x8 images): a second thread gains
+    # little, and on a busy machine the threads' spin-waiting made runs many times slower.
     previous = torch.get_num_threads()
-    torch.set_num_threads(min(2, previous))
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
 
