@@ -299,6 +299,35 @@ def summarize_episodes(results: list[dict[str, float]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+def run_summary(
+    run_dir: Path,
+    algo: str,
+    env: str,
+    steps: int,
+    sps: float,
+    episodes: int,
+    skipped_updates: int,
+    eval_summary: dict[str, Any],
+) -> dict[str, Any]:
+    """The ``lab train --json`` summary of DESIGN.md, plus the eval's Mario keys where present."""
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "algo": algo,
+        "env": env,
+        "steps": steps,
+        "sps": round(sps, 1),
+        "episodes": episodes,
+        "skipped_updates": skipped_updates,
+        "eval_episodes": eval_summary["episodes"],
+        "eval_return_mean": eval_summary["return_mean"],
+        "eval_return_std": eval_summary["return_std"],
+    }
+    if "clear_rate" in eval_summary:
+        summary["eval_clear_rate"] = eval_summary["clear_rate"]
+        summary["eval_x_pos_mean"] = eval_summary["x_pos_mean"]
+    return summary
+
+
 def finish_run(run_dir: Path, summary: dict[str, Any], history: list[dict[str, float]]) -> None:
     """Writes ``metrics.json`` (summary + per-update history) and ``learning_curve.png``."""
     atomic_write_json(run_dir / "metrics.json", {**summary, "history": history})

@@ -477,21 +477,10 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     eval_summary = run_eval(agent, config, device, seed=config.seed + 10_000)
     logger.scalars(common.eval_scalars(eval_summary), global_step)
     logger.close()
-    summary = {
-        "run_dir": str(run_dir),
-        "algo": ALGO,
-        "env": config.env,
-        "steps": global_step,
-        "sps": round((global_step - run_start_step) / max(time.time() - run_start, 1e-9), 1),
-        "episodes": episodes.count,
-        "skipped_updates": skipped_updates,
-        "eval_episodes": eval_summary["episodes"],
-        "eval_return_mean": eval_summary["return_mean"],
-        "eval_return_std": eval_summary["return_std"],
-    }
-    if "clear_rate" in eval_summary:
-        summary["eval_clear_rate"] = eval_summary["clear_rate"]
-        summary["eval_x_pos_mean"] = eval_summary["x_pos_mean"]
+    sps = (global_step - run_start_step) / max(time.time() - run_start, 1e-9)
+    summary = common.run_summary(
+        run_dir, ALGO, config.env, global_step, sps, episodes.count, skipped_updates, eval_summary
+    )
     common.finish_run(run_dir, summary, history)
     return summary
 
