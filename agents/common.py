@@ -78,6 +78,14 @@ def write_run_config(run_dir: Path, algo: str, config: Any) -> None:
     )
 
 
+def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """Rebuilds a config dataclass from ``config.json``: JSON lists become tuples, unknown keys are dropped."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
+    )
+
+
 def read_run_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
     """Returns ``(algo, config dict)`` of a run directory; CheckpointError when it is not one."""
     path = Path(run_dir) / "config.json"

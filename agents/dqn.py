@@ -190,9 +190,7 @@ def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> DQ
 
 
 def config_from_dict(values: dict[str, Any]) -> DQNConfig:
-    known = {f.name for f in dataclasses.fields(DQNConfig)}
-    cleaned = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
-    return DQNConfig(**cleaned)
+    return common.config_from_dict(DQNConfig, values)
 
 
 # ---------------------------------------------------------------------------------------------

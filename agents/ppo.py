@@ -199,9 +199,7 @@ def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> PP
 
 
 def config_from_dict(values: dict[str, Any]) -> PPOConfig:
-    known = {f.name for f in dataclasses.fields(PPOConfig)}
-    cleaned = {k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
-    return PPOConfig(**cleaned)
+    return common.config_from_dict(PPOConfig, values)
 
 
 # ---------------------------------------------------------------------------------------------
