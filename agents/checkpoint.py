@@ -8,15 +8,19 @@ map for safetensors and a JSON skeleton in which each tensor is replaced by ``{"
 Crash safety: each file is written to a temporary name, fsynced and ``os.replace``-d into place, the
 weights first. The sidecar records the SHA-256 of the weights file, so a sidecar and a weights file
 from two different saves (a kill between the two renames) never load as one checkpoint: the loader
-reports it as corrupt and :func:`latest_checkpoint` falls back to the previous good one.
+reports it as corrupt and :func:`latest_checkpoint` falls back to the previous good one. Both files
+are written to their temporary names before either is renamed, so a full disk or a read-only
+directory (:class:`StorageError`) replaces nothing and leaves no temporary file behind.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +37,38 @@ class CheckpointError(ValueError):
     """A checkpoint or run directory that cannot be loaded: missing, truncated, tampered or foreign."""
 
 
+# What the user can do something about, in words; other errors keep the system's own text.
+_STORAGE_REASONS = {
+    errno.ENOSPC: "no space left on device (the disk is full)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied (the directory is read-only)",
+    errno.EPERM: "operation not permitted (the directory is read-only)",
+}
+STORAGE_ERRNOS = frozenset(_STORAGE_REASONS)
+
+
+class StorageError(OSError):
+    """A file of a run could not be written: read-only directory, full disk, missing permission.
+
+    Raised by the atomic writers after they removed their temporary file, so nothing was replaced
+    and nothing partial is left. ``str()`` is one line fit for the command line; ``errno``,
+    ``strerror`` and ``filename`` are those of an OSError, so ``except OSError`` still catches it.
+    """
+
+    def __init__(self, path: str | os.PathLike, cause: OSError) -> None:
+        reason = _STORAGE_REASONS.get(cause.errno or 0) or cause.strerror or str(cause)
+        super().__init__(cause.errno, reason, str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+def is_storage_error(error: BaseException) -> bool:
+    """True for the OSErrors that mean "this run cannot write here": disk full, read-only, no permission."""
+    return isinstance(error, StorageError) or (isinstance(error, OSError) and error.errno in STORAGE_ERRNOS)
+
+
 # ---------------------------------------------------------------------------------------------
 # Atomic file writes
 # ---------------------------------------------------------------------------------------------
@@ -42,26 +78,100 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Writes ``data`` to ``path`` so that a crash leaves either the old file or the new one.
 
     Raises:
-        OSError: when the directory is read-only or the disk is full; no partial file is left.
+        StorageError: when the directory is read-only or the disk is full; the old file (if any) is
+            untouched and no partial file is left.
     """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    atomic_write_files([(Path(path), data)])
+
+
+def atomic_write_files(files: Sequence[tuple[Path, bytes]]) -> None:
+    """Writes several files, each atomically: every one to a fsynced temp file first, then renames.
+
+    A disk that fills up while writing any of them leaves every target as it was: the renames only
+    start once all the data is safely on disk. The renames run in the order given (a checkpoint
+    renames its weights before the sidecar that vouches for them).
+
+    Raises:
+        StorageError: read-only directory, full disk, missing permission; no temp file is left.
+    """
+    written: list[tuple[str, Path]] = []
+    try:
+        for path, data in files:
+            written.append((_write_temp(path, data), path))
+        for index, (tmp_name, path) in enumerate(written):
+            try:
+                os.replace(tmp_name, path)
+            except OSError as error:
+                raise StorageError(path, error) from error
+            written[index] = ("", path)  # renamed: nothing left to clean up
+    except BaseException:
+        # Never leave a half-written temp file behind (disk full, read-only dir, Ctrl-C).
+        for tmp_name, _ in written:
+            if tmp_name:
+                Path(tmp_name).unlink(missing_ok=True)
+        raise
+    for directory in {path.parent for _, path in written}:
+        _fsync_dir(directory)
+
+
+def _write_temp(path: Path, data: bytes) -> str:
+    """Writes ``data`` to a new fsynced temp file next to ``path``; returns its name.
+
+    The name is ``.<path.name>.<random>.tmp``: hidden, and never taken for a checkpoint.
+    """
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise StorageError(path, error) from error
     try:
         with os.fdopen(fd, "wb") as tmp_file:
             tmp_file.write(data)
             tmp_file.flush()
             os.fsync(tmp_file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        # Never leave a half-written temp file behind (disk full, read-only dir, Ctrl-C).
+    except BaseException as error:
         Path(tmp_name).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise StorageError(path, error) from error
         raise
-    _fsync_dir(path.parent)
+    return tmp_name
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Creates ``directory`` if needed and proves that files can be written in it.
+
+    Called before a run starts or resumes, so that a read-only run directory is reported at once,
+    before anything (a config, an event file) is half written. Root passes permission checks, so
+    the probe writes a real (empty, hidden) file rather than asking ``os.access``.
+
+    Raises:
+        StorageError: the directory cannot be created or written.
+    """
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StorageError(directory, error) from error
+    try:
+        tmp_name = _write_temp(directory / ".write-test", b"")
+    except StorageError as error:
+        raise StorageError(directory, error) from error
+    Path(tmp_name).unlink(missing_ok=True)
+
+
+def remove_stale_temps(directory: str | os.PathLike) -> None:
+    """Deletes the temp files a process killed mid-write left in ``directory`` (a run has one writer)."""
+    directory = Path(directory)
+    for stale in directory.glob(".*.tmp") if directory.is_dir() else []:
+        stale.unlink(missing_ok=True)
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     """Writes ``obj`` as indented JSON, atomically (see :func:`atomic_write_bytes`)."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+    atomic_write_bytes(path, _json_bytes(obj))
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -162,12 +272,14 @@ def save_checkpoint(
         The path of the JSON sidecar.
     """
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StorageError(stem.parent, error) from error
     skeleton, tensors = pack(state)
     weights = safetensors_save(tensors) if tensors else safetensors_save({"__empty__": torch.zeros(0)})
     weights_path = stem.with_name(stem.name + ".safetensors")
     sidecar_path = stem.with_name(stem.name + ".json")
-    atomic_write_bytes(weights_path, weights)
     sidecar = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -177,7 +289,9 @@ def save_checkpoint(
         "meta": meta or {},
         "state": skeleton,
     }
-    atomic_write_json(sidecar_path, sidecar)
+    # Weights renamed first: a kill between the two renames leaves an old sidecar whose hash does
+    # not match, which loads as corrupt instead of as a mix of two saves.
+    atomic_write_files([(weights_path, weights), (sidecar_path, _json_bytes(sidecar))])
     return sidecar_path
 
 
@@ -240,17 +354,18 @@ def _sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Sidecars of the checkpoints in ``directory``, oldest first (names sort by step)."""
+def list_checkpoints(directory: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """Sidecars of the checkpoints in ``directory`` whose names start with ``prefix``, oldest first
+    (names sort by step or epoch)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.glob("*.json") if not p.name.startswith("."))
+    return sorted(p for p in directory.glob(f"{prefix}*.json") if not p.name.startswith("."))
 
 
-def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest checkpoint in ``directory`` that loads cleanly, skipping corrupt ones."""
-    for sidecar_path in reversed(list_checkpoints(directory)):
+def latest_checkpoint(directory: str | os.PathLike, prefix: str = "") -> Path | None:
+    """The newest checkpoint in ``directory`` (named ``prefix...``) that loads cleanly, skipping corrupt ones."""
+    for sidecar_path in reversed(list_checkpoints(directory, prefix)):
         try:
             load_checkpoint(sidecar_path)
         except CheckpointError:
@@ -259,9 +374,9 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return None
 
 
-def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
-    """Deletes all but the newest ``keep`` checkpoints (both files of each)."""
-    for sidecar_path in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "") -> None:
+    """Deletes all but the newest ``keep`` checkpoints named ``prefix...`` (both files of each)."""
+    for sidecar_path in list_checkpoints(directory, prefix)[:-keep] if keep > 0 else []:
         weights_path = sidecar_path.with_suffix(".safetensors")
         for file in (sidecar_path, weights_path):
             file.unlink(missing_ok=True)

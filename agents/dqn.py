@@ -37,10 +37,14 @@ import envs
 import nets
 from agents import common
 from agents.buffers import ReplayBuffer
-from agents.checkpoint import rng_state, set_rng_state
+from agents.checkpoint import is_storage_error, rng_state, set_rng_state
 
 ALGO = "dqn"
 BUFFER_FILE = "replay_buffer.npz"  # in checkpoints/, next to the newest checkpoint (save_buffer)
+# Gradient steps in a row with a non-finite loss or gradient before training stops (PPO counts whole
+# updates, common.MAX_BAD_UPDATES). Replay draws one poisoned transition again and again, so a few
+# bad steps are survivable; this many mean the data or the weights are broken for good.
+MAX_BAD_STEPS = 100
 
 
 @dataclass
@@ -104,7 +108,7 @@ class DQNConfig:
         default=10.0, metadata={"help": "gradient clipping norm (0: none)", "min": 0.0}
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA, or a CPU with native bf16)"})
     log_every: int = field(default=1_000, metadata={"help": "agent steps between log records", "min": 1})
     eval_every: int = field(
         default=2_500, metadata={"help": "agent steps between greedy evals (0: at end)", "min": 0}
@@ -258,6 +262,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
     episodes = common.EpisodeTracker()
     history: list[dict[str, float]] = []
     skipped_updates = gradient_updates = 0
+    bad_steps_in_a_row = 0  # reset by every applied step; MAX_BAD_STEPS of them stop training
     best: dict[str, Any] = {}  # keep_best: {"return", "step", "model"} of the best periodic greedy eval
     if checkpoint is not None:
         q_network.load_state_dict(saved["model"])
@@ -284,7 +289,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
         buffer.break_episodes()  # the envs restart with fresh episodes
     forward = torch.compile(q_network) if config.compile else q_network
     target_forward = torch.compile(target_network) if config.compile else target_network
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+    autocast = common.bf16_autocast(device, config.bf16)
     meta = {
         "algo": ALGO,
         "config": dataclasses.asdict(config),
@@ -389,10 +394,19 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                     if torch.isfinite(loss) and torch.isfinite(grad_norm):
                         optimizer.step()
                         gradient_updates += 1
+                        bad_steps_in_a_row = 0
                         if config.prioritized:
                             buffer.update_priorities(batch.indices, td_error.detach().abs().cpu().numpy())
                     else:
                         skipped_updates += 1
+                        bad_steps_in_a_row += 1
+                # Persistent non-finite losses will not heal: stop, keeping the last good checkpoint.
+                if bad_steps_in_a_row >= MAX_BAD_STEPS:
+                    raise common.TrainingStopped(
+                        f"loss or gradients were not finite for {bad_steps_in_a_row} gradient steps in a "
+                        f"row; the last good checkpoint in {run_dir / 'checkpoints'} is kept "
+                        "(try a lower learning_rate)"
+                    )
 
                 # ---- target network: hard copy, or Polyak averaging -----------------------------
                 if (
@@ -413,6 +427,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                 sps = (global_step - run_start_step) / max(time.time() - run_start, 1e-9)
                 record = {
                     "step": global_step,
+                    "sps": sps,
                     "td_loss": float(loss.detach()),
                     "q_values": float(q_taken.detach().mean()),
                     "epsilon": epsilon,
@@ -436,6 +451,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                         "charts/skipped_updates": skipped_updates,
                         "losses/td_loss": record["td_loss"],
                         "losses/q_values": record["q_values"],
+                        **common.worker_scalars(vec_env),
                     },
                     global_step,
                 )
@@ -444,14 +460,31 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
             if config.eval_every and global_step - last_eval_step >= config.eval_every:
                 last_eval_step = global_step
                 best = periodic_eval(q_network, config, device, global_step, best, logger)
-            if global_step - last_checkpoint_step >= config.checkpoint_every:
+            # Only a healthy stretch is worth a checkpoint: a NaN streak keeps the last good one.
+            if global_step - last_checkpoint_step >= config.checkpoint_every and bad_steps_in_a_row == 0:
                 last_checkpoint_step = global_step
                 save()
     except KeyboardInterrupt:
-        save()
+        try:
+            save()
+        finally:
+            logger.close()
+            vec_env.close()
+        raise
+    except common.TrainingStopped:
         logger.close()
         vec_env.close()
         raise
+    except Exception as error:
+        # An env worker that keeps failing, a full disk...: keep what was learnt, then report. A disk that
+        # refused one checkpoint refuses the next: the last good one stays the newest.
+        if is_storage_error(error):
+            save_note = f"; the last good checkpoint in {run_dir / 'checkpoints'} is kept"
+        else:
+            save_note = common.try_to_save(save)
+        logger.close()
+        vec_env.close()
+        raise common.TrainingStopped(f"training stopped: {error}{save_note}") from error
     vec_env.close()
     logger.progress(
         global_step, episodes, (global_step - run_start_step) / max(time.time() - run_start, 1e-9)

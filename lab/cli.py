@@ -5,13 +5,16 @@
     lab eval RUN_OR_CKPT [--episodes N] [--json]
     lab watch RUN_OR_CKPT [--episodes N] [--out FILE.mp4|.gif] [--human]
     lab fit TASK [--net NAME] [--epochs N] [--set key=value ...] [--json]
+    lab fit --resume DIR [--epochs N]
     lab bench ...
     lab list [envs|tasks|nets]
     lab demo
 
 Bad input (unknown preset, net or task, a malformed ``--set``, a missing or foreign checkpoint) ends
-with one line on stderr naming the problem and the valid choices, exit status 2, no traceback.
-Set ``LAB_DEBUG=1`` to see the traceback anyway.
+with one line on stderr naming the problem and the valid choices, exit status 2, no traceback. So
+does a run directory that cannot be written (read-only, or a disk that fills up during a checkpoint
+write): the last good checkpoint stays, and the line says how to resume. Set ``LAB_DEBUG=1`` to see
+the traceback anyway.
 """
 
 from __future__ import annotations
@@ -99,12 +102,15 @@ def build_parser() -> Parser:
     watch.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
     fit = commands.add_parser("fit", help="run a supervised task (see `lab list tasks`)")
-    fit.add_argument("task", metavar="TASK", help="xor, playground, digits, sequence, sentiment")
+    fit.add_argument("task", nargs="?", metavar="TASK", help="xor, playground, digits, sequence, sentiment")
     fit.add_argument("--net", default=None, help="network from nets/ (see `lab list nets`)")
     fit.add_argument("--epochs", type=positive_int, default=None, help="training epochs")
     fit.add_argument("--seed", type=non_negative_int, default=None, help="random seed")
     fit.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     fit.add_argument("--run-dir", default=None, help="output directory (default: runs/fit-<task>-<time>)")
+    fit.add_argument(
+        "--resume", default=None, metavar="DIR", help="continue the run in DIR (--epochs may raise its total)"
+    )
     fit.add_argument(
         "--set",
         dest="overrides",
@@ -118,9 +124,23 @@ def build_parser() -> Parser:
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     bench = commands.add_parser("bench", help="throughput side by side with Stable-Baselines3")
-    bench.add_argument("what", nargs="?", default="env", choices=["env"], help="what to measure")
-    bench.add_argument("--seconds", type=positive_float, default=10.0, help="seconds per measurement")
+    bench.add_argument(
+        "what",
+        nargs="?",
+        default="env",
+        choices=["env", "train"],
+        help="env: Mario env stack vs emulator and SB3; train: PPO/DQN agent steps/s vs SB3 (minutes)",
+    )
+    bench.add_argument("--seconds", type=positive_float, default=10.0, help="env: seconds per measurement")
     bench.add_argument("--repeats", type=positive_int, default=3, help="repeats (medians are reported)")
+    bench.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="train: where to train"
+    )
+    bench.add_argument(
+        "--systems",
+        default=None,
+        help="train: comma-separated systems (default: all; see benchmarks/RESULTS.md)",
+    )
     bench.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
     listing = commands.add_parser("list", help="show presets, tasks or nets")
@@ -247,14 +267,14 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         run_dir = (
             Path(args.run_dir) if args.run_dir else common.new_run_dir("runs", f"{slug(config.env)}-{algo}")
         )
-        if args.run_dir:
-            if (run_dir / "config.json").exists():
-                raise UsageError(f"{run_dir} already holds a run; resume it with --resume {run_dir}")
-            run_dir.mkdir(parents=True, exist_ok=True)
+        if args.run_dir and (run_dir / "config.json").exists():
+            raise UsageError(f"{run_dir} already holds a run; resume it with --resume {run_dir}")
+        require_writable(run_dir)
         common.write_run_config(run_dir, algo, config)
     if args.resume:
         validate(config)
         common.resolve_device(config.device)
+        require_writable(run_dir, run_dir / "checkpoints")
         common.write_run_config(run_dir, algo, config)
     # SIGTERM (a scheduler's or `timeout`'s stop) saves a checkpoint just like Ctrl-C does.
     previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
@@ -263,12 +283,61 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     except KeyboardInterrupt:
         print(f"\ninterrupted; checkpoint saved. Resume with: lab train --resume {run_dir}", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
+    except (common.TrainingStopped, OSError) as error:
+        storage = storage_error_in(error)
+        if storage is None:
+            raise
+        sidecar = common.latest_checkpoint(run_dir / "checkpoints")
+        kept = (
+            f"the last good checkpoint (step {int(sidecar.stem.rsplit('_', 1)[-1])}) is kept"
+            if sidecar is not None
+            else "no checkpoint was written yet"
+        )
+        raise UsageError(
+            f"lab: {storage_message(storage)}; training stopped, {kept}; "
+            f"{storage_remedy(storage)}, then resume with: lab train --resume {run_dir}"
+        ) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
 
 
 def raise_keyboard_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def require_writable(*directories: Path) -> None:
+    """Refuses a run directory that cannot be written before anything is written to it."""
+    from agents.checkpoint import StorageError, check_writable
+
+    for directory in directories:
+        try:
+            check_writable(directory)
+        except StorageError as error:
+            raise UsageError(f"lab: {error}; nothing was changed") from None
+
+
+def storage_error_in(error: BaseException) -> OSError | None:
+    """The full-disk or read-only OSError that ``error`` is or was caused by, if any."""
+    from agents.checkpoint import is_storage_error
+
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if is_storage_error(cause):
+            return cause  # type: ignore[return-value]
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def storage_remedy(error: OSError) -> str:
+    import errno
+
+    return (
+        "free some disk space"
+        if error.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "make the run directory writable"
+    )
 
 
 # Fields that define the network or the data; a resumed run keeps them.
@@ -365,24 +434,50 @@ def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
     from agents import common
     from lab.config import apply_overrides, validate
 
-    spec = tasks.get(args.task)
-    config = spec.config_class()
-    if args.help_config:
-        print_config_help(config)
-        raise SystemExit(0)
-    changes = {"net": args.net, "epochs": args.epochs, "seed": args.seed, "device": args.device}
-    config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
-    config = apply_overrides(config, args.overrides)
-    validate(config)
-    if config.net not in spec.nets:
-        raise UsageError(
-            f"task {spec.name!r} cannot use net {config.net!r}; valid nets: {', '.join(spec.nets)}"
+    if args.resume:
+        spec, config, run_dir = fit_to_resume(args)
+    else:
+        if not args.task:
+            raise UsageError("lab fit: give a task (see `lab list tasks`), or --resume DIR")
+        spec = tasks.get(args.task)
+        config = spec.config_class()
+        if args.help_config:
+            print_config_help(config)
+            raise SystemExit(0)
+        changes = {"net": args.net, "epochs": args.epochs, "seed": args.seed, "device": args.device}
+        config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+        config = apply_overrides(config, args.overrides)
+        validate(config)
+        if config.net not in spec.nets:
+            raise UsageError(
+                f"task {spec.name!r} cannot use net {config.net!r}; valid nets: {', '.join(spec.nets)}"
+            )
+        run_dir = (
+            Path(args.run_dir)
+            if args.run_dir
+            else common.new_run_dir("runs", f"fit-{spec.name}-{config.net}")
         )
-    run_dir = (
-        Path(args.run_dir) if args.run_dir else common.new_run_dir("runs", f"fit-{spec.name}-{config.net}")
-    )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = spec.run(config, run_dir, progress=not args.no_progress)
+        if args.run_dir and (run_dir / "config.json").exists():
+            raise UsageError(f"{run_dir} already holds a run; resume it with: lab fit --resume {run_dir}")
+        require_writable(run_dir)
+    # SIGTERM stops like Ctrl-C: the epochs done so far are checkpointed, the run resumes from them.
+    previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    try:
+        # Only a resume passes the flag, so a task's run() may predate it.
+        resume = {"resume": True} if args.resume else {}
+        metrics = spec.run(config, run_dir, progress=not args.no_progress, **resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; {fit_checkpoint_note(run_dir)}", file=sys.stderr)
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    except OSError as error:
+        storage = storage_error_in(error)
+        if storage is None:
+            raise
+        raise UsageError(
+            f"lab: {storage_message(storage)}; training stopped, {fit_checkpoint_note(run_dir)}"
+        ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     if not args.json:
         metric_name = metrics.get("metric", "test_accuracy")
         value = metrics.get("test_accuracy", metrics.get("test_metric"))
@@ -391,6 +486,51 @@ def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
             f"{metrics['train_loss']:.4f}, {metrics['seconds']:.1f} s -> {run_dir}"
         )
     return {k: v for k, v in metrics.items() if k != "history"}
+
+
+def fit_to_resume(args: argparse.Namespace) -> tuple[Any, Any, Path]:
+    """``(task spec, config, run_dir)`` of ``lab fit --resume DIR [--epochs N] [--device D]``."""
+    import tasks
+    from agents.checkpoint import latest_checkpoint
+    from lab.config import validate
+    from tasks.loop import EPOCH_PREFIX, config_from_dict, read_run_config
+
+    run_dir = Path(args.resume)
+    if args.run_dir and Path(args.run_dir) != run_dir:
+        raise UsageError(f"--resume {run_dir} continues the run in place; drop --run-dir {args.run_dir}")
+    task, saved = read_run_config(run_dir)
+    if args.task and args.task != task:
+        raise UsageError(f"{run_dir} is a run of task {task!r}, not {args.task!r}")
+    spec = tasks.get(task)
+    fixed = [name for name, given in (("--net", args.net), ("--seed", args.seed)) if given is not None]
+    if fixed or args.overrides:
+        raise UsageError(
+            f"{', '.join(fixed + (['--set'] if args.overrides else []))} cannot change when resuming "
+            f"{run_dir}; only --epochs and --device can (start a new run for other settings)"
+        )
+    config = config_from_dict(spec.config_class, saved)
+    changes = {"epochs": args.epochs, "device": args.device}
+    config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+    if args.help_config:
+        print_config_help(config)
+        raise SystemExit(0)
+    validate(config)
+    if latest_checkpoint(run_dir / "checkpoints", prefix=EPOCH_PREFIX) is None:
+        raise UsageError(f"{run_dir} has no epoch checkpoint to resume from")
+    require_writable(run_dir, run_dir / "checkpoints")
+    return spec, config, run_dir
+
+
+def fit_checkpoint_note(run_dir: Path) -> str:
+    """What a stopped ``lab fit`` run keeps, in words, with the command that continues it."""
+    from agents.checkpoint import latest_checkpoint
+    from tasks.loop import EPOCH_PREFIX
+
+    sidecar = latest_checkpoint(run_dir / "checkpoints", prefix=EPOCH_PREFIX)
+    if sidecar is None:
+        return "no epoch had finished, so there is nothing to resume"
+    epoch = int(sidecar.stem[len(EPOCH_PREFIX) :])
+    return f"the checkpoint after epoch {epoch} is kept. Resume with: lab fit --resume {run_dir}"
 
 
 def cmd_list(args: argparse.Namespace) -> None:
@@ -418,9 +558,30 @@ def cmd_list(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from benchmarks import env_throughput
+    from benchmarks import env_throughput, train_throughput
     from envs.vector import available_cpus
 
+    if args.what == "train":
+        argv = ["--repeats", str(args.repeats), "--device", args.device]
+        if args.systems:
+            argv += ["--systems", args.systems]
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError(
+                    "lab bench train --device cuda: no CUDA device is available; use --device cpu"
+                )
+        try:
+            systems, settings = train_throughput.settings_from_args(
+                train_throughput.build_parser().parse_args(argv)
+            )
+        except ValueError as error:
+            raise UsageError(f"lab bench train: {error}") from None
+        result = train_throughput.run(systems, settings, args.repeats)
+        if not args.json:
+            train_throughput.print_report(result)
+        return result
     result = env_throughput.run(
         args.seconds, args.repeats, max(8, 2 * available_cpus()), None, list(env_throughput.SYSTEMS)
     )
@@ -482,6 +643,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainingStopped, EnvWorkerError) as error:
         if debug:
             raise
+        storage = storage_error_in(error)
+        if storage is not None:  # a full disk or read-only directory is the user's to fix: exit 2
+            return fail(f"lab: {storage_message(storage)}")
         print(f"lab: {one_line(str(error))} (LAB_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_FAILURE
     except CheckpointError as error:
@@ -490,6 +654,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
+        if isinstance(error, OSError) and storage_error_in(error) is error:
+            message = storage_message(error)
         return fail(f"lab: {one_line(str(message))}")
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -497,6 +663,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "json", False) and result is not None:
         print(json.dumps(jsonable(result)))
     return 0
+
+
+def storage_message(error: OSError) -> str:
+    """``cannot write PATH: <reason in words>`` for any OSError of a full disk or read-only directory."""
+    from agents.checkpoint import StorageError
+
+    if isinstance(error, StorageError) or not error.filename:
+        return str(error)
+    return str(StorageError(error.filename, error))
 
 
 def fail(message: str) -> int:

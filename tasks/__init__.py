@@ -35,7 +35,8 @@ class TaskSpec:
             exist in every one.
         default_net: the net used when ``--net`` is not given (also the config's default).
         nets: the valid net names for this task.
-        run: ``run(config, run_dir, progress=True) -> metrics dict``; writes into the existing run_dir.
+        run: ``run(config, run_dir, progress=True, resume=False) -> metrics dict``; writes into the
+            existing run_dir; ``resume`` continues it from its newest epoch checkpoint.
     """
 
     name: str
@@ -91,7 +92,12 @@ def describe(name: str) -> str:
 
 
 def run(
-    name: str, run_dir: str | Path, overrides: list[str] | None = None, progress: bool = False, **fields: Any
+    name: str,
+    run_dir: str | Path,
+    overrides: list[str] | None = None,
+    progress: bool = False,
+    resume: bool = False,
+    **fields: Any,
 ):
     """Convenience for scripts and tests: builds the config from ``fields`` and ``--set`` style overrides.
 
@@ -100,6 +106,8 @@ def run(
         run_dir: directory to write into (created if missing).
         overrides: ``["key=value", ...]`` validated by ``lab.config.apply_overrides``.
         progress: show a progress bar.
+        resume: continue the run in ``run_dir`` from its newest epoch checkpoint (same config,
+            ``epochs`` may be raised).
         **fields: config fields set directly (``epochs=3``).
 
     Returns:
@@ -114,4 +122,4 @@ def run(
         raise ValueError(f"unknown net {config.net!r} for task {name}; valid nets: {', '.join(spec.nets)}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return spec.run(config, run_dir, progress=progress)
+    return spec.run(config, run_dir, progress=progress, resume=resume)

@@ -99,13 +99,14 @@ def build_model(config: DigitsConfig) -> Classifier:
     return Classifier(encoder, num_classes=10)
 
 
-def run(config: DigitsConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+def run(config: DigitsConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Trains on the training split and reports accuracy on the held-out split.
 
     Args:
         config: the task settings.
         run_dir: existing directory receiving the outputs.
         progress: show a progress bar.
+        resume: continue the run in ``run_dir`` from its newest epoch checkpoint.
 
     Returns:
         The metrics dict written to ``run_dir/metrics.json``.
@@ -129,6 +130,7 @@ def run(config: DigitsConfig, run_dir: Path, progress: bool = True) -> dict[str,
         test=test,
         run_dir=run_dir,
         progress=progress,
+        resume=resume,
         augment=augment,
         extra_metrics={"shift": shift},
     )

@@ -9,11 +9,20 @@ playground, digits, parity, copy/reverse and sentiment.
 What a run leaves in ``run_dir``: ``config.json``, ``metrics.json`` (with a per-epoch ``history``),
 TensorBoard events, ``checkpoints/final.safetensors`` + ``.json`` and ``learning_curve.png``; tasks
 add their own plots.
+
+Resume: at the end of an epoch the loop writes ``checkpoints/epoch_<n>`` (model, optimizer, schedule,
+the shuffle and augmentation generators, the global RNG states, counters and history), atomically:
+after every epoch, except that epochs shorter than ``CHECKPOINT_SECONDS`` share one checkpoint (XOR's
+one-step epochs would otherwise spend most of their time in fsync), and always after the last one.
+A run that was killed or interrupted continues with ``fit(..., resume=True)`` (``lab fit --resume
+DIR``) from its newest good epoch checkpoint, and on the CPU ends with exactly the weights and
+metrics of a run that was never interrupted.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -28,10 +37,26 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from agents.checkpoint import atomic_write_json, save_checkpoint
+from agents.checkpoint import (
+    CheckpointError,
+    atomic_write_json,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    remove_stale_temps,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 
 Tensors = tuple[torch.Tensor, ...]
 IGNORE_INDEX = -100  # label of positions that carry no target (padding, the prompt of copy/reverse)
+EPOCH_PREFIX = "epoch_"  # checkpoints/epoch_000012.{safetensors,json}: the state after epoch 12
+KEEP_EPOCH_CHECKPOINTS = 2  # the newest one, and one to fall back on should it be damaged
+# An epoch checkpoint is written when the last one is at least this old: a crash loses at most this
+# much training (plus the epoch in progress). 0: after every epoch.
+CHECKPOINT_SECONDS = 5.0
+RESUMABLE_CHANGES = ("epochs", "device")  # what a resumed run may change; the rest defines the run
 
 
 class TaskError(ValueError):
@@ -155,6 +180,7 @@ def fit(
     on_epoch_end: Callable[[int, nn.Module], None] | None = None,
     extra_metrics: dict[str, Any] | None = None,
     checkpoint_meta: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> FitResult:
     """Trains ``model`` on ``train``, evaluates on ``test`` after every epoch and writes the run.
 
@@ -180,9 +206,17 @@ def fit(
         extra_metrics: more keys for metrics.json (data sizes, per-length results are added by tasks
             afterwards through the returned dict).
         checkpoint_meta: more JSON-able keys for the checkpoint sidecar (a vocabulary, class names).
+        resume: continue from the newest epoch checkpoint in ``run_dir`` (the model's weights are
+            replaced by the checkpoint's). ``config`` must match the run's except for
+            ``RESUMABLE_CHANGES``; raising ``epochs`` trains longer (the learning-rate schedule is
+            then stretched to the new total from where it stands).
 
     Returns:
         The trained model (in eval mode) and the metrics dict that was written to metrics.json.
+
+    Raises:
+        TaskError: ``resume`` without a loadable epoch checkpoint, or with a config that differs from
+            the run's in more than ``RESUMABLE_CHANGES`` or asks for fewer epochs than were trained.
     """
     from torch.utils.tensorboard import SummaryWriter  # slow import, only when a task runs
 
@@ -210,15 +244,58 @@ def fit(
     shuffle_generator = torch.Generator().manual_seed(config.seed)
     augment_generator = torch.Generator().manual_seed(config.seed + 1)
 
+    meta = {
+        "kind": "task",
+        "task": task,
+        "net": config.net,
+        "config": _jsonable(dataclasses.asdict(config)),
+        **(checkpoint_meta or {}),
+    }
+    history: list[dict[str, float]] = []
+    start_epoch = step = 0
+    if resume:
+        state = load_epoch_checkpoint(run_dir, task, config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        shuffle_generator.set_state(state["shuffle_generator"])
+        augment_generator.set_state(state["augment_generator"])
+        set_rng_state(state["rng"])  # dropout and anything else drawing from the global generators
+        start_epoch, step, history = int(state["epoch"]), int(state["step"]), list(state["history"])
+
+    def save_epoch(epoch: int) -> None:
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "shuffle_generator": shuffle_generator.get_state(),
+            "augment_generator": augment_generator.get_state(),
+            "rng": rng_state(),
+            "epoch": epoch,
+            "step": step,
+            "history": history,
+        }
+        checkpoints = run_dir / "checkpoints"
+        remove_stale_temps(checkpoints)  # a run has one writer: these were left by a killed process
+        save_checkpoint(checkpoints / f"{EPOCH_PREFIX}{epoch:06d}", state, meta)
+        prune_checkpoints(checkpoints, KEEP_EPOCH_CHECKPOINTS, prefix=EPOCH_PREFIX)
+
     atomic_write_json(
         run_dir / "config.json", {"task": task, "config": _jsonable(dataclasses.asdict(config))}
     )
-    writer = SummaryWriter(log_dir=str(run_dir))
-    history: list[dict[str, float]] = []
-    bar = tqdm(total=total_steps, desc=f"{task}/{config.net}", unit="step", disable=not progress, leave=False)
-    step = 0
+    # purge_step drops the events of epochs after the checkpoint, so a resumed curve does not fold back.
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
+    bar = tqdm(
+        total=total_steps,
+        initial=step,
+        desc=f"{task}/{config.net}",
+        unit="step",
+        disable=not progress,
+        leave=False,
+    )
+    last_checkpoint = time.monotonic()
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(start_epoch + 1, config.epochs + 1):
             epoch_started = time.perf_counter()
             model.train()
             order = torch.randperm(n_train, generator=shuffle_generator)
@@ -252,6 +329,11 @@ def fit(
             bar.set_postfix(epoch=epoch, loss=f"{train_loss:.4f}", **{metric: f"{results[metric]:.4f}"})
             if on_epoch_end is not None:
                 on_epoch_end(epoch, model)
+            if epoch == config.epochs or time.monotonic() - last_checkpoint >= CHECKPOINT_SECONDS:
+                # Events first: a kill after the checkpoint must not lose the curves of the epochs it holds.
+                writer.flush()
+                save_epoch(epoch)
+                last_checkpoint = time.monotonic()
     finally:
         bar.close()
         writer.close()
@@ -281,17 +363,75 @@ def fit(
     save_checkpoint(
         run_dir / "checkpoints" / "final",
         {"model": model.state_dict(), "epoch": config.epochs, "step": step},
-        meta={
-            "kind": "task",
-            "task": task,
-            "net": config.net,
-            "config": _jsonable(dataclasses.asdict(config)),
-            **(checkpoint_meta or {}),
-        },
+        meta=meta,
     )
     plot_learning_curve(history, metric, run_dir / "learning_curve.png", title=f"{task} / {config.net}")
     write_metrics(run_dir, metrics)
     return FitResult(model=model, metrics=metrics)
+
+
+def load_epoch_checkpoint(run_dir: Path, task: str, config: Any) -> dict[str, Any]:
+    """The state of the newest good epoch checkpoint of ``run_dir``, checked against ``config``.
+
+    Raises:
+        TaskError: no loadable epoch checkpoint, another task, different settings, or fewer
+            ``config.epochs`` than the checkpoint has trained.
+    """
+    sidecar = latest_checkpoint(Path(run_dir) / "checkpoints", prefix=EPOCH_PREFIX)
+    if sidecar is None:
+        raise TaskError(f"{run_dir} holds no epoch checkpoint to resume from")
+    try:
+        state, meta = load_checkpoint(sidecar)
+    except CheckpointError as error:  # damaged between the two reads
+        raise TaskError(str(error)) from None
+    if meta.get("task") != task:
+        raise TaskError(f"{sidecar} is a checkpoint of task {meta.get('task')!r}, not {task!r}")
+    now = _jsonable(dataclasses.asdict(config))
+    saved = meta.get("config", {})
+    changed = sorted(
+        k for k in now.keys() | saved.keys() if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k)
+    )
+    if changed:
+        was = ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+        raise TaskError(
+            f"{run_dir} was trained with {was}; a resumed run keeps its settings "
+            f"(only {' and '.join(RESUMABLE_CHANGES)} may change)"
+        )
+    if int(state["epoch"]) > config.epochs:
+        raise TaskError(
+            f"{run_dir} has trained {state['epoch']} epochs already; epochs must be at least {state['epoch']}"
+        )
+    return state
+
+
+def read_run_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
+    """``(task, config dict)`` from the ``config.json`` of a ``lab fit`` run directory.
+
+    Raises:
+        TaskError: no such directory, or not a ``lab fit`` run.
+    """
+    path = Path(run_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TaskError(f"{run_dir} is not a run directory (no config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise TaskError(f"{path} is unreadable ({error})") from None
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("task"), str)
+        or not isinstance(data.get("config"), dict)
+    ):
+        raise TaskError(f"{run_dir} is not a `lab fit` run (its config.json names no task)")
+    return data["task"], data["config"]
+
+
+def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """Rebuilds a task config from ``config.json``: JSON lists become tuples, unknown keys are dropped."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+    )
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
@@ -349,6 +489,14 @@ def plot_learning_curve(history: list[dict[str, float]], metric: str, path: Path
     metric_axis.set_ylim(0.0, 1.02)
     loss_axis.set_title(title)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    # Through a temp file: a full disk must leave the old plot (or none), not half a PNG.
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        plt.close(fig)
     return path

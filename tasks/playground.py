@@ -184,13 +184,17 @@ def plot_boundary(
     return path
 
 
-def run(config: PlaygroundConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+def run(
+    config: PlaygroundConfig, run_dir: Path, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Generates the data set, trains the MLP and writes metrics, boundary plots and checkpoint.
 
     Args:
         config: the task settings.
         run_dir: existing directory receiving the outputs.
         progress: show a progress bar.
+        resume: continue the run in ``run_dir`` from its newest epoch checkpoint (the GIF then
+            shows the epochs trained after the resume).
 
     Returns:
         The metrics dict written to ``run_dir/metrics.json``.
@@ -218,6 +222,7 @@ def run(config: PlaygroundConfig, run_dir: Path, progress: bool = True) -> dict[
         test=test,
         run_dir=run_dir,
         progress=progress,
+        resume=resume,
         on_epoch_end=capture,
         extra_metrics={"dataset": config.dataset, "noise": config.noise},
     )
@@ -228,5 +233,7 @@ def run(config: PlaygroundConfig, run_dir: Path, progress: bool = True) -> dict[
 
         # Hold the last frame a little longer so the final boundary is readable before the loop restarts.
         durations = [80] * (len(frames) - 1) + [1500]
-        iio.imwrite(Path(run_dir) / "boundary.gif", np.stack(frames), duration=durations, loop=0)
+        # Pillow takes a list only for several frames (one epoch, or one after a resume: a still image).
+        duration = durations if len(frames) > 1 else durations[0]
+        iio.imwrite(Path(run_dir) / "boundary.gif", np.stack(frames), duration=duration, loop=0)
     return result.metrics

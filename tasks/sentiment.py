@@ -175,13 +175,16 @@ def build_model(config: SentimentConfig, vocab_size: int) -> SequenceClassifier:
     return SequenceClassifier(encoder, num_classes=2, pool=pool)
 
 
-def run(config: SentimentConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+def run(
+    config: SentimentConfig, run_dir: Path, progress: bool = True, resume: bool = False
+) -> dict[str, Any]:
     """Loads reviews, builds the vocabulary on the training split, trains and reports test accuracy.
 
     Args:
         config: the task settings.
         run_dir: existing directory receiving the outputs.
         progress: show a progress bar.
+        resume: continue the run in ``run_dir`` from its newest epoch checkpoint.
 
     Returns:
         The metrics dict written to ``run_dir/metrics.json``.
@@ -203,6 +206,7 @@ def run(config: SentimentConfig, run_dir: Path, progress: bool = True) -> dict[s
         test=test,
         run_dir=run_dir,
         progress=progress,
+        resume=resume,
         extra_metrics={"source": config.source, "vocab_size": len(vocabulary)},
         # The vocabulary makes the checkpoint usable on new text without the training data.
         checkpoint_meta={"vocabulary": vocabulary, "labels": ["negative", "positive"]},

@@ -269,13 +269,14 @@ def build_model(config: SequenceConfig, vocab_size: int) -> torch.nn.Module:
     return SequenceTagger(encoder, num_classes=2 if config.problem == "parity" else config.num_symbols)
 
 
-def run(config: SequenceConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+def run(config: SequenceConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Generates the strings, trains the model and reports held-out accuracy.
 
     Args:
         config: the task settings.
         run_dir: existing directory receiving the outputs.
         progress: show a progress bar.
+        resume: continue the run in ``run_dir`` from its newest epoch checkpoint.
 
     Returns:
         The metrics dict written to ``run_dir/metrics.json``; ``metric`` is ``accuracy`` (whole-string
@@ -310,6 +311,7 @@ def run(config: SequenceConfig, run_dir: Path, progress: bool = True) -> dict[st
         test=test_full,
         run_dir=run_dir,
         progress=progress,
+        resume=resume,
         metric="token_accuracy" if per_token else "accuracy",
         evaluate=evaluate,
         extra_metrics={"problem": config.problem, "length": config.length},

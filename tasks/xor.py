@@ -49,13 +49,14 @@ def build_model(config: XorConfig) -> Classifier:
     return Classifier(encoder, num_classes=2)
 
 
-def run(config: XorConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+def run(config: XorConfig, run_dir: Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Trains on the XOR table and reports accuracy on its four points.
 
     Args:
         config: the task settings.
         run_dir: existing directory receiving metrics, events, checkpoint and plot.
         progress: show a progress bar.
+        resume: continue the run in ``run_dir`` from its newest epoch checkpoint.
 
     Returns:
         The metrics dict written to ``run_dir/metrics.json``.
@@ -64,5 +65,12 @@ def run(config: XorConfig, run_dir: Path, progress: bool = True) -> dict[str, An
     data = xor_table()
     model = build_model(config)
     return fit(
-        task=NAME, config=config, model=model, train=data, test=data, run_dir=run_dir, progress=progress
+        task=NAME,
+        config=config,
+        model=model,
+        train=data,
+        test=data,
+        run_dir=run_dir,
+        progress=progress,
+        resume=resume,
     ).metrics

@@ -8,6 +8,7 @@ run is about one of them).
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import types
@@ -21,7 +22,7 @@ import nets
 import tasks
 from agents.checkpoint import load_checkpoint
 from lab.config import ConfigError, apply_overrides
-from tasks import digits, playground, sentiment, sequence
+from tasks import digits, loop, playground, sentiment, sequence
 from tasks.loop import IGNORE_INDEX, TaskError, predict
 
 
@@ -384,3 +385,68 @@ def test_sentiment_sample_is_learned(tmp_path):
     # 90 held-out reviews; seeds 0-2 gave 0.80, 0.88, 0.70 with the GRU (seed 0 runs here); chance is 0.5.
     metrics = fit("sentiment", tmp_path)
     assert metrics["test_accuracy"] >= 0.7, metrics["test_accuracy"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: an interrupted run continues from its last epoch checkpoint, bit-exactly on the CPU
+# ---------------------------------------------------------------------------------------------
+
+# The smoke settings, with two epochs; sentiment with its Transformer, whose dropout draws from the
+# global torch generator (restored from the checkpoint too).
+RESUME = {
+    **{name: [item for item in SMOKE[name] if not item.startswith("epochs=")] for name in SMOKE},
+    "sentiment": ["hidden=16", "net=transformer"],
+}
+
+
+@pytest.mark.parametrize("name", list(RESUME))
+def test_every_task_resumes_bit_exactly_after_an_interrupt(name, tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "CHECKPOINT_SECONDS", 0.0)  # these epochs are shorter than the default
+    overrides = [*RESUME[name], "epochs=2"]
+    straight = fit(name, tmp_path / "straight", *overrides)
+    steps = load_checkpoint(tmp_path / "straight" / "checkpoints" / "final.json")[0]["step"]
+
+    real_step = torch.optim.AdamW.step
+    calls = itertools.count(1)
+
+    def step_or_interrupt(self: torch.optim.Optimizer, *args, **kwargs):
+        if next(calls) == steps // 2 + max(1, steps // 4):  # in the middle of epoch 2
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "step", step_or_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            fit(name, tmp_path / "resumed", *overrides)
+    state, _ = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "epoch_000001.json")
+    assert state["epoch"] == 1 and len(state["history"]) == 1
+    resumed = fit(name, tmp_path / "resumed", *overrides, resume=True)
+
+    for metrics in (straight, resumed):
+        for key in ("seconds", "run_dir"):
+            metrics.pop(key)
+    assert resumed == straight
+    weights = [
+        load_checkpoint(tmp_path / run / "checkpoints" / "final.json")[0]["model"]
+        for run in ("straight", "resumed")
+    ]
+    for key, value in weights[0].items():
+        assert torch.equal(value, weights[1][key]), key
+
+
+def test_resume_without_an_epoch_checkpoint_is_a_task_error(tmp_path):
+    with pytest.raises(TaskError, match="no epoch checkpoint"):
+        fit("xor", tmp_path, "epochs=2", resume=True)
+    fit("xor", tmp_path, "epochs=2")
+    with pytest.raises(TaskError, match=r"was trained with hidden=8"):
+        fit("xor", tmp_path, "epochs=2", "hidden=4", resume=True)
+
+
+@pytest.mark.parametrize(("seconds", "kept"), [(0.0, [4, 5]), (3600.0, [5])])
+def test_short_epochs_share_a_checkpoint_and_the_last_one_is_always_written(
+    seconds, kept, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(loop, "CHECKPOINT_SECONDS", seconds)
+    fit("xor", tmp_path, "epochs=5")
+    names = sorted(p.name for p in (tmp_path / "checkpoints").glob("epoch_*.json"))
+    assert names == [f"epoch_{epoch:06d}.json" for epoch in kept]

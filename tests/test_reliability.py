@@ -1,0 +1,530 @@
+"""Reliability gaps of issue 7: read-only run directories, a full disk during a checkpoint write,
+bit-exact resume of supervised runs, persistent NaNs in DQN, env-worker failures on TensorBoard.
+
+Commands run in-process through ``lab.cli.main(argv)``. A read-only directory is made with chmod,
+except as root, whom chmod does not stop: there the calls that create, rename or delete files in it
+fail with EACCES as they would on a read-only directory. A full disk is an fsync that fails with
+ENOSPC (the data already sits, partly written, in the temp file), for the files chosen by the test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import itertools
+import json
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from agents import checkpoint, common, dqn, ppo
+from agents.buffers import ReplayBuffer
+from agents.checkpoint import StorageError, latest_checkpoint, load_checkpoint, save_checkpoint
+from lab import cli
+from tasks import loop
+from tasks.loop import EPOCH_PREFIX
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_vector_recovery import FailingEnv  # noqa: E402
+
+TINY_PPO = [
+    "--set", "num_envs=2", "--set", "num_steps=64", "--set", "update_epochs=1", "--set", "num_minibatches=1",
+    "--set", "eval_episodes=1", "--set", "checkpoint_every=128", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+TINY_DQN = [
+    "--algo", "dqn", "--set", "hidden=(32,32)", "--set", "buffer_size=1000", "--set", "learning_starts=100",
+    "--set", "batch_size=32", "--set", "train_frequency=4", "--set", "eval_every=0", "--set", "eval_episodes=1",
+    "--set", "checkpoint_every=200", "--set", "log_every=100", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+# digits with the MLP, shift augmentation on (its generator is checkpointed too) and the default cosine
+# schedule with warm-up (the scheduler state too): a few seconds per run.
+DIGITS = [
+    "--set", "net=mlp", "--set", "hidden=(32,)", "--set", "shift=1", "--set", "batch_size=128",
+    "--set", "test_fraction=0.5", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small nets: a second intra-op thread only adds synchronisation on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def checkpoint_every_epoch(monkeypatch):
+    """Epochs of a few milliseconds would otherwise share one checkpoint (tasks.loop.CHECKPOINT_SECONDS)."""
+    monkeypatch.setattr(loop, "CHECKPOINT_SECONDS", 0.0)
+
+
+@pytest.fixture(autouse=True)
+def no_plots(monkeypatch):
+    """The learning-curve PNG of agent runs costs seconds of matplotlib and is not under test here."""
+    monkeypatch.setattr(common, "plot_learning_curve", lambda *args, **kwargs: None)
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``main(argv)`` -> (exit status, stdout, stderr); the SystemExit of an interrupt counts too."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_exit_2(code: int, err: str, *needles: str) -> str:
+    lines = err.strip().splitlines()
+    assert code == 2, f"exit {code}: {err!r}"
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], f"{needle!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` (hidden ones included) with its bytes."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }
+
+
+def assert_no_debris(directory: Path) -> None:
+    """No temp file anywhere, and no weights file without the sidecar that vouches for it."""
+    files = [p for p in directory.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.endswith(".tmp") or ".tmp." in p.name], files
+    for weights in (p for p in files if p.suffix == ".safetensors"):
+        assert weights.with_suffix(".json").is_file(), f"orphan {weights}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection: read-only directories and a full disk
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def read_only(monkeypatch) -> Iterator[Callable[[Path], None]]:
+    """``read_only(directory)`` makes ``directory`` and the directories under it read-only."""
+    locked: list[Path] = []
+    if os.geteuid() != 0:
+
+        def lock(directory: Path) -> None:
+            for path in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
+                path.chmod(0o555)
+                locked.append(path)
+
+        yield lock
+        for path in locked:
+            path.chmod(0o755)
+        return
+
+    def inside(path: Any) -> bool:
+        path = Path(os.fsdecode(path)).absolute()
+        return any(path == d or d in path.parents for d in locked)
+
+    def deny(path: Any) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+
+    real_mkstemp, real_replace, real_rename = tempfile.mkstemp, os.replace, os.rename
+    real_mkdir, real_unlink = os.mkdir, os.unlink
+
+    def mkstemp(*args: Any, dir: Any = None, **kwargs: Any) -> Any:
+        if dir is not None and inside(dir):
+            deny(Path(dir) / "tmpfile")
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    def moving(real: Callable) -> Callable:
+        def move(src: Any, dst: Any, **kwargs: Any) -> None:
+            if inside(Path(os.fsdecode(src)).parent) or inside(Path(os.fsdecode(dst)).parent):
+                deny(dst)
+            real(src, dst, **kwargs)
+
+        return move
+
+    def in_parent(real: Callable) -> Callable:
+        def call(path: Any, *args: Any, **kwargs: Any) -> Any:
+            if inside(Path(os.fsdecode(path)).parent):
+                deny(path)
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "replace", moving(real_replace))
+    monkeypatch.setattr(os, "rename", moving(real_rename))
+    monkeypatch.setattr(os, "mkdir", in_parent(real_mkdir))
+    monkeypatch.setattr(os, "unlink", in_parent(real_unlink))
+    yield lambda directory: locked.append(Path(directory).absolute())
+
+
+@pytest.fixture
+def full_disk(monkeypatch) -> Callable[[Callable[[str], bool] | None], None]:
+    """``full_disk(when)``: from now on fsync of a regular file whose path ``when(path)`` accepts fails
+    with ENOSPC; ``full_disk(None)`` frees the disk again."""
+    real_fsync = os.fsync
+    state: dict[str, Any] = {"when": None}
+
+    def fsync(fd: int) -> None:
+        when = state["when"]
+        regular_file = stat.S_ISREG(os.fstat(fd).st_mode)  # directories are fsynced too
+        if when is not None and regular_file and when(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return lambda when: state.update(when=when)
+
+
+def a_ppo_run(run_dir: Path) -> None:
+    """A small but real PPO run directory with one checkpoint, made without training."""
+    config = ppo.PPOConfig(env="cartpole", num_envs=2, num_steps=64, total_steps=256, device="cpu")
+    run_dir.mkdir()
+    common.write_run_config(run_dir, "ppo", config)
+    agent = ppo.ActorCritic(config, (4,), 2)
+    meta = {"algo": "ppo", "config": dataclasses.asdict(config), "obs_shape": [4], "num_actions": 2}
+    state = {"model": agent.state_dict(), "global_step": 128, "update": 1, "episodes": 0, "history": []}
+    common.save_training_checkpoint(run_dir, 128, state, meta, keep=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. A read-only run directory: one line, exit 2, nothing written, nothing lost
+# ---------------------------------------------------------------------------------------------
+
+
+def test_train_into_a_read_only_run_dir(tmp_path, read_only, capsys):
+    run_dir = tmp_path / "locked"
+    run_dir.mkdir()
+    read_only(run_dir)
+    code, _, err = run_main(["train", "cartpole", "--run-dir", run_dir, "--steps", "128", *TINY_PPO], capsys)
+    assert_one_line_exit_2(code, err, str(run_dir), "read-only", "nothing was changed")
+    assert snapshot(run_dir) == {}
+
+
+@pytest.mark.parametrize("checkpoints_only", [False, True])
+def test_resume_of_a_read_only_run_changes_nothing(tmp_path, read_only, capsys, checkpoints_only):
+    run_dir = tmp_path / "run"
+    a_ppo_run(run_dir)
+    before = snapshot(run_dir)
+    read_only(run_dir / "checkpoints" if checkpoints_only else run_dir)
+    code, _, err = run_main(["train", "--resume", run_dir, "--steps", "512", "--no-progress"], capsys)
+    assert_one_line_exit_2(code, err, "checkpoints" if checkpoints_only else str(run_dir), "read-only")
+    assert snapshot(run_dir) == before  # config.json was not rewritten, no event file was started
+    assert common.load_training_checkpoint(run_dir)[0]["global_step"] == 128
+
+
+def test_fit_into_and_resume_of_a_read_only_run_dir(tmp_path, read_only, capsys):
+    run_dir = tmp_path / "xor"
+    code, _, err = run_main(["fit", "xor", "--run-dir", run_dir, "--epochs", "3", "--no-progress"], capsys)
+    assert code == 0, err
+    before = snapshot(run_dir)
+    read_only(run_dir)
+    code, _, err = run_main(["fit", "--resume", run_dir, "--epochs", "6", "--no-progress"], capsys)
+    assert_one_line_exit_2(code, err, str(run_dir), "read-only")
+    assert snapshot(run_dir) == before
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    read_only(fresh)
+    code, _, err = run_main(["fit", "xor", "--run-dir", fresh, "--epochs", "3", "--no-progress"], capsys)
+    assert_one_line_exit_2(code, err, str(fresh), "read-only")
+    assert snapshot(fresh) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. A full disk during a checkpoint write
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing_file", [".safetensors", ".json"])
+def test_a_full_disk_replaces_no_checkpoint_and_leaves_no_temp_file(tmp_path, full_disk, failing_file):
+    good = save_checkpoint(tmp_path / "step_000000000001", {"w": torch.ones(1000)}, meta={"n": 1})
+    before = snapshot(tmp_path)
+    # The weights or the sidecar does not fit: neither file is replaced, also when the same stem is
+    # saved again (a save at the end of a run that has just saved at the same step).
+    full_disk(lambda path: path.endswith(".tmp") and failing_file in path)
+    for stem in ("step_000000000001", "step_000000000002"):
+        with pytest.raises(StorageError) as error:
+            save_checkpoint(tmp_path / stem, {"w": torch.zeros(1000)}, meta={"n": 2})
+        assert error.value.errno == errno.ENOSPC and isinstance(error.value, OSError)
+        assert str(error.value) == (
+            f"cannot write {tmp_path / stem}{failing_file}: no space left on device (the disk is full)"
+        )
+    assert snapshot(tmp_path) == before
+    assert latest_checkpoint(tmp_path) == good
+    assert torch.equal(load_checkpoint(good)[0]["w"], torch.ones(1000))
+
+
+def test_ppo_run_stops_cleanly_when_the_disk_fills_up(tmp_path, full_disk, capsys):
+    run_dir = tmp_path / "run"
+    # The checkpoint of step 128 fits; from the one of step 256 on, the disk is full.
+    full_disk(lambda path: "/checkpoints/" in path and ".step_000000000128." not in path)
+    code, _, err = run_main(["train", "cartpole", "--run-dir", run_dir, "--steps", "512", *TINY_PPO], capsys)
+    line = assert_one_line_exit_2(
+        code, err, "no space left on device", "step 128", f"lab train --resume {run_dir}"
+    )
+    assert "step_000000000256" in line
+    assert_no_debris(run_dir)
+    state, _ = common.load_training_checkpoint(run_dir)
+    assert state["global_step"] == 128
+    # Space is freed: the run continues from the kept checkpoint and finishes.
+    full_disk(None)
+    code, out, err = run_main(["train", "--resume", run_dir, "--no-progress", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 512
+
+
+def test_dqn_run_stops_cleanly_when_the_disk_fills_up(tmp_path, full_disk, capsys):
+    run_dir = tmp_path / "run"
+    full_disk(lambda path: "/checkpoints/" in path and ".step_000000000200." not in path)
+    code, _, err = run_main(["train", "cartpole", "--run-dir", run_dir, "--steps", "600", *TINY_DQN], capsys)
+    assert_one_line_exit_2(code, err, "no space left on device", "step 200", "lab train --resume")
+    assert_no_debris(run_dir)
+    assert common.load_training_checkpoint(run_dir)[0]["global_step"] == 200
+
+
+def test_fit_stops_cleanly_when_the_disk_fills_up(tmp_path, full_disk, capsys):
+    run_dir = tmp_path / "xor"
+    full_disk(lambda path: f"{EPOCH_PREFIX}000004." in path)
+    code, _, err = run_main(["fit", "xor", "--run-dir", run_dir, "--epochs", "8", "--no-progress"], capsys)
+    assert_one_line_exit_2(code, err, "no space left on device", "after epoch 3", "lab fit --resume")
+    assert_no_debris(run_dir)
+    state, _ = load_checkpoint(latest_checkpoint(run_dir / "checkpoints", prefix=EPOCH_PREFIX))
+    assert state["epoch"] == 3
+    full_disk(None)
+    code, out, err = run_main(["fit", "--resume", run_dir, "--no-progress", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["epochs"] == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Supervised runs resume bit-exactly on the CPU
+# ---------------------------------------------------------------------------------------------
+
+
+def interrupt_at_step(monkeypatch, step: int) -> None:
+    """Ctrl-C in the middle of the optimizer step number ``step`` (1-based) of the next run."""
+    real_step = torch.optim.AdamW.step
+    calls = itertools.count(1)
+
+    def step_or_interrupt(self: torch.optim.Optimizer, *args: Any, **kwargs: Any) -> Any:
+        if next(calls) == step:
+            raise KeyboardInterrupt
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_or_interrupt)
+
+
+def final_state(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The final weights and metrics.json of a ``lab fit`` run, less what depends on the clock."""
+    state, _ = load_checkpoint(run_dir / "checkpoints" / "final.json")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("seconds", "run_dir"):
+        metrics.pop(key)
+    return state["model"], metrics
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    weights_a, metrics_a = final_state(a)
+    weights_b, metrics_b = final_state(b)
+    assert weights_a.keys() == weights_b.keys()
+    for key, value in weights_a.items():
+        assert torch.equal(value, weights_b[key]), key
+    assert metrics_a == metrics_b  # per-epoch history included: losses and accuracies, bit for bit
+
+
+def test_fit_resumed_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    code, _, err = run_main(["fit", "digits", "--run-dir", straight, "--epochs", "4", *DIGITS], capsys)
+    assert code == 0, err
+    steps_per_epoch = load_checkpoint(straight / "checkpoints" / "final.json")[0]["step"] // 4
+
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 2 * steps_per_epoch + 3)  # in the middle of epoch 3
+        code, _, err = run_main(["fit", "digits", "--run-dir", interrupted, "--epochs", "4", *DIGITS], capsys)
+    assert code == cli.EXIT_INTERRUPTED, err
+    assert "after epoch 2" in err and f"lab fit --resume {interrupted}" in err
+    assert not (interrupted / "metrics.json").exists()
+
+    code, out, err = run_main(["fit", "--resume", interrupted, "--no-progress", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["epochs"] == 4
+    assert_same_run(straight, interrupted)
+
+
+def test_fit_resume_can_raise_the_epochs(tmp_path, capsys):
+    """With a constant learning rate, 3 epochs and then 3 more are the same as 6 in one go."""
+    straight, extended = tmp_path / "straight", tmp_path / "extended"
+    for run_dir, epochs in ((straight, 6), (extended, 3)):
+        code, _, err = run_main(
+            ["fit", "xor", "--run-dir", run_dir, "--epochs", epochs, "--no-progress"], capsys
+        )
+        assert code == 0, err
+    code, _, err = run_main(["fit", "--resume", extended, "--epochs", "6", "--no-progress"], capsys)
+    assert code == 0, err
+    assert_same_run(straight, extended)
+    assert json.loads((extended / "config.json").read_text())["config"]["epochs"] == 6
+
+
+def test_fit_resume_refuses_what_it_cannot_continue(tmp_path, capsys):
+    run_dir = tmp_path / "xor"
+    assert run_main(["fit", "xor", "--run-dir", run_dir, "--epochs", "3", "--no-progress"], capsys)[0] == 0
+    before = snapshot(run_dir)
+    ppo_run = tmp_path / "ppo-run"
+    a_ppo_run(ppo_run)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["fit", "--resume", tmp_path / "missing"], ["missing", "no config.json"]),
+        (["fit", "--resume", empty], ["no config.json"]),
+        (["fit", "--resume", ppo_run], ["not a `lab fit` run"]),
+        (["fit", "digits", "--resume", run_dir], ["'xor'", "'digits'"]),
+        (["fit", "--resume", run_dir, "--set", "lr=0.1"], ["--set", "--epochs"]),
+        (["fit", "--resume", run_dir, "--net", "mlp"], ["--net"]),
+        (["fit", "--resume", run_dir, "--epochs", "2"], ["trained 3 epochs", "at least 3"]),
+        (["fit", "xor", "--run-dir", run_dir], ["already holds a run", "lab fit --resume"]),
+        (["fit"], ["give a task", "--resume"]),
+        (["fit", "--resume", run_dir, "--run-dir", tmp_path / "elsewhere"], ["drop --run-dir"]),
+    ]
+    for argv, needles in cases:
+        code, _, err = run_main([*argv, "--no-progress"], capsys)
+        assert_one_line_exit_2(code, err, *needles)
+    assert snapshot(run_dir) == before
+    # Without its epoch checkpoints (a run of an older lab), there is nothing to resume from.
+    for path in (run_dir / "checkpoints").glob(f"{EPOCH_PREFIX}*"):
+        path.unlink()
+    code, _, err = run_main(["fit", "--resume", run_dir, "--no-progress"], capsys)
+    assert_one_line_exit_2(code, err, "no epoch checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. DQN: persistent non-finite losses stop training and keep the last good checkpoint
+# ---------------------------------------------------------------------------------------------
+
+TINY_DQN_CONFIG = dict(
+    device="cpu", hidden=(32, 32), num_envs=2, buffer_size=2_000, batch_size=32, learning_starts=100,
+    train_frequency=4, target_network_frequency=50, log_every=100, eval_every=0, eval_episodes=1,
+    checkpoint_every=200,
+)  # fmt: skip
+
+
+def test_dqn_persistent_nans_stop_training_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
+    config = dqn.DQNConfig(**TINY_DQN_CONFIG, total_steps=400)
+    dqn.train(config, tmp_path, progress=False)
+    good, _ = common.load_training_checkpoint(tmp_path)
+    files = snapshot(tmp_path / "checkpoints")
+
+    real_sample = ReplayBuffer.sample
+
+    def poisoned(self: ReplayBuffer, *args: Any, **kwargs: Any) -> Any:
+        batch = real_sample(self, *args, **kwargs)
+        return batch._replace(returns=np.full_like(batch.returns, np.nan))
+
+    monkeypatch.setattr(ReplayBuffer, "sample", poisoned)
+    monkeypatch.setattr(dqn, "MAX_BAD_STEPS", 30)
+    resumed = dataclasses.replace(config, total_steps=4_000)
+    with pytest.raises(common.TrainingStopped, match="not finite for 30 gradient steps in a row") as error:
+        dqn.train(resumed, tmp_path, resume=True, progress=False)
+    assert "\n" not in str(error.value) and str(tmp_path / "checkpoints") in str(error.value)
+    # 30 bad steps span 120 agent steps, past the checkpoint due at step 600: none was written.
+    assert snapshot(tmp_path / "checkpoints") == files
+    kept, _ = common.load_training_checkpoint(tmp_path)
+    assert kept["global_step"] == good["global_step"] == 400
+    for key, value in good["model"].items():
+        assert torch.equal(kept["model"][key], value)
+
+
+def test_dqn_transient_nans_do_not_stop_training(tmp_path, monkeypatch):
+    real_sample = ReplayBuffer.sample
+    calls = itertools.count()
+
+    def some_poisoned(self: ReplayBuffer, *args: Any, **kwargs: Any) -> Any:
+        batch = real_sample(self, *args, **kwargs)
+        bad = next(calls) % 10 < 5  # 5 bad steps, then 5 good ones
+        return batch._replace(returns=np.full_like(batch.returns, np.nan)) if bad else batch
+
+    monkeypatch.setattr(ReplayBuffer, "sample", some_poisoned)
+    monkeypatch.setattr(dqn, "MAX_BAD_STEPS", 6)
+    summary = dqn.train(dqn.DQNConfig(**TINY_DQN_CONFIG, total_steps=400), tmp_path, progress=False)
+    assert summary["steps"] == 400 and summary["skipped_updates"] > 6
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Env-worker failures appear on TensorBoard
+# ---------------------------------------------------------------------------------------------
+
+_env_ids = itertools.count()
+
+
+@pytest.fixture
+def failing_env_id(tmp_path) -> Iterator[str]:
+    """A Gymnasium id whose sub-envs raise once (the first to reach its step 20) in a worker."""
+    env_id = f"LabReliabilityFailing{next(_env_ids)}-v0"
+    kwargs = {"mode": "raise", "fail_at": 20, "marker": str(tmp_path / "failed"), "safe_pid": os.getpid()}
+    gym.register(env_id, entry_point=FailingEnv, kwargs=kwargs)
+    yield env_id
+    gym.registry.pop(env_id, None)
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert tag in events.Tags()["scalars"], events.Tags()["scalars"]
+    return [event.value for event in events.Scalars(tag)]
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+def test_worker_failures_are_counted_on_tensorboard(algo, tmp_path, failing_env_id):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shared = dict(env=failing_env_id, num_envs=2, env_backend="async", total_steps=128, eval_episodes=1)
+    if algo == "ppo":
+        config = ppo.PPOConfig(**shared, num_steps=32, update_epochs=1, num_minibatches=1, device="cpu")
+        ppo.train(config, run_dir, progress=False)
+    else:
+        config = dqn.DQNConfig(
+            **shared, hidden=(16,), buffer_size=500, learning_starts=32, batch_size=16, log_every=32,
+            eval_every=0, device="cpu",
+        )  # fmt: skip
+        dqn.train(config, run_dir, progress=False)
+    # One sub-env raised at its step 20 (vector step 20, agent step 40): logged from then on.
+    assert scalars(run_dir, "charts/worker_restarts")[-1] == 1
+    assert scalars(run_dir, "charts/dropped_episodes")[-1] == 1
+    assert scalars(run_dir, "charts/worker_failures_exception")[-1] == 1
+    assert scalars(run_dir, "charts/worker_failures_crash")[-1] == 0
+
+
+def test_in_process_vector_envs_log_no_worker_counts():
+    vec = gym.vector.SyncVectorEnv([FailingEnv])
+    try:
+        assert common.worker_scalars(vec) == {}
+    finally:
+        vec.close()
+
+
+def test_storage_errors_are_one_line_oserrors(tmp_path, monkeypatch, capsys):
+    """Unit check of the error type the command line maps to exit 2."""
+    error = StorageError(tmp_path / "x", OSError(errno.EROFS, os.strerror(errno.EROFS)))
+    assert isinstance(error, OSError) and error.errno == errno.EROFS
+    assert str(error) == f"cannot write {tmp_path / 'x'}: read-only file system"
+    assert checkpoint.is_storage_error(PermissionError(errno.EACCES, "denied"))
+    assert not checkpoint.is_storage_error(FileNotFoundError(errno.ENOENT, "missing"))
+
+    # An OSError of a full disk from anywhere (not the atomic writer) is still one line, exit 2.
+    def list_on_a_full_disk(args: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "f"))
+
+    monkeypatch.setitem(cli.COMMANDS, "list", list_on_a_full_disk)
+    code, _, err = run_main(["list"], capsys)
+    assert_one_line_exit_2(code, err, f"lab: cannot write {tmp_path / 'f'}: no space left on device")
