@@ -40,7 +40,8 @@ format: install
 	$(VENV)/bin/ruff format .
 
 bench: install
-	$(VENV)/bin/lab bench
+	$(VENV)/bin/lab bench env
+	$(VENV)/bin/lab bench train
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -69,7 +69,7 @@ class PPOConfig:
     target_kl: float | None = field(default=None, metadata={"help": "stop the epochs early above this KL"})
     reward_scale: float = field(default=1.0, metadata={"help": "multiply env rewards by this", "min": 0.0})
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast on CUDA"})
+    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA, or a CPU with native bf16)"})
     eval_every: int = field(
         default=0, metadata={"help": "agent steps between greedy evals (0: at end)", "min": 0}
     )
@@ -249,7 +249,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
         episodes.count = int(checkpoint[0].get("episodes", 0))
         history = list(checkpoint[0].get("history", []))
     forward = torch.compile(agent) if config.compile else agent
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+    autocast = common.bf16_autocast(device, config.bf16)
     meta = {
         "algo": ALGO,
         "config": dataclasses.asdict(config),
@@ -439,6 +439,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                     "losses/approx_kl": float(approx_kl),
                     "losses/clipfrac": float(torch.stack(clip_fractions).mean()),
                     "losses/explained_variance": explained_variance,
+                    **common.worker_scalars(vec_env),
                 },
                 global_step,
             )

@@ -375,6 +375,9 @@ class SubprocVectorEnv(VectorEnv):
         self._seed = None if seed is None else int(seed)
         self._reset_seeds: list[int | None] = [None] * self.num_envs  # the last seeds given to reset
         self._num_steps = 0
+        self._pending_step: dict[int, _WorkerFailure] | None = (
+            None  # failures at send, between step_async/wait
+        )
         self._failure_steps: deque[int] = deque()  # step index of each recent failure
         self._slices = [
             slice(start, min(start + envs_per_worker, self.num_envs))
@@ -555,6 +558,10 @@ class SubprocVectorEnv(VectorEnv):
         self, command: str, per_worker: Sequence[Any]
     ) -> tuple[list[tuple[str, Any] | None], dict[int, _WorkerFailure]]:
         """Sends one command to every worker, then collects every reply (None where one failed)."""
+        return self._collect(self._send(command, per_worker))
+
+    def _send(self, command: str, per_worker: Sequence[Any]) -> dict[int, _WorkerFailure]:
+        """Sends one command to every worker; the failures of workers already dead."""
         if self._closed:
             raise RuntimeError("SubprocVectorEnv is closed")
         failures: dict[int, _WorkerFailure] = {}
@@ -567,6 +574,12 @@ class SubprocVectorEnv(VectorEnv):
                     "crash",
                     f"{self._where(worker)}: the worker process died ({self._exit_status(worker)})",
                 )
+        return failures
+
+    def _collect(
+        self, failures: dict[int, _WorkerFailure]
+    ) -> tuple[list[tuple[str, Any] | None], dict[int, _WorkerFailure]]:
+        """Every reply to the last command (None where a worker failed), and the failures."""
         deadline = self._deadline()  # one deadline for the whole exchange: a reply each, in time
         replies: list[tuple[str, Any] | None] = [None] * len(self._pipes)
         for worker in range(len(self._pipes)):
@@ -619,11 +632,30 @@ class SubprocVectorEnv(VectorEnv):
         Raises:
             EnvWorkerError: more than ``max_restarts`` failures within ``restart_window`` steps.
         """
+        self.step_async(actions)
+        return self.step_wait()
+
+    def step_async(self, actions: Any) -> None:
+        """Sends the actions and returns at once: the workers step while the caller computes.
+
+        Off-policy learners overlap a gradient step with the env step this way (agents/dqn.py).
+        Call ``step_wait`` for the results before any other method; the observation array of
+        ``copy=False`` is rewritten by the workers meanwhile.
+        """
+        if self._pending_step is not None:
+            raise RuntimeError("step_async called twice without step_wait")
         actions = np.asarray(actions)
         if len(actions) != self.num_envs:
             raise ValueError(f"got {len(actions)} actions for {self.num_envs} envs")
         self._num_steps += 1
-        replies, failures = self._exchange("step", [actions[part] for part in self._slices])
+        self._pending_step = self._send("step", [actions[part] for part in self._slices])
+
+    def step_wait(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """The results of the ``step_async`` call: ``(obs, rewards, terminations, truncations, infos)``."""
+        if self._pending_step is None:
+            raise RuntimeError("step_wait called without step_async")
+        pending, self._pending_step = self._pending_step, None
+        replies, failures = self._collect(pending)
         results = [reply[1] if reply is not None else None for reply in replies]
         for worker, failure in failures.items():
             reset_infos = self._recover(failure)

@@ -507,3 +507,62 @@ def test_dqn_trains_through_a_crashed_worker(tmp_path, register_env, caplog, mon
         summary = dqn.train(config, tmp_path / "run", progress=False)
     assert summary["steps"] >= 200
     assert any("crash" in record.getMessage() for record in caplog.records if record.name == "envs.vector")
+
+
+# ---------------------------------------------------------------------------------------------
+# step_async / step_wait: the workers step while the caller computes (DQN's overlap)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_step_async_then_wait_equals_step():
+    split = SubprocVectorEnv(env_fns(4, {}), envs_per_worker=2)
+    plain = SubprocVectorEnv(env_fns(4, {}), envs_per_worker=2)
+    try:
+        split.reset(seed=3)
+        plain.reset(seed=3)
+        for step in range(1, EPISODE_LENGTH + 3):  # across an episode end (same-step autoreset)
+            actions = np.full(4, step % 2, dtype=np.int64)
+            split.step_async(actions)
+            got = split.step_wait()
+            want = plain.step(actions)
+            for got_part, want_part in zip(got[:4], want[:4], strict=True):
+                np.testing.assert_array_equal(got_part, want_part)
+            assert sorted(got[4]) == sorted(want[4])
+    finally:
+        split.close()
+        plain.close()
+
+
+def test_step_async_misuse_is_an_error():
+    vec = SubprocVectorEnv(env_fns(2, {}), envs_per_worker=1)
+    try:
+        vec.reset(seed=0)
+        with pytest.raises(RuntimeError, match="without step_async"):
+            vec.step_wait()
+        vec.step_async(np.zeros(2, dtype=np.int64))
+        with pytest.raises(RuntimeError, match="twice"):
+            vec.step_async(np.zeros(2, dtype=np.int64))
+        vec.step_wait()
+        with pytest.raises(ValueError, match="actions"):
+            vec.step_async(np.zeros(3, dtype=np.int64))
+    finally:
+        vec.close()
+
+
+def test_a_worker_crash_during_step_async_is_recovered_in_step_wait(tmp_path):
+    fail = {"mode": "kill", "fail_at": 2, "marker": str(tmp_path / "failed")}
+    vec = SubprocVectorEnv(env_fns(2, {1: fail}), envs_per_worker=1, step_timeout=HANG_TIMEOUT)
+    try:
+        vec.reset(seed=0)
+        vec.step(np.zeros(2, dtype=np.int64))
+        vec.step_async(np.zeros(2, dtype=np.int64))  # sub-env 1 dies while the caller "computes"
+        time.sleep(0.2)
+        obs, rewards, terminations, _, infos = vec.step_wait()
+        assert infos["dropped"].tolist() == [False, True]
+        assert terminations.tolist() == [False, True]
+        assert obs[1, 1] == 0 and obs[0, 1] == 2
+        assert vec.restarts == 1
+        obs, *_ = vec.step(np.zeros(2, dtype=np.int64))  # and it goes on
+        assert obs[:, 1].tolist() == [3, 1]
+    finally:
+        vec.close()
