@@ -44,6 +44,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+TORCH_DEFAULT_THREADS = torch.get_num_threads()  # one per core, before anyone changes it
+
+
+def set_learner_threads(threads: int) -> int:
+    """Sets torch's intra-op CPU threads of this process; returns the number set.
+
+    Args:
+        threads: the count; 0 means torch's default (one per core).
+
+    Why agents default to one: the env workers need the other cores. With two threads on the
+    2-core machine, while other processes ran, a Nature CNN gradient step on 32 frames took 290 ms
+    instead of 53 ms and a one-frame forward 17 ms instead of 1.5 ms: OpenMP threads spin-wait
+    for a core that an env worker holds (benchmarks/RESULTS.md has the side-by-side numbers).
+    """
+    count = threads if threads > 0 else TORCH_DEFAULT_THREADS
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count
+
+
 def bf16_autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast where the hardware computes bf16 natively: CUDA, or a CPU with AVX512-BF16/AMX.
 

@@ -38,6 +38,7 @@ import nets
 from agents import common
 from agents.buffers import ReplayBuffer
 from agents.checkpoint import is_storage_error, rng_state, set_rng_state
+from envs.vector import SubprocVectorEnv
 
 ALGO = "dqn"
 BUFFER_FILE = "replay_buffer.npz"  # in checkpoints/, next to the newest checkpoint (save_buffer)
@@ -106,6 +107,14 @@ class DQNConfig:
     loss: Literal["huber", "mse"] = field(default="huber", metadata={"help": "TD loss"})
     max_grad_norm: float = field(
         default=10.0, metadata={"help": "gradient clipping norm (0: none)", "min": 0.0}
+    )
+    threads: int = field(
+        default=1,
+        metadata={
+            "help": "CPU threads of the learner (0: torch's default, one per core)",
+            "min": 0,
+            "max": 1024,
+        },
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA, or a CPU with native bf16)"})
@@ -217,6 +226,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
         eval_return_mean (and eval_clear_rate for Mario).
     """
     device = common.resolve_device(config.device)
+    common.set_learner_threads(config.threads)
     np_rng = common.seed_everything(config.seed)
     if config.learning_starts > config.buffer_size:
         raise ValueError(f"learning_starts={config.learning_starts} exceeds buffer_size={config.buffer_size}")
@@ -298,6 +308,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
     }
 
     obs, _ = vec_env.reset(seed=config.seed + global_step)
+    overlap = isinstance(vec_env, SubprocVectorEnv)
     logger = common.RunLogger(run_dir, config.total_steps, global_step, progress, config)
     run_start, run_start_step = time.time(), global_step
     last_checkpoint_step, last_eval_step = global_step, global_step
@@ -334,19 +345,13 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
             random_actions = torch.randint(num_actions, (config.num_envs,), device=device)
             actions = torch.where(explore, random_actions, q_values.argmax(dim=1)).cpu().numpy()
 
-            next_obs, rewards, terminations, truncations, infos = vec_env.step(actions)
-            # Same-step autoreset: a finished env's next_obs already starts its next episode; the
-            # transition's true next observation is infos["final_obs"].
-            real_next_obs = next_obs
-            finished = np.flatnonzero(np.logical_or(terminations, truncations))
-            if finished.size:
-                real_next_obs = next_obs.copy()
-                for index in finished:
-                    real_next_obs[index] = infos["final_obs"][index]
-            buffer.add(obs, real_next_obs, actions, rewards, terminations, truncations)
-            obs = next_obs
-            for _, stats in common.finished_episodes(infos):
-                episodes.add(stats)
+            # Our subprocess vector env steps in its workers while the gradient steps below run (on 2
+            # cores: the emulator on one, learning on the other); learning then sees the memory as it
+            # was before this step, whichever back-end. An in-process vector env steps right here.
+            if overlap:
+                vec_env.step_async(actions)
+            else:
+                step_result = vec_env.step(actions)
             previous_step, global_step = global_step, global_step + config.num_envs
 
             # ---- learn: gradient_steps per train_frequency agent steps, once the memory is filled ---
@@ -421,6 +426,23 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                                 target_network.parameters(), q_network.parameters(), strict=True
                             ):
                                 target_param.lerp_(param, config.tau)  # theta' += tau (theta - theta')
+
+            # ---- remember: the transition of this step --------------------------------------------
+            if overlap:
+                step_result = vec_env.step_wait()
+            next_obs, rewards, terminations, truncations, infos = step_result
+            # Same-step autoreset: a finished env's next_obs already starts its next episode; the
+            # transition's true next observation is infos["final_obs"].
+            real_next_obs = next_obs
+            finished = np.flatnonzero(np.logical_or(terminations, truncations))
+            if finished.size:
+                real_next_obs = next_obs.copy()
+                for index in finished:
+                    real_next_obs[index] = infos["final_obs"][index]
+            buffer.add(obs, real_next_obs, actions, rewards, terminations, truncations)
+            obs = next_obs
+            for _, stats in common.finished_episodes(infos):
+                episodes.add(stats)
 
             # ---- log every log_every agent steps (losses are read back to the host only here) ----
             if global_step // config.log_every > previous_step // config.log_every:

@@ -68,6 +68,14 @@ class PPOConfig:
     max_grad_norm: float = field(default=0.5, metadata={"help": "gradient clipping norm", "min": 0.0})
     target_kl: float | None = field(default=None, metadata={"help": "stop the epochs early above this KL"})
     reward_scale: float = field(default=1.0, metadata={"help": "multiply env rewards by this", "min": 0.0})
+    threads: int = field(
+        default=1,
+        metadata={
+            "help": "CPU threads of the learner (0: one per core); inference with env workers uses one",
+            "min": 0,
+            "max": 1024,
+        },
+    )
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA, or a CPU with native bf16)"})
     eval_every: int = field(
@@ -215,6 +223,10 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
         eval_return_mean (and eval_clear_rate for Mario).
     """
     device = common.resolve_device(config.device)
+    learn_threads = common.set_learner_threads(config.threads)
+    # While env workers step on the same cores, inference keeps to one thread (see set_learner_threads);
+    # during learning the workers wait, so it may use more.
+    rollout_threads = 1 if device.type == "cpu" and config.env_backend == "async" else learn_threads
     np_rng = common.seed_everything(config.seed)
     batch_size = config.num_envs * config.num_steps
     minibatch_size = batch_size // config.num_minibatches
@@ -299,6 +311,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
             rollout_start_state = detach_state(memory_state)
 
             # ---- collect: one batched forward pass for all envs per step --------------------------
+            common.set_learner_threads(rollout_threads)
             for step in range(config.num_steps):
                 global_step += config.num_envs
                 obs[step] = next_obs
@@ -334,6 +347,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                     episodes.add(stats)
 
             # ---- advantages: GAE(lambda), no bootstrap across an episode end --------------------
+            common.set_learner_threads(learn_threads)
             with torch.no_grad(), autocast:
                 _, next_value, _ = forward(next_obs[None], memory_state, next_starts[None])
             advantages = compute_gae(

@@ -22,16 +22,24 @@ reported. What each number means:
 The systems:
 
 ============================  ======================================================================
-ppo-ours                      ``agents.ppo.train`` (shared-memory async envs, uint8 rollout storage,
-                              bf16 autocast where the hardware has native bf16)
+ppo-ours                      ``agents.ppo.train`` as configured by default: shared-memory async
+                              envs, uint8 rollout storage, one learner thread (``threads=1``), bf16
+                              autocast where the hardware has native bf16
 ppo-ours-fp32                 the same with ``bf16=False`` (what the bf16 lever is worth)
+ppo-ours-all-threads          the same with ``threads=0``: one thread per core while learning (the
+                              rollout's inference keeps to one, the env workers hold the cores)
 ppo-sb3                       SB3 ``PPO("CnnPolicy")`` (its NatureCNN) over ``SubprocVecEnv`` of our
-                              single-env stack (``envs.make``), as an SB3 user would run it
-ppo-sb3-ours-encoder          the same with our Nature CNN through ``nets.sb3_adapter``
+                              single-env stack (``envs.make``), as an SB3 user would run it (torch's
+                              default threads)
+ppo-sb3-1thread               the same after ``torch.set_num_threads(1)`` (SB3 given our thread plan)
+ppo-sb3-ours-encoder          SB3 with our Nature CNN through ``nets.sb3_adapter``
 dqn-ours                      ``agents.dqn.train`` with SB3's DQN algorithm (no double, dueling,
-                              n-step or priorities), frame-once replay, bf16 where native
-dqn-ours-fp32                 the same with ``bf16=False`` (not run by default)
+                              n-step or priorities): frame-once replay, the env stepped in a worker
+                              process while the gradient step runs, bf16 where native
+dqn-ours-baseline             the same in one process (``env_backend=sync``), fp32: what the two
+                              levers are worth (both use one learner thread)
 dqn-sb3                       SB3 ``DQN("CnnPolicy")`` over ``DummyVecEnv`` (its default for one env)
+dqn-sb3-1thread               the same after ``torch.set_num_threads(1)``
 ============================  ======================================================================
 """
 
@@ -52,10 +60,17 @@ from typing import Any
 from benchmarks.env_throughput import FRAME_SKIP, _cpu_model, _versions
 
 ENV = "mario-1-1"
-PPO_SYSTEMS = ["ppo-ours", "ppo-ours-fp32", "ppo-sb3", "ppo-sb3-ours-encoder"]
-DQN_SYSTEMS = ["dqn-ours", "dqn-ours-fp32", "dqn-sb3"]
+PPO_SYSTEMS = [
+    "ppo-ours",
+    "ppo-ours-fp32",
+    "ppo-ours-all-threads",
+    "ppo-sb3",
+    "ppo-sb3-1thread",
+    "ppo-sb3-ours-encoder",
+]
+DQN_SYSTEMS = ["dqn-ours", "dqn-ours-baseline", "dqn-sb3", "dqn-sb3-1thread"]
 ALL_SYSTEMS = [*PPO_SYSTEMS, *DQN_SYSTEMS, "emulator", "digits-ours", "digits-plain"]
-DEFAULT_SYSTEMS = [s for s in ALL_SYSTEMS if s != "dqn-ours-fp32"]
+DEFAULT_SYSTEMS = list(ALL_SYSTEMS)
 TARGETS = {
     "ppo-ours/ppo-sb3": 2.0,  # on the 2-core CPU machine; 1.6 on the GPU box
     "ppo-ours/emulator-limit": None,  # 0.9 on the GPU box
@@ -76,7 +91,7 @@ def _cuda_peak_mb(device: str) -> float | None:
     return None
 
 
-def child_ppo_ours(settings: dict[str, Any], bf16: bool) -> dict[str, Any]:
+def child_ppo_ours(settings: dict[str, Any], bf16: bool = True, threads: int = 1) -> dict[str, Any]:
     from agents import ppo
     from envs.registry import PRESETS
 
@@ -91,6 +106,7 @@ def child_ppo_ours(settings: dict[str, Any], bf16: bool) -> dict[str, Any]:
         "total_steps": batch * settings["updates"],
         "device": settings["device"],
         "bf16": bf16,
+        "threads": threads,
         "eval_every": 0,
         "eval_episodes": 1,
         "checkpoint_every": 10**9,
@@ -148,12 +164,15 @@ class _Clock:
         self.callback = Callback()
 
 
-def child_ppo_sb3(settings: dict[str, Any], our_encoder: bool) -> dict[str, Any]:
+def child_ppo_sb3(settings: dict[str, Any], our_encoder: bool = False, threads: int = 0) -> dict[str, Any]:
+    import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import SubprocVecEnv, VecMonitor
 
     from envs.registry import PRESETS
 
+    if threads:
+        torch.set_num_threads(threads)
     preset = PRESETS[ENV].ppo
     vec_env = VecMonitor(SubprocVecEnv([_sb3_env(i) for i in range(settings["envs"])]))
     policy_kwargs: dict[str, Any] = {}
@@ -202,7 +221,7 @@ def _dqn_values(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def child_dqn_ours(settings: dict[str, Any], bf16: bool) -> dict[str, Any]:
+def child_dqn_ours(settings: dict[str, Any], levers: bool) -> dict[str, Any]:
     from agents import dqn
     from envs.registry import PRESETS
 
@@ -212,7 +231,9 @@ def child_dqn_ours(settings: dict[str, Any], bf16: bool) -> dict[str, Any]:
         "env": ENV,
         "total_steps": settings["dqn_steps"],
         "device": settings["device"],
-        "bf16": bf16,
+        "bf16": levers,
+        "env_backend": "async" if levers else "sync",
+        "threads": 1,
         "eval_every": 0,
         "eval_episodes": 1,
         "checkpoint_every": 10**9,
@@ -233,12 +254,15 @@ def child_dqn_ours(settings: dict[str, Any], bf16: bool) -> dict[str, Any]:
     }
 
 
-def child_dqn_sb3(settings: dict[str, Any]) -> dict[str, Any]:
+def child_dqn_sb3(settings: dict[str, Any], threads: int = 0) -> dict[str, Any]:
+    import torch
     from stable_baselines3 import DQN
     from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
 
     from envs.registry import PRESETS
 
+    if threads:
+        torch.set_num_threads(threads)
     preset, values = PRESETS[ENV].dqn, _dqn_values(settings)
     vec_env = VecMonitor(DummyVecEnv([_sb3_env(0)]))
     model = DQN(
@@ -287,10 +311,14 @@ def child_digits(settings: dict[str, Any], plain: bool) -> dict[str, Any]:
     epochs = settings["digits_epochs"]
     config = digits.DigitsConfig(epochs=epochs, device=settings["device"], seed=0)
     if not plain:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
         with tempfile.TemporaryDirectory() as run_dir:
             metrics = digits.run(config, Path(run_dir), progress=False)
-        # fit() logs each epoch's wall time (training + evaluation) in its history.
-        seconds = sum(row["epoch_seconds"] for row in metrics["history"])
+            # fit() logs each epoch's wall time (training + evaluation) to TensorBoard.
+            events = EventAccumulator(run_dir)
+            events.Reload()
+            seconds = sum(event.value for event in events.Scalars("charts/epoch_seconds"))
         return {"steps": metrics["train_size"] * epochs, "seconds": seconds, "cuda_peak_mb": None}
 
     from torch.utils.data import DataLoader, TensorDataset
@@ -322,13 +350,16 @@ def child_digits(settings: dict[str, Any], plain: bool) -> dict[str, Any]:
 
 def run_child(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     children = {
-        "ppo-ours": lambda: child_ppo_ours(settings, bf16=True),
+        "ppo-ours": lambda: child_ppo_ours(settings),
         "ppo-ours-fp32": lambda: child_ppo_ours(settings, bf16=False),
-        "ppo-sb3": lambda: child_ppo_sb3(settings, our_encoder=False),
+        "ppo-ours-all-threads": lambda: child_ppo_ours(settings, threads=0),
+        "ppo-sb3": lambda: child_ppo_sb3(settings),
+        "ppo-sb3-1thread": lambda: child_ppo_sb3(settings, threads=1),
         "ppo-sb3-ours-encoder": lambda: child_ppo_sb3(settings, our_encoder=True),
-        "dqn-ours": lambda: child_dqn_ours(settings, bf16=True),
-        "dqn-ours-fp32": lambda: child_dqn_ours(settings, bf16=False),
+        "dqn-ours": lambda: child_dqn_ours(settings, levers=True),
+        "dqn-ours-baseline": lambda: child_dqn_ours(settings, levers=False),
         "dqn-sb3": lambda: child_dqn_sb3(settings),
+        "dqn-sb3-1thread": lambda: child_dqn_sb3(settings, threads=1),
         "emulator": lambda: child_emulator(settings),
         "digits-ours": lambda: child_digits(settings, plain=False),
         "digits-plain": lambda: child_digits(settings, plain=True),
@@ -432,9 +463,13 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
     ratio("ppo-ours/ppo-sb3-ours-encoder", "ppo-ours", "ppo-sb3-ours-encoder")
     ratio("ppo-ours-fp32/ppo-sb3", "ppo-ours-fp32", "ppo-sb3")
     ratio("ppo-ours/ppo-ours-fp32", "ppo-ours", "ppo-ours-fp32")
+    ratio("ppo-ours/ppo-ours-all-threads", "ppo-ours", "ppo-ours-all-threads")
+    ratio("ppo-ours/ppo-sb3-1thread", "ppo-ours", "ppo-sb3-1thread")
     ratio("ppo-ours/emulator-limit", "ppo-ours", "emulator")
     ratio("dqn-ours/dqn-sb3", "dqn-ours", "dqn-sb3")
-    ratio("dqn-ours/dqn-ours-fp32", "dqn-ours", "dqn-ours-fp32")
+    ratio("dqn-ours/dqn-ours-baseline", "dqn-ours", "dqn-ours-baseline")
+    ratio("dqn-ours-baseline/dqn-sb3", "dqn-ours-baseline", "dqn-sb3")
+    ratio("dqn-ours/dqn-sb3-1thread", "dqn-ours", "dqn-sb3-1thread")
     ratio("digits-ours/digits-plain", "digits-ours", "digits-plain")
     from envs.vector import available_cpus
 
@@ -517,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> tuple[list[str], dict[str, Any]]:
     """The systems to run and the children's settings; ValueError names a bad value."""
     systems = [s for s in args.systems.split(",") if s]
+    if not systems:
+        raise ValueError(f"no systems given; choose from {', '.join(ALL_SYSTEMS)}")
     unknown = [s for s in systems if s not in ALL_SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system {unknown[0]!r}; choose from {', '.join(ALL_SYSTEMS)}")

@@ -59,6 +59,7 @@ def fake_watch(policy: Any, env_name: str, out: Any, episodes: int, seed: int, h
 def fakes(monkeypatch, tmp_path):
     """Fast fakes for everything that would train, play or measure; the cwd is a temp dir."""
     import benchmarks.env_throughput
+    import benchmarks.train_throughput
     import lab.demo
     import lab.watch
     from agents import dqn, ppo
@@ -72,6 +73,8 @@ def fakes(monkeypatch, tmp_path):
     monkeypatch.setattr(lab.watch, "watch", fake_watch)
     monkeypatch.setattr(lab.demo, "demo", lambda: {"demo": "fake"})
     monkeypatch.setattr(benchmarks.env_throughput, "run", lambda *args, **kwargs: {"ours": {"sps": 1.0}})
+    monkeypatch.setattr(benchmarks.train_throughput, "run", lambda *args, **kwargs: {"ratios": {}})
+    monkeypatch.setattr(benchmarks.train_throughput, "print_report", lambda result: print(result))
     return tmp_path
 
 
@@ -368,6 +371,7 @@ VALUES = {
     "--out": ["v.mp4", "v.gif", "v.avi", "", "dir/", "\x00.gif", "/proc/nope/v.gif"],
     "--seconds": ["0.01", "0", "-1", "nan", "inf", "fast"],
     "--repeats": ["1", "0", "x"],
+    "--systems": ["ppo-ours", "ppo-ours,dqn-sb3", "nope", "", ",", "ppo-ours,,emulator"],
     "--max-steps": ["10", "0", "-"],
 }
 OPTIONS = {
@@ -377,7 +381,7 @@ OPTIONS = {
     "watch": ["--episodes", "--out", "--human", "--seed", "--max-steps", "--device", "--json"],
     "fit": ["--net", "--epochs", "--seed", "--device", "--run-dir", "--set", "--help-config", "--json",
             "--no-progress"],
-    "bench": ["--seconds", "--repeats", "--json"],
+    "bench": ["--seconds", "--repeats", "--json", "--device", "--systems"],
     "list": [],
     "demo": [],
 }  # fmt: skip
@@ -387,7 +391,7 @@ POSITIONAL = {
     "eval": ["@run", "@checkpoint", "@empty", "@missing", "@foreign", "@truncated", "@not_json", ""],
     "watch": ["@run", "@checkpoint", "@missing", "@truncated", ""],
     "fit": ["xor", "playground", "digits", "sequence", "sentiment", "xr", ""],
-    "bench": ["env", "gpu"],
+    "bench": ["env", "train", "gpu"],
     "list": ["envs", "tasks", "nets", "all", "planets"],
     "demo": [],
 }  # fmt: skip

@@ -113,8 +113,10 @@ def test_resume_continues_step_count_and_epsilon(tmp_path, monkeypatch):
     assert history[-1]["step"] == 800 and history[-1]["epsilon"] == pytest.approx(config.end_e)
 
 
-def first_losses(tmp_path, seed: int) -> list[float]:
-    config = tiny(seed=seed, total_steps=260, log_every=2, learning_starts=200, train_frequency=2)
+def first_losses(tmp_path, seed: int, backend: str = "sync") -> list[float]:
+    config = tiny(
+        seed=seed, total_steps=260, log_every=2, learning_starts=200, train_frequency=2, env_backend=backend
+    )
     dqn.train(config, tmp_path, progress=False)
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     losses = [h["td_loss"] for h in history if math.isfinite(h["td_loss"])]
@@ -126,10 +128,14 @@ def test_same_seed_gives_identical_first_losses_on_cpu(tmp_path):
     first = first_losses(tmp_path / "a", seed=3)
     assert first_losses(tmp_path / "b", seed=3) == first
     assert first_losses(tmp_path / "c", seed=4) != first
+    # Stepping the envs in workers, overlapped with learning, changes nothing that is learnt.
+    assert first_losses(tmp_path / "d", seed=3, backend="async") == first
 
 
-def test_no_autoreset_transition_is_stored_or_trained_on(tmp_path, monkeypatch):
-    # Short episodes (truncated at 15 steps, and CartPole's own terminations) in 4 envs.
+@pytest.mark.parametrize("backend", ["sync", "async"])
+def test_no_autoreset_transition_is_stored_or_trained_on(backend, tmp_path, monkeypatch):
+    # Short episodes (truncated at 15 steps, and CartPole's own terminations) in 4 envs; async
+    # steps the envs while the gradient steps run (step_async / step_wait).
     real_make_vec = envs.make_vec
     monkeypatch.setattr(envs, "make_vec", lambda *a, **k: real_make_vec(*a, **{**k, "max_episode_steps": 15}))
     sampled, buffers = [], []
@@ -146,7 +152,8 @@ def test_no_autoreset_transition_is_stored_or_trained_on(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ReplayBuffer, "sample", spy_sample)
     monkeypatch.setattr(ReplayBuffer, "add", spy_add)
-    summary = dqn.train(tiny(num_envs=4, total_steps=1_000, n_step=1), tmp_path, progress=False)
+    config = tiny(num_envs=4, total_steps=1_000, n_step=1, env_backend=backend)
+    summary = dqn.train(config, tmp_path, progress=False)
     assert summary["episodes"] > 60 and sampled
 
     stored = buffers[-1].transitions(np.flatnonzero(buffers[-1].ready))

@@ -1,0 +1,68 @@
+"""benchmarks/train_throughput.py: the parent's machinery (child processes, memory sampling,
+medians, ratios) on the one system that is fast enough for the suite; the training children
+themselves are exercised by `lab bench train` (benchmarks/RESULTS.md)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import train_throughput
+from lab.cli import main
+
+
+def settings(**overrides):
+    parser = train_throughput.build_parser()
+    args = parser.parse_args([f"--{key.replace('_', '-')}={value}" for key, value in overrides.items()])
+    return train_throughput.settings_from_args(args)
+
+
+def test_a_child_is_timed_and_its_memory_sampled():
+    systems, values = settings(systems="digits-plain", digits_epochs=1, device="cpu")
+    result = train_throughput.run(systems, values, repeats=2)
+    entry = result["rates"]["digits-plain"]
+    assert len(entry["samples"]) == 2 and all(rate > 0 for rate in entry["samples"])
+    assert entry["median"] == pytest.approx(sum(entry["samples"]) / 2, rel=1e-3)  # median of two: their mean
+    # A torch process holds well over 50 MB and far less than the machine (PSS, not double-counted).
+    assert 50 < entry["peak_pss_mb"] < 8_000
+    assert result["settings"]["device"] == "cpu" and result["repeats"] == 2
+
+
+def test_descendants_include_grandchildren():
+    child = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(30)']); "
+                              "print(p.pid, flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        grandchild = int(child.stdout.readline())
+        found = train_throughput._descendants(child.pid)
+        assert child.pid in found and grandchild in found and os.getpid() not in found
+        assert train_throughput._pss_mb(found) > 0
+    finally:
+        subprocess.run(["pkill", "-P", str(child.pid)], check=False)
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"systems": "nope"}, "unknown system 'nope'"),
+        ({"systems": ","}, "no systems"),
+        ({"dqn_steps": 1500}, "multiple of --learning-starts"),
+        ({"envs": 3, "steps": 5}, "multiple of --minibatch"),
+        ({"updates": 1}, "at least 2"),
+        ({"device": "tpu"}, "auto, cpu or cuda"),
+    ],
+)
+def test_bad_settings_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        settings(**overrides)
+
+
+def test_lab_bench_train_refuses_an_unknown_system_in_one_line(capsys):
+    assert main(["bench", "train", "--systems", "ppo-ours,nope"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown system 'nope'" in err and "ppo-sb3" in err and len(err.splitlines()) == 1
