@@ -482,7 +482,7 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
-        "versions": _versions(),
+        "versions": {**_versions(), "torch": _torch_version()},
         "settings": settings,
         "repeats": repeats,
         "rates": {
@@ -497,6 +497,12 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
         "ratios": ratios,
         "targets": {k: v for k, v in TARGETS.items() if v is not None},
     }
+
+
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
 
 
 def _gpu_name() -> str | None:
