@@ -11,7 +11,7 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import envs
-from envs.gridworld import CELL_FEATURES, OneHotGridObservation, TMazeEnv
+from envs.gridworld import CELL_FEATURES, MiniGridTMazeEnv, OneHotGridObservation, TMazeEnv
 from envs.vector import SubprocVectorEnv, merge_infos
 from envs.wrappers import CropObservation, FilterInfo, NoopResetEpisode, OneHotObservation, ScaleReward
 
@@ -43,7 +43,7 @@ def test_names_cover_every_mario_stage_and_the_other_families():
         for stage in range(1, 5):
             assert f"mario-{world}-{stage}" in names
     for name in ["mario", "lost-levels", "lost-levels-1-1", "lost-levels-D-4", "cartpole", "acrobot",
-                 "mountaincar", "lunarlander", "tmaze", "minigrid-memory-s7"]:  # fmt: skip
+                 "mountaincar", "lunarlander", "tmaze", "minigrid-tmaze", "minigrid-memory-s7"]:  # fmt: skip
         assert name in names
     assert len(names) == len(set(names))
 
@@ -157,22 +157,24 @@ def test_tmaze_shows_the_cue_only_on_the_first_step_and_rewards_memory():
             assert reward == 0 and not terminated and not truncated
         assert all(not o[:2].any() for o in seen), "the cue must be invisible after the first step"
         assert seen[-1][2] == 1 and not any(o[2] for o in seen[:-1])
-        # A policy that remembers the cue always wins.
+        # A policy that remembers the cue always wins, with MiniGrid's reward for 5 steps.
         _, reward, terminated, _, info = env.step(TMazeEnv.UP if cue == 0 else TMazeEnv.DOWN)
-        assert terminated and reward == 1.0 and info["success"]
+        assert terminated and info["success"]
+        assert reward == pytest.approx(1 - 0.9 * 5 / env.max_steps)
 
 
 def test_tmaze_caps_a_memoryless_policy_at_chance():
     # Any feed-forward policy sees the same observation at the junction whatever the cue was, so
-    # "always up" is as good as any: it wins about half the episodes.
+    # "always up" is as good as any: it wins about half the episodes. A wrong turn earns 0.
     env = TMazeEnv(corridor_length=3)
     wins = 0
     for seed in range(400):
         env.reset(seed=seed)
         for _ in range(3):
             env.step(TMazeEnv.EAST)
-        _, reward, _, _, _ = env.step(TMazeEnv.UP)
-        wins += reward > 0
+        _, reward, terminated, _, info = env.step(TMazeEnv.UP)
+        assert terminated and (reward > 0) == info["success"] and reward >= 0
+        wins += info["success"]
     assert 0.4 < wins / 400 < 0.6
 
 
@@ -180,9 +182,9 @@ def test_tmaze_truncates_and_validates():
     env = TMazeEnv(corridor_length=2, max_steps=5)
     env.reset(seed=0)
     for step in range(5):
-        _, _, terminated, truncated, info = env.step(TMazeEnv.WEST)  # bumps into the start wall
-        assert not terminated and truncated == (step == 4)
-    assert info["success"] is False
+        _, reward, terminated, truncated, info = env.step(TMazeEnv.WEST)  # bumps into the start wall
+        assert not terminated and truncated == (step == 4) and reward == 0
+    assert info["success"] is False  # waiting for the time-out earns 0, less than guessing
     with pytest.raises(ValueError):
         TMazeEnv(corridor_length=0)
     with pytest.raises(ValueError):
@@ -195,6 +197,79 @@ def test_tmaze_renders_a_picture():
     env.reset(seed=0)
     frame = env.render()
     assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3
+
+
+KEY, BALL = 5, 6  # MiniGrid object indices
+FORWARD, LEFT = 2, 0  # MiniGrid actions
+
+
+def _walk_to_the_split(env: gym.Env, seed: int) -> tuple[int, list[np.ndarray]]:
+    """Resets, walks the hallway to the split, looks all round: (cue object index, observations)."""
+    obs, _ = env.reset(seed=seed)
+    cue = env.unwrapped.grid.get(1, env.unwrapped.height // 2 - 1).type
+    seen = [obs]
+    for action in [FORWARD] * 4 + [LEFT] * 4:
+        obs, reward, terminated, truncated, _ = env.step(action)
+        assert reward == 0 and not terminated and not truncated
+        seen.append(obs)
+    return {"key": KEY, "ball": BALL}[cue], seen
+
+
+def test_minigrid_tmaze_shows_the_cue_on_the_first_step_only():
+    env = envs.make("minigrid-tmaze", flatten=False)  # (20, 3, 3) one-hot cells
+    assert env.observation_space.shape == (CELL_FEATURES, 3, 3)
+    cues, later = {}, {}
+    for seed in range(40):
+        cue, seen = _walk_to_the_split(env, seed)
+        # The agent starts at the west end facing east; the cue is the cell on its left.
+        assert tuple(env.unwrapped.agent_pos) == (5, 3)
+        # MiniGrid's view is indexed (x, y), the agent at (1, 2): the cue is at (0, 2), on its left.
+        assert seen[0][:11, 0, 2].argmax() == cue
+        cues[cue] = seen[0]
+        later.setdefault(cue, []).append(np.stack(seen[1:]))
+    assert set(cues) == {KEY, BALL}, "both cues must occur"
+    # Every later observation, in the hallway and looking all round at the split, is the same
+    # whatever the cue: a memoryless policy cannot tell the cue at the split (the ends are fixed).
+    first_key, first_ball = later[KEY][0], later[BALL][0]
+    assert all(np.array_equal(walk, first_key) for walk in later[KEY] + later[BALL])
+    assert np.array_equal(first_key, first_ball)
+
+
+@pytest.mark.parametrize("shuffle_ends", [False, True])
+def test_minigrid_tmaze_rewards_the_object_that_matches_the_cue(shuffle_ends):
+    env = envs.make("minigrid-tmaze", shuffle_ends=shuffle_ends)
+    north_objects, wins, guesses = set(), 0, 0
+    for seed in range(60):
+        for remember in (True, False):
+            obs, _ = env.reset(seed=seed)
+            grid = env.unwrapped.grid
+            cue, north = grid.get(1, 2).type, grid.get(5, 1).type
+            north_objects.add(north)
+            for action in [FORWARD] * 4 + [LEFT]:  # to the split, then face north
+                obs, reward, terminated, truncated, info = env.step(action)
+            if remember and north != cue:
+                env.step(LEFT)
+                env.step(LEFT)  # face south
+            obs, reward, terminated, truncated, info = env.step(FORWARD)
+            assert terminated and not truncated and info["success"] == (reward > 0)
+            if remember:
+                wins += info["success"]
+                assert reward == pytest.approx(1 - 0.9 * (8 if north != cue else 6) / env.unwrapped.max_steps)
+            else:  # "always north": a guess
+                guesses += info["success"]
+    assert north_objects == ({"key", "ball"} if shuffle_ends else {"key"})
+    assert wins == 60 and 0.3 < guesses / 60 < 0.7
+
+
+def test_minigrid_tmaze_validates_its_arguments():
+    for kwargs in [{"size": 5}, {"size": 8}, {"agent_view_size": 4}, {"size": 9, "agent_view_size": 7}]:
+        with pytest.raises(ValueError):
+            MiniGridTMazeEnv(**kwargs)
+    with pytest.raises(TypeError):
+        MiniGridTMazeEnv(shuffle_ends=1)
+    # Larger mazes and views work as long as the cue stays out of view from the split.
+    env = envs.make("minigrid-tmaze", size=11, agent_view_size=7)
+    assert env.reset(seed=0)[0].shape == (7 * 7 * CELL_FEATURES + 4,)
 
 
 def test_minigrid_observation_is_a_flat_one_hot_vector():
