@@ -15,6 +15,7 @@ directory (:class:`StorageError`) replaces nothing and leaves no temporary file 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -421,3 +422,22 @@ def set_rng_state(state: dict[str, Any], np_rng: np.random.Generator | None = No
 def _jsonable_np_state(np_state: tuple) -> tuple:
     name, keys, pos, has_gauss, cached = np_state
     return (name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached))
+
+
+def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """Rebuilds a config dataclass from ``config.json``: JSON lists become tuples, unknown keys are dropped."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    return config_class(
+        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
+    )
+
+
+def read_run_json(run_dir: Path, error: type[Exception]) -> Any:
+    """The parsed ``config.json`` of ``run_dir``; ``error`` (one line) when missing or unreadable."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{run_dir} is not a run directory (no config.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise error(f"{path} is unreadable ({problem})") from None

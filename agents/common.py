@@ -7,7 +7,6 @@ Nothing here knows what PPO or DQN is; each algorithm file keeps its own math.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -28,6 +27,7 @@ from agents.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    read_run_json,
     read_sidecar,
     save_checkpoint,
 )
@@ -114,23 +114,10 @@ def write_run_config(run_dir: Path, algo: str, config: Any) -> None:
     )
 
 
-def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
-    """Rebuilds a config dataclass from ``config.json``: JSON lists become tuples, unknown keys are dropped."""
-    known = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(
-        **{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in known}
-    )
-
-
 def read_run_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
     """Returns ``(algo, config dict)`` of a run directory; CheckpointError when it is not one."""
     path = Path(run_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{run_dir} is not a run directory (no config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"{path} is unreadable ({error})") from None
+    data = read_run_json(run_dir, CheckpointError)
     if not isinstance(data, dict) or "algo" not in data or "config" not in data:
         raise CheckpointError(f"{path} is not an agent-lab run config")
     if data.get("run_format_version") != RUN_FORMAT_VERSION:

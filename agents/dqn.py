@@ -37,6 +37,7 @@ import envs
 import nets
 from agents import common
 from agents.buffers import ReplayBuffer
+from agents.checkpoint import config_from_dict as rebuild_config
 from agents.checkpoint import is_storage_error, rng_state, set_rng_state
 from envs.vector import SubprocVectorEnv
 
@@ -203,7 +204,7 @@ def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> DQ
 
 
 def config_from_dict(values: dict[str, Any]) -> DQNConfig:
-    return common.config_from_dict(DQNConfig, values)
+    return rebuild_config(DQNConfig, values)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from torch.distributions import Categorical
 import envs
 import nets
 from agents import common
+from agents.checkpoint import config_from_dict as rebuild_config
 from agents.checkpoint import rng_state, set_rng_state
 
 ALGO = "ppo"
@@ -207,7 +208,7 @@ def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> PP
 
 
 def config_from_dict(values: dict[str, Any]) -> PPOConfig:
-    return common.config_from_dict(PPOConfig, values)
+    return rebuild_config(PPOConfig, values)
 
 
 # ---------------------------------------------------------------------------------------------

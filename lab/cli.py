@@ -491,9 +491,9 @@ def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
 def fit_to_resume(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     """``(task spec, config, run_dir)`` of ``lab fit --resume DIR [--epochs N] [--device D]``."""
     import tasks
-    from agents.checkpoint import latest_checkpoint
+    from agents.checkpoint import config_from_dict, latest_checkpoint
     from lab.config import validate
-    from tasks.loop import EPOCH_PREFIX, config_from_dict, read_run_config
+    from tasks.loop import EPOCH_PREFIX, read_run_config
 
     run_dir = Path(args.resume)
     if args.run_dir and Path(args.run_dir) != run_dir:

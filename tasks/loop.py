@@ -22,7 +22,6 @@ metrics of a run that was never interrupted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import random
@@ -43,6 +42,7 @@ from agents.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
+    read_run_json,
     remove_stale_temps,
     rng_state,
     save_checkpoint,
@@ -410,13 +410,7 @@ def read_run_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
     Raises:
         TaskError: no such directory, or not a ``lab fit`` run.
     """
-    path = Path(run_dir) / "config.json"
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TaskError(f"{run_dir} is not a run directory (no config.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise TaskError(f"{path} is unreadable ({error})") from None
+    data = read_run_json(run_dir, TaskError)
     if (
         not isinstance(data, dict)
         or not isinstance(data.get("task"), str)
@@ -424,14 +418,6 @@ def read_run_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
     ):
         raise TaskError(f"{run_dir} is not a `lab fit` run (its config.json names no task)")
     return data["task"], data["config"]
-
-
-def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
-    """Rebuilds a task config from ``config.json``: JSON lists become tuples, unknown keys are dropped."""
-    known = {f.name for f in dataclasses.fields(config_class)}
-    return config_class(
-        **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
-    )
 
 
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
