@@ -16,8 +16,11 @@ Tensors in the rollout are time-major: ``(T, N, ...)`` with T = num_steps and N 
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -79,6 +82,12 @@ class PPOConfig:
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA, or a CPU with native bf16)"})
+    overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "learn from a rollout in a thread while collecting the next (policy lag of one update)"
+        },
+    )
     eval_every: int = field(
         default=0, metadata={"help": "agent steps between greedy evals (0: at end)", "min": 0}
     )
@@ -216,8 +225,54 @@ def config_from_dict(values: dict[str, Any]) -> PPOConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class Rollout:
+    """One rollout on the device, time-major: (T, N, ...) with T = num_steps, N = num_envs."""
+
+    obs: torch.Tensor  # (T, N, *obs_shape); pixel observations stay uint8 (4x less memory)
+    starts: torch.Tensor  # (T, N) bool, True where an episode began at this step
+    actions: torch.Tensor  # (T, N) long
+    logprobs: torch.Tensor  # (T, N) log pi_old(a_t | s_t)
+    rewards: torch.Tensor  # (T, N)
+    ends: torch.Tensor  # (T, N) 1.0 where transition t ended its episode
+    values: torch.Tensor  # (T, N) V_old(s_t)
+    advantages: torch.Tensor  # (T, N), GAE
+    returns: torch.Tensor  # (T, N), advantages + values
+    start_state: Any = None  # memory state before step 0 (recurrent minibatches start from it)
+
+    @classmethod
+    def empty(
+        cls,
+        steps: int,
+        num_envs: int,
+        obs_shape: tuple[int, ...],
+        obs_dtype: torch.dtype,
+        device: torch.device,
+    ) -> Rollout:
+        def zeros(dtype: torch.dtype = torch.float32, *shape: int) -> torch.Tensor:
+            return torch.zeros((steps, num_envs, *shape), dtype=dtype, device=device)
+
+        return cls(
+            obs=zeros(obs_dtype, *obs_shape),
+            starts=zeros(torch.bool),
+            actions=zeros(torch.long),
+            logprobs=zeros(),
+            rewards=zeros(),
+            ends=zeros(),
+            values=zeros(),
+            advantages=zeros(),
+            returns=zeros(),
+        )
+
+
 def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Trains PPO, writing TensorBoard events, checkpoints and metrics.json into ``run_dir``.
+
+    With ``config.overlap`` the update on rollout k runs in a background thread while the main
+    thread collects rollout k+1 with a copy of the weights from before that update (a policy lag of
+    one update, as in APPO): on a CPU the learner then uses the core that the env workers leave
+    idle during a serial update. The importance ratio is still taken against the policy that
+    collected the data, so the clipped objective stays correct; only the starting ratio is no longer 1.
 
     Returns:
         The summary of DESIGN.md's ``lab train --json``: run_dir, steps, sps, episodes,
@@ -226,7 +281,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     device = common.resolve_device(config.device)
     learn_threads = common.set_learner_threads(config.threads)
     # While env workers step on the same cores, inference keeps to one thread (see set_learner_threads);
-    # during learning the workers wait, so it may use more.
+    # during a serial update the workers wait, so it may use more.
     rollout_threads = 1 if device.type == "cpu" and config.env_backend == "async" else learn_threads
     np_rng = common.seed_everything(config.seed)
     batch_size = config.num_envs * config.num_steps
@@ -262,7 +317,10 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
         episodes.count = int(checkpoint[0].get("episodes", 0))
         history = list(checkpoint[0].get("history", []))
     forward = torch.compile(agent) if config.compile else agent
-    autocast = common.bf16_autocast(device, config.bf16)
+    # The collector's network: the learner's own one, or with overlap a copy that only changes
+    # between updates (the learner thread changes `agent` while the collector runs).
+    actor = copy.deepcopy(agent) if config.overlap else agent
+    actor_forward = (torch.compile(actor) if config.compile else actor) if config.overlap else forward
     meta = {
         "algo": ALGO,
         "config": dataclasses.asdict(config),
@@ -270,15 +328,12 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
         "num_actions": num_actions,
     }
 
-    # Rollout storage, time-major, on the device. Pixel observations stay uint8 (4x less memory).
+    # Rollout storage on the device; with overlap two, one being filled while the other is learnt from.
     obs_dtype = torch.uint8 if vec_env.single_observation_space.dtype == np.uint8 else torch.float32
-    obs = torch.zeros((config.num_steps, config.num_envs, *obs_shape), dtype=obs_dtype, device=device)
-    starts = torch.zeros((config.num_steps, config.num_envs), dtype=torch.bool, device=device)
-    actions = torch.zeros((config.num_steps, config.num_envs), dtype=torch.long, device=device)
-    logprobs = torch.zeros((config.num_steps, config.num_envs), device=device)
-    rewards = torch.zeros((config.num_steps, config.num_envs), device=device)
-    ends = torch.zeros((config.num_steps, config.num_envs), device=device)
-    values = torch.zeros((config.num_steps, config.num_envs), device=device)
+    rollouts = [
+        Rollout.empty(config.num_steps, config.num_envs, obs_shape, obs_dtype, device)
+        for _ in range(2 if config.overlap else 1)
+    ]
 
     next_obs_np, _ = vec_env.reset(seed=config.seed + global_step)
     next_obs = torch.as_tensor(next_obs_np, device=device)
@@ -304,24 +359,178 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
         }
         common.save_training_checkpoint(run_dir, completed_steps, state, meta, config.keep_checkpoints)
 
+    def learn(rollout: Rollout, update: int) -> dict[str, Any]:
+        """update_epochs passes of minibatch SGD over one rollout; returns the last minibatch's stats."""
+        common.set_learner_threads(learn_threads)
+        # autocast keeps its previous state on the context object: one per call, never shared by threads.
+        autocast = common.bf16_autocast(device, config.bf16)
+        if config.anneal_lr:
+            optimizer.param_groups[0]["lr"] = config.learning_rate * (1.0 - update / num_updates)
+        clip_fractions, approx_kl, skipped = [], torch.zeros((), device=device), 0
+        for _epoch in range(config.update_epochs):
+            for mb_index in minibatch_indices(config, np_rng):
+                mb = slice_minibatch(mb_index, config, rollout)
+                mb_state = select_state(rollout.start_state, mb["envs"]) if mb["envs"] is not None else None
+                with autocast:
+                    new_logits, new_values, _ = forward(mb["obs"], mb_state, mb["starts"])
+                distribution = Categorical(logits=new_logits.float())
+                new_logprobs = distribution.log_prob(mb["actions"])
+                entropy = distribution.entropy().mean()
+                log_ratio = new_logprobs - mb["logprobs"]
+                ratio = log_ratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator, Schulman 2020
+                    clip_fractions.append(((ratio - 1.0).abs() > config.clip_coef).float().mean())
+
+                mb_advantages = mb["advantages"]
+                if config.norm_adv:
+                    mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                policy_loss = torch.max(
+                    -mb_advantages * ratio,
+                    -mb_advantages * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
+                ).mean()
+
+                new_values = new_values.float()
+                if config.clip_vloss:
+                    clipped = mb["values"] + (new_values - mb["values"]).clamp(
+                        -config.clip_coef, config.clip_coef
+                    )
+                    value_loss = (
+                        0.5
+                        * torch.max((new_values - mb["returns"]) ** 2, (clipped - mb["returns"]) ** 2).mean()
+                    )
+                else:
+                    value_loss = 0.5 * ((new_values - mb["returns"]) ** 2).mean()
+
+                loss = policy_loss - config.ent_coef * entropy + config.vf_coef * value_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
+                # A non-finite loss or gradient skips this step instead of poisoning the weights.
+                if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                    optimizer.step()
+                else:
+                    skipped += 1
+            if config.target_kl is not None and approx_kl > config.target_kl:
+                break
+        return {
+            "loss": loss,
+            "policy_loss": policy_loss,
+            "value_loss": value_loss,
+            "entropy": entropy,
+            "approx_kl": approx_kl,
+            "clipfrac": torch.stack(clip_fractions).mean(),
+            "skipped": skipped,
+            "all_skipped": skipped == len(clip_fractions),
+            "rollout": rollout,
+        }
+
+    def finish_update(update: int, stats: dict[str, Any], step: int, wrap_up: bool = True) -> None:
+        """After the update on the rollout that ended at agent step ``step``: log, then (``wrap_up``)
+        eval and checkpoint when due."""
+        nonlocal skipped_updates, bad_updates_in_a_row, last_eval_step, last_checkpoint_step
+        nonlocal eval_summary, completed_updates, completed_steps
+        skipped_updates += stats["skipped"]
+        # Persistent non-finite losses will not heal: stop, keeping the last good checkpoint.
+        bad_updates_in_a_row = bad_updates_in_a_row + 1 if stats["all_skipped"] else 0
+        if bad_updates_in_a_row >= common.MAX_BAD_UPDATES:
+            raise common.TrainingStopped(
+                f"loss or gradients were not finite for {bad_updates_in_a_row} updates in a row; "
+                f"the last good checkpoint in {run_dir / 'checkpoints'} is kept (try a lower learning_rate)"
+            )
+
+        # ---- log once per update (the only host syncs besides actions) ----------------------
+        seconds = time.time() - run_start
+        sps = (global_step - run_start_step) / max(seconds, 1e-9)
+        rollout = stats["rollout"]
+        variance = rollout.returns.var()
+        explained_variance = (
+            float(1 - (rollout.returns - rollout.values).var() / variance) if variance > 0 else float("nan")
+        )
+        record = {
+            "step": step,
+            "sps": sps,
+            "seconds": seconds,  # since this process started training (a resume restarts it)
+            "loss": stats["loss"].item(),
+            "policy_loss": stats["policy_loss"].item(),
+            "value_loss": stats["value_loss"].item(),
+            "entropy": stats["entropy"].item(),
+            "return_mean": episodes.mean("return"),
+            "x_pos_max_mean": episodes.mean("x_pos_max"),
+            "clear_rate": episodes.mean("flag_get"),
+        }
+        history.append(record)
+        logger.scalars(
+            {
+                "charts/learning_rate": optimizer.param_groups[0]["lr"],
+                "charts/SPS": sps,
+                "charts/episodic_return": record["return_mean"],
+                "charts/episodic_length": episodes.mean("length"),
+                "charts/x_pos_max": record["x_pos_max_mean"],
+                "charts/clear_rate": record["clear_rate"],
+                "charts/episodes": episodes.count,
+                "charts/skipped_updates": skipped_updates,
+                "losses/value_loss": record["value_loss"],
+                "losses/policy_loss": record["policy_loss"],
+                "losses/entropy": record["entropy"],
+                "losses/approx_kl": float(stats["approx_kl"]),
+                "losses/clipfrac": float(stats["clipfrac"]),
+                "losses/explained_variance": explained_variance,
+                **common.worker_scalars(vec_env),
+            },
+            step,
+        )
+        logger.progress(global_step, episodes, sps)
+        completed_updates, completed_steps = update + 1, step
+        if not wrap_up:
+            return
+
+        if config.eval_every and step - last_eval_step >= config.eval_every:
+            last_eval_step = step
+            eval_summary = run_eval(agent, config, device, seed=config.seed + 10_000 + step)
+            agent.train()
+            logger.scalars(common.eval_scalars(eval_summary), step)
+        # Only a healthy update is worth a checkpoint: NaN streaks keep the last good one.
+        if step - last_checkpoint_step >= config.checkpoint_every and bad_updates_in_a_row == 0:
+            last_checkpoint_step = step
+            save()
+
+    # With overlap: the learner thread's update in flight, with its update index and end step.
+    learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ppo-learner") if config.overlap else None
+    pending: tuple[Future[dict[str, Any]], int, int] | None = None
+
+    def settle_learner() -> None:
+        """Waits for the update in flight and books it (no eval, no checkpoint), so that the save after
+        a Ctrl-C or an error holds it and no weights change while saving."""
+        nonlocal pending
+        if pending is not None:
+            future, update, step = pending
+            pending = None
+            if future.exception() is None:
+                with contextlib.suppress(Exception):  # the error being handled is the one to report
+                    finish_update(update, future.result(), step, wrap_up=False)
+
     completed_updates, completed_steps = start_update, global_step
+    autocast = common.bf16_autocast(device, config.bf16)
     try:
         for update in range(start_update, num_updates):
-            if config.anneal_lr:
-                optimizer.param_groups[0]["lr"] = config.learning_rate * (1.0 - update / num_updates)
-            rollout_start_state = detach_state(memory_state)
+            rollout = rollouts[update % len(rollouts)]
+            rollout.start_state = detach_state(memory_state)
 
             # ---- collect: one batched forward pass for all envs per step --------------------------
             common.set_learner_threads(rollout_threads)
             for step in range(config.num_steps):
                 global_step += config.num_envs
-                obs[step] = next_obs
-                starts[step] = next_starts
+                rollout.obs[step] = next_obs
+                rollout.starts[step] = next_starts
                 with torch.no_grad(), autocast:
-                    logits, value, memory_state = forward(next_obs[None], memory_state, next_starts[None])
+                    logits, value, memory_state = actor_forward(
+                        next_obs[None], memory_state, next_starts[None]
+                    )
                 distribution = Categorical(logits=logits[0].float())
                 action = distribution.sample()
-                actions[step], logprobs[step], values[step] = action, distribution.log_prob(action), value[0]
+                rollout.actions[step], rollout.logprobs[step] = action, distribution.log_prob(action)
+                rollout.values[step] = value[0]
 
                 next_obs_np, reward, terminations, truncations, infos = vec_env.step(action.cpu().numpy())
                 reward = reward * config.reward_scale
@@ -331,16 +540,16 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                     final_obs = np.stack(infos["final_obs"][truncated_only])
                     index = torch.as_tensor(truncated_only, device=device)
                     with torch.no_grad(), autocast:
-                        _, final_value, _ = forward(
+                        _, final_value, _ = actor_forward(
                             torch.as_tensor(final_obs, device=device)[None],
                             select_state(memory_state, index),
                             torch.zeros((1, truncated_only.size), dtype=torch.bool, device=device),
                         )
                     reward = reward.astype(np.float32)
                     reward[truncated_only] += config.gamma * final_value[0].float().cpu().numpy()
-                rewards[step] = torch.as_tensor(reward, device=device, dtype=torch.float32)
+                rollout.rewards[step] = torch.as_tensor(reward, device=device, dtype=torch.float32)
                 done = np.logical_or(terminations, truncations)
-                ends[step] = torch.as_tensor(done, device=device, dtype=torch.float32)
+                rollout.ends[step] = torch.as_tensor(done, device=device, dtype=torch.float32)
                 # Same-step autoreset: next_obs of a finished env already starts its next episode.
                 next_obs = torch.as_tensor(next_obs_np, device=device)
                 next_starts = torch.as_tensor(done, device=device)
@@ -348,143 +557,53 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                     episodes.add(stats)
 
             # ---- advantages: GAE(lambda), no bootstrap across an episode end --------------------
-            common.set_learner_threads(learn_threads)
             with torch.no_grad(), autocast:
-                _, next_value, _ = forward(next_obs[None], memory_state, next_starts[None])
-            advantages = compute_gae(
-                rewards, values, ends, next_value[0].float(), config.gamma, config.gae_lambda
+                _, next_value, _ = actor_forward(next_obs[None], memory_state, next_starts[None])
+            rollout.advantages = compute_gae(
+                rollout.rewards,
+                rollout.values,
+                rollout.ends,
+                next_value[0].float(),
+                config.gamma,
+                config.gae_lambda,
             )
-            returns = advantages + values
+            rollout.returns = rollout.advantages + rollout.values
 
             # ---- learn: clipped surrogate, clipped value loss, entropy bonus ---------------------
-            clip_fractions, approx_kl = [], torch.zeros((), device=device)
-            skipped_before = skipped_updates
-            for _epoch in range(config.update_epochs):
-                for mb_index in minibatch_indices(config, np_rng):
-                    mb = slice_minibatch(
-                        mb_index, config, obs, starts, actions, logprobs, advantages, returns, values
-                    )
-                    mb_state = (
-                        select_state(rollout_start_state, mb["envs"]) if mb["envs"] is not None else None
-                    )
-                    with autocast:
-                        new_logits, new_values, _ = forward(mb["obs"], mb_state, mb["starts"])
-                    distribution = Categorical(logits=new_logits.float())
-                    new_logprobs = distribution.log_prob(mb["actions"])
-                    entropy = distribution.entropy().mean()
-                    log_ratio = new_logprobs - mb["logprobs"]
-                    ratio = log_ratio.exp()
-                    with torch.no_grad():
-                        approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator, Schulman 2020
-                        clip_fractions.append(((ratio - 1.0).abs() > config.clip_coef).float().mean())
-
-                    mb_advantages = mb["advantages"]
-                    if config.norm_adv:
-                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                    policy_loss = torch.max(
-                        -mb_advantages * ratio,
-                        -mb_advantages * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef),
-                    ).mean()
-
-                    new_values = new_values.float()
-                    if config.clip_vloss:
-                        clipped = mb["values"] + (new_values - mb["values"]).clamp(
-                            -config.clip_coef, config.clip_coef
-                        )
-                        value_loss = (
-                            0.5
-                            * torch.max(
-                                (new_values - mb["returns"]) ** 2, (clipped - mb["returns"]) ** 2
-                            ).mean()
-                        )
-                    else:
-                        value_loss = 0.5 * ((new_values - mb["returns"]) ** 2).mean()
-
-                    loss = policy_loss - config.ent_coef * entropy + config.vf_coef * value_loss
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
-                    # A non-finite loss or gradient skips this step instead of poisoning the weights.
-                    if torch.isfinite(loss) and torch.isfinite(grad_norm):
-                        optimizer.step()
-                    else:
-                        skipped_updates += 1
-                if config.target_kl is not None and approx_kl > config.target_kl:
-                    break
-            # Persistent non-finite losses will not heal: stop, keeping the last good checkpoint.
-            all_skipped = skipped_updates - skipped_before == len(clip_fractions)
-            bad_updates_in_a_row = bad_updates_in_a_row + 1 if all_skipped else 0
-            if bad_updates_in_a_row >= common.MAX_BAD_UPDATES:
-                raise common.TrainingStopped(
-                    f"loss or gradients were not finite for {bad_updates_in_a_row} updates in a row; "
-                    f"the last good checkpoint in {run_dir / 'checkpoints'} is kept (try a lower learning_rate)"
-                )
-
-            # ---- log once per update (the only host syncs besides actions) ----------------------
-            sps = (global_step - run_start_step) / max(time.time() - run_start, 1e-9)
-            variance = returns.var()
-            explained_variance = (
-                float(1 - (returns - values).var() / variance) if variance > 0 else float("nan")
-            )
-            record = {
-                "step": global_step,
-                "sps": sps,
-                "loss": loss.item(),
-                "policy_loss": policy_loss.item(),
-                "value_loss": value_loss.item(),
-                "entropy": entropy.item(),
-                "return_mean": episodes.mean("return"),
-                "x_pos_max_mean": episodes.mean("x_pos_max"),
-                "clear_rate": episodes.mean("flag_get"),
-            }
-            history.append(record)
-            logger.scalars(
-                {
-                    "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                    "charts/SPS": sps,
-                    "charts/episodic_return": record["return_mean"],
-                    "charts/episodic_length": episodes.mean("length"),
-                    "charts/x_pos_max": record["x_pos_max_mean"],
-                    "charts/clear_rate": record["clear_rate"],
-                    "charts/episodes": episodes.count,
-                    "charts/skipped_updates": skipped_updates,
-                    "losses/value_loss": record["value_loss"],
-                    "losses/policy_loss": record["policy_loss"],
-                    "losses/entropy": record["entropy"],
-                    "losses/approx_kl": float(approx_kl),
-                    "losses/clipfrac": float(torch.stack(clip_fractions).mean()),
-                    "losses/explained_variance": explained_variance,
-                    **common.worker_scalars(vec_env),
-                },
-                global_step,
-            )
-            logger.progress(global_step, episodes, sps)
-
-            if config.eval_every and global_step - last_eval_step >= config.eval_every:
-                last_eval_step = global_step
-                eval_summary = run_eval(agent, config, device, seed=config.seed + 10_000 + global_step)
-                agent.train()
-                logger.scalars(common.eval_scalars(eval_summary), global_step)
-            completed_updates, completed_steps = update + 1, global_step
-            # Only a healthy update is worth a checkpoint: NaN streaks keep the last good one.
-            if global_step - last_checkpoint_step >= config.checkpoint_every and bad_updates_in_a_row == 0:
-                last_checkpoint_step = global_step
-                save()
+            if learner is None:
+                finish_update(update, learn(rollout, update), global_step)
+                continue
+            if pending is not None:  # the update on the previous rollout, which ran during this one
+                future, previous_update, previous_step = pending
+                pending = None
+                finish_update(previous_update, future.result(), previous_step)
+            actor.load_state_dict(agent.state_dict())
+            pending = (learner.submit(learn, rollout, update), update, global_step)
+        if pending is not None:
+            future, last_update, last_step = pending
+            pending = None
+            finish_update(last_update, future.result(), last_step)
     except KeyboardInterrupt:
+        settle_learner()
         save()
         logger.close()
         vec_env.close()
         raise
     except common.TrainingStopped:
+        settle_learner()
         logger.close()
         vec_env.close()
         raise
     except Exception as error:
         # An env worker that keeps failing, a full disk...: keep what was learnt, then report.
+        settle_learner()
         save_error = common.try_to_save(save)
         logger.close()
         vec_env.close()
         raise common.TrainingStopped(f"training stopped: {error}{save_error}") from error
+    finally:
+        if learner is not None:
+            learner.shutdown(wait=True)
     vec_env.close()
     save()
 
@@ -537,19 +656,9 @@ def minibatch_indices(config: PPOConfig, np_rng: np.random.Generator) -> list[np
     return np.array_split(np_rng.permutation(config.num_envs), config.num_minibatches)
 
 
-def slice_minibatch(
-    index: np.ndarray,
-    config: PPOConfig,
-    obs: torch.Tensor,
-    starts: torch.Tensor,
-    actions: torch.Tensor,
-    logprobs: torch.Tensor,
-    advantages: torch.Tensor,
-    returns: torch.Tensor,
-    values: torch.Tensor,
-) -> dict[str, Any]:
+def slice_minibatch(index: np.ndarray, config: PPOConfig, rollout: Rollout) -> dict[str, Any]:
     """Feed-forward minibatches are (1, M) "sequences" of single steps; recurrent ones (T, envs)."""
-    index_tensor = torch.as_tensor(index, device=obs.device)
+    index_tensor = torch.as_tensor(index, device=rollout.obs.device)
     if config.memory == "none":
         t_index, env_index = index_tensor // config.num_envs, index_tensor % config.num_envs
 
@@ -564,13 +673,13 @@ def slice_minibatch(
 
         envs_in_batch = index_tensor
     return {
-        "obs": take(obs),
-        "starts": take(starts),
-        "actions": take(actions),
-        "logprobs": take(logprobs),
-        "advantages": take(advantages),
-        "returns": take(returns),
-        "values": take(values),
+        "obs": take(rollout.obs),
+        "starts": take(rollout.starts),
+        "actions": take(rollout.actions),
+        "logprobs": take(rollout.logprobs),
+        "advantages": take(rollout.advantages),
+        "returns": take(rollout.returns),
+        "values": take(rollout.values),
         "envs": envs_in_batch,
     }
 

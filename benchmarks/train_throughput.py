@@ -28,6 +28,8 @@ ppo-ours                      ``agents.ppo.train`` as configured by default: sha
 ppo-ours-fp32                 the same with ``bf16=False`` (what the bf16 lever is worth)
 ppo-ours-all-threads          the same with ``threads=0``: one thread per core while learning (the
                               rollout's inference keeps to one, the env workers hold the cores)
+ppo-ours-overlap              the same with ``overlap=True``: the update on one rollout runs in a
+                              thread while the next rollout is collected (policy lag of one update)
 ppo-sb3                       SB3 ``PPO("CnnPolicy")`` (its NatureCNN) over ``SubprocVecEnv`` of our
                               single-env stack (``envs.make``), as an SB3 user would run it (torch's
                               default threads)
@@ -64,6 +66,7 @@ PPO_SYSTEMS = [
     "ppo-ours",
     "ppo-ours-fp32",
     "ppo-ours-all-threads",
+    "ppo-ours-overlap",
     "ppo-sb3",
     "ppo-sb3-1thread",
     "ppo-sb3-ours-encoder",
@@ -91,7 +94,9 @@ def _cuda_peak_mb(device: str) -> float | None:
     return None
 
 
-def child_ppo_ours(settings: dict[str, Any], bf16: bool = True, threads: int = 1) -> dict[str, Any]:
+def child_ppo_ours(
+    settings: dict[str, Any], bf16: bool = True, threads: int = 1, overlap: bool = False
+) -> dict[str, Any]:
     from agents import ppo
     from envs.registry import PRESETS
 
@@ -107,6 +112,7 @@ def child_ppo_ours(settings: dict[str, Any], bf16: bool = True, threads: int = 1
         "device": settings["device"],
         "bf16": bf16,
         "threads": threads,
+        "overlap": overlap,
         "eval_every": 0,
         "eval_episodes": 1,
         "checkpoint_every": 10**9,
@@ -116,12 +122,15 @@ def child_ppo_ours(settings: dict[str, Any], bf16: bool = True, threads: int = 1
     with tempfile.TemporaryDirectory() as run_dir:
         ppo.train(config, Path(run_dir), progress=False)
         history = json.loads((Path(run_dir) / "metrics.json").read_text())["history"]
-    # The history's sps is steps since the start over seconds since the start: recover the times.
-    elapsed = [row["step"] / row["sps"] for row in history]
-    steps = history[-1]["step"] - history[0]["step"]
+    # Timed from the end of the first update to the end of the last. With overlap, update k ends
+    # after rollout k+1 was collected, so between the ends of updates 0 and U-2 lie U-2 rollouts and
+    # U-2 updates; the last update runs alone (no rollout to hide behind) and is left out.
+    timed = history[:-1] if overlap else history
+    if len(timed) < 2:
+        raise ValueError(f"--updates must be at least {3 if overlap else 2} to time this PPO system")
     return {
-        "steps": steps,
-        "seconds": elapsed[-1] - elapsed[0],
+        "steps": timed[-1]["step"] - timed[0]["step"],
+        "seconds": timed[-1]["seconds"] - timed[0]["seconds"],
         "cuda_peak_mb": _cuda_peak_mb(settings["device"]),
     }
 
@@ -353,6 +362,7 @@ def run_child(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         "ppo-ours": lambda: child_ppo_ours(settings),
         "ppo-ours-fp32": lambda: child_ppo_ours(settings, bf16=False),
         "ppo-ours-all-threads": lambda: child_ppo_ours(settings, threads=0),
+        "ppo-ours-overlap": lambda: child_ppo_ours(settings, overlap=True),
         "ppo-sb3": lambda: child_ppo_sb3(settings),
         "ppo-sb3-1thread": lambda: child_ppo_sb3(settings, threads=1),
         "ppo-sb3-ours-encoder": lambda: child_ppo_sb3(settings, our_encoder=True),
@@ -543,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=128, help="PPO: rollout steps per env per update")
     parser.add_argument("--minibatch", type=int, default=256, help="PPO: minibatch size")
     parser.add_argument("--epochs", type=int, default=4, help="PPO: epochs per update")
-    parser.add_argument("--updates", type=int, default=4, help="PPO: updates (the first is warm-up)")
+    parser.add_argument("--updates", type=int, default=6, help="PPO: updates (the first is warm-up)")
     parser.add_argument("--dqn-steps", type=int, default=3_000, help="DQN: agent steps in all")
     parser.add_argument("--learning-starts", type=int, default=1_000, help="DQN: steps before learning")
     parser.add_argument("--buffer", type=int, default=50_000, help="DQN: replay capacity")

@@ -10,6 +10,7 @@ import torch
 
 import envs
 from agents import common, ppo
+from agents.checkpoint import load_checkpoint
 
 
 def naive_gae(rewards, values, ends, next_value, gamma, lam):
@@ -191,3 +192,135 @@ def test_persistent_nans_stop_training_and_keep_the_last_good_checkpoint(tmp_pat
     assert kept["global_step"] == good["global_step"] == 256
     for key, value in good["model"].items():
         assert torch.equal(kept["model"][key], value)
+
+
+# ---- overlap: the update on rollout k runs in a thread while rollout k+1 is collected ----------
+
+
+@pytest.mark.parametrize("memory", ["none", "gru"])
+def test_overlap_run_completes_every_update(tmp_path, memory):
+    summary, run_dir = train(tmp_path, overlap=True, memory=memory, memory_size=16)
+    assert summary["steps"] == 512
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [128, 256, 384, 512]
+    state, _ = common.load_training_checkpoint(run_dir)
+    assert state["global_step"] == 512 and state["update"] == 4
+
+
+def test_overlap_same_seed_gives_identical_losses(tmp_path):
+    losses = []
+    for name in ("a", "b"):
+        _, run_dir = train(tmp_path, name, seed=3, overlap=True, total_steps=768)
+        losses.append([h["loss"] for h in json.loads((run_dir / "metrics.json").read_text())["history"]])
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
+
+
+def _values_of(weights, rollout_obs):
+    agent = ppo.ActorCritic(small_config(), (4,), 2)
+    agent.load_state_dict(weights)
+    with torch.no_grad():
+        starts = torch.zeros(rollout_obs.shape[:2], dtype=torch.bool)
+        return agent(rollout_obs, None, starts)[1]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_rollouts_are_collected_with_the_expected_weights(tmp_path, monkeypatch, overlap):
+    """Serial: rollout j is collected with the weights after j updates (W_j). Overlap: with W_(j-1),
+    the policy lag of one update; the learner's ratio is taken against those same weights."""
+    captured = []
+    real_slice = ppo.slice_minibatch
+    minibatches_per_update = 2 * 2  # update_epochs x num_minibatches of small_config
+
+    def capturing_slice(index, config, rollout):
+        if capturing_slice.calls % minibatches_per_update == 0:  # the first minibatch of an update
+            captured.append((rollout.obs.clone(), rollout.values.clone()))
+        capturing_slice.calls += 1
+        return real_slice(index, config, rollout)
+
+    capturing_slice.calls = 0
+    monkeypatch.setattr(ppo, "slice_minibatch", capturing_slice)
+    _, run_dir = train(tmp_path, overlap=overlap, checkpoint_every=1, keep_checkpoints=10)
+    assert len(captured) == 4
+    # The checkpoint written after update j holds W_(j+1).
+    weights = {}
+    for sidecar in sorted((run_dir / "checkpoints").glob("*.json")):
+        state, _ = load_checkpoint(sidecar)
+        weights[int(state["update"])] = state["model"]
+    for j in (2, 3):
+        obs, values = captured[j]
+        collected_with = j - 1 if overlap else j
+        np.testing.assert_allclose(_values_of(weights[collected_with], obs), values, atol=1e-5)
+        other = j if overlap else j - 1
+        assert not torch.allclose(_values_of(weights[other], obs), values, atol=1e-5)
+
+
+def _interrupting_make_vec(monkeypatch, error, after_steps):
+    real_make_vec = envs.make_vec
+
+    def make_vec(*args, **kwargs):
+        vec = real_make_vec(*args, **kwargs)
+        step, calls = vec.step, [0]
+
+        def step_then_fail(actions):
+            calls[0] += 1
+            if calls[0] == after_steps:
+                raise error
+            return step(actions)
+
+        vec.step = step_then_fail
+        return vec
+
+    monkeypatch.setattr(envs, "make_vec", make_vec)
+
+
+def test_overlap_ctrl_c_waits_for_the_update_in_flight_then_resumes(tmp_path, monkeypatch):
+    # Ctrl-C in the middle of rollout 3 (64 steps per rollout): update 2 runs in the thread meanwhile.
+    _interrupting_make_vec(monkeypatch, KeyboardInterrupt(), after_steps=2 * 64 + 10)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path, overlap=True, total_steps=1024)
+    state, _ = common.load_training_checkpoint(tmp_path / "run")
+    assert state["update"] == 2 and state["global_step"] == 256
+    monkeypatch.undo()
+    summary, run_dir = train(tmp_path, resume=True, overlap=True, total_steps=1024)
+    assert summary["steps"] == 1024
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert [h["step"] for h in history] == [128 * i for i in range(1, 9)]
+
+
+def test_overlap_an_error_in_the_learner_thread_stops_training_with_a_checkpoint(tmp_path, monkeypatch):
+    real_slice = ppo.slice_minibatch
+    calls = []
+
+    def failing_slice(*args):
+        calls.append(1)
+        if len(calls) == 2 * 4 + 1:  # the first minibatch of the third update
+            raise RuntimeError("learner exploded")
+        return real_slice(*args)
+
+    monkeypatch.setattr(ppo, "slice_minibatch", failing_slice)
+    with pytest.raises(common.TrainingStopped, match="learner exploded"):
+        train(tmp_path, overlap=True, total_steps=1024)
+    state, _ = common.load_training_checkpoint(tmp_path / "run")
+    assert state["update"] == 2 and state["global_step"] == 256
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+
+
+def test_overlap_persistent_nans_stop_training(tmp_path, monkeypatch):
+    _, run_dir = train(tmp_path, total_steps=256, overlap=True)
+    monkeypatch.setattr(ppo, "compute_gae", lambda *args: torch.full_like(args[0], float("nan")))
+    with pytest.raises(common.TrainingStopped, match="not finite for 3 updates in a row"):
+        train(tmp_path, resume=True, total_steps=2048, overlap=True)
+    kept, _ = common.load_training_checkpoint(run_dir)
+    assert kept["global_step"] == 256
+
+
+@pytest.mark.slow
+def test_ppo_with_overlap_solves_cartpole(tmp_path):
+    preset = envs.get_preset("cartpole")
+    config = ppo.PPOConfig(
+        **{**preset.ppo, "env": "cartpole", "seed": 1, "device": "cpu", "eval_episodes": 10, "overlap": True}
+    )
+    run_dir = tmp_path / "cartpole"
+    run_dir.mkdir()
+    summary = ppo.train(config, run_dir, progress=False)
+    assert summary["eval_return_mean"] >= 475, summary
