@@ -368,6 +368,18 @@ def finish_run(run_dir: Path, summary: dict[str, Any], history: list[dict[str, f
         )
 
 
+CLEAR_MILESTONES = ((1e-9, "first clear"), (0.9, "90% clears"))
+
+
+def first_step_reaching(history: list[dict[str, float]], key: str, threshold: float) -> int | None:
+    """The agent step of the first history record whose ``key`` is at least ``threshold``."""
+    for record in history:
+        value = record.get(key, math.nan)
+        if not math.isnan(value) and value >= threshold:
+            return int(record["step"])
+    return None
+
+
 def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str = "") -> None:
     """Recent mean episode return over agent steps; Mario adds furthest x and the clear rate."""
     import matplotlib
@@ -389,6 +401,17 @@ def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str 
         axis.set_xlabel("agent steps")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+    if has_mario:
+        # Milestones of the training episodes: the first flag, and 90% of the last 100 episodes.
+        for (threshold, text), color in zip(CLEAR_MILESTONES, ("tab:green", "tab:red"), strict=True):
+            step = first_step_reaching(history, "clear_rate", threshold)
+            if step is not None:
+                axes[0][2].axvline(step, color=color, linestyle="--", linewidth=1)
+                axes[0][2].annotate(
+                    f"{text}: {step / 1e6:.2f}M", (step, 0.5 + 0.4 * threshold), xytext=(4, 0),
+                    textcoords="offset points", color=color, fontsize=8,
+                )  # fmt: skip
+        axes[0][2].set_ylim(-0.02, 1.02)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -14,7 +14,7 @@ reported. What each number means:
   (acting + replay sampling + one gradient step per ``train_freq`` agent steps, the same replay
   ratio for both).
 * **peak memory**: the largest proportional set size (PSS, so shared pages are split, not
-  counted twice) of the child and all its env processes, sampled every 0.2 s; on CUDA also
+  counted twice) of the child and all its env processes, sampled every 2 s; on CUDA also
   ``torch.cuda.max_memory_allocated``.
 * **emulator limit**: bare nes-py frames/s with one process per core, divided by the frame skip
   (4): the agent steps/s a trainer could reach if learning cost nothing.
@@ -22,14 +22,15 @@ reported. What each number means:
 The systems:
 
 ============================  ======================================================================
-ppo-ours                      ``agents.ppo.train`` as configured by default: shared-memory async
-                              envs, uint8 rollout storage, one learner thread (``threads=1``), bf16
-                              autocast where the hardware has native bf16
+ppo-ours                      ``agents.ppo.train`` with the Mario preset but serial (``overlap=False``):
+                              shared-memory async envs, uint8 rollout storage, one learner thread
+                              (``threads=1``), bf16 autocast where the hardware has native bf16
 ppo-ours-fp32                 the same with ``bf16=False`` (what the bf16 lever is worth)
 ppo-ours-all-threads          the same with ``threads=0``: one thread per core while learning (the
                               rollout's inference keeps to one, the env workers hold the cores)
-ppo-ours-overlap              the same with ``overlap=True``: the update on one rollout runs in a
-                              thread while the next rollout is collected (policy lag of one update)
+ppo-ours-overlap              the same with ``overlap=True`` (the Mario preset's default): the update
+                              on one rollout runs in a thread while the next rollout is collected
+                              (policy lag of one update)
 ppo-sb3                       SB3 ``PPO("CnnPolicy")`` (its NatureCNN) over ``SubprocVecEnv`` of our
                               single-env stack (``envs.make``), as an SB3 user would run it (torch's
                               default threads)
@@ -415,6 +416,13 @@ def _pss_mb(pids: list[int]) -> float:
     return total_kb / 1024
 
 
+# Reading smaps_rollup costs the kernel ~45 ms of CPU per sample for a training process tree (it
+# walks the page tables of torch's large mappings): sampled every 0.2 s, as at first, that took a
+# fifth of a core from the system being measured, and more from systems that use both cores.
+# The peak is reached within seconds (buffers are allocated up front) and then held.
+PSS_INTERVAL = 2.0
+
+
 def measure(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Runs one system in a child process; its result plus the peak PSS of its process tree."""
     command = [
@@ -432,8 +440,10 @@ def measure(name: str, settings: dict[str, Any]) -> dict[str, Any]:
 
     def sample() -> None:
         nonlocal peak
-        while not done.wait(0.2):
+        interval = 0.5
+        while not done.wait(interval):
             peak = max(peak, _pss_mb(_descendants(process.pid)))
+            interval = PSS_INTERVAL
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -476,6 +486,9 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
     ratio("ppo-ours/ppo-ours-all-threads", "ppo-ours", "ppo-ours-all-threads")
     ratio("ppo-ours/ppo-sb3-1thread", "ppo-ours", "ppo-sb3-1thread")
     ratio("ppo-ours/emulator-limit", "ppo-ours", "emulator")
+    ratio("ppo-ours-overlap/ppo-sb3", "ppo-ours-overlap", "ppo-sb3")
+    ratio("ppo-ours-overlap/ppo-ours", "ppo-ours-overlap", "ppo-ours")
+    ratio("ppo-ours-overlap/emulator-limit", "ppo-ours-overlap", "emulator")
     ratio("dqn-ours/dqn-sb3", "dqn-ours", "dqn-sb3")
     ratio("dqn-ours/dqn-ours-baseline", "dqn-ours", "dqn-ours-baseline")
     ratio("dqn-ours-baseline/dqn-sb3", "dqn-ours-baseline", "dqn-sb3")

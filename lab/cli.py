@@ -26,6 +26,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -87,6 +88,9 @@ def build_parser() -> Parser:
         action="store_true",
         help="no randomised starts (no-ops / sticky actions) in Mario",
     )
+    evaluate.add_argument(
+        "--save", action="store_true", help="also write the summary to eval.json in the run directory"
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
     watch = commands.add_parser("watch", help="record rollouts of a trained agent to MP4/GIF")
@@ -145,6 +149,13 @@ def build_parser() -> Parser:
 
     listing = commands.add_parser("list", help="show presets, tasks or nets")
     listing.add_argument("what", nargs="?", default="all", choices=["all", "envs", "tasks", "nets"])
+
+    export = commands.add_parser(
+        "export", help="copy a run's newest weights, config and learning curve to a small run for sharing"
+    )
+    export.add_argument("run", metavar="RUN_DIR", help="the run to export")
+    export.add_argument("out", metavar="OUT_DIR", help="the new run directory (made if missing)")
+    export.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
     commands.add_parser("demo", help="the flagship demo on the shipped defaults")
     return parser
@@ -381,8 +392,54 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         args.seed,
     )
     summary = {"run": args.run, "env": config.env, **summary}
+    if args.save:
+        from agents.checkpoint import atomic_write_json
+
+        sidecar, meta = common.locate_checkpoint(args.run)
+        saved = {
+            **summary,
+            "checkpoint": sidecar.name,
+            "seed": args.seed,
+            "randomised_start": overrides,
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        path = sidecar.parent.parent / "eval.json"
+        atomic_write_json(path, saved)
+        summary["saved"] = str(path)
     if not args.json:
         print_eval(summary)
+        if args.save:
+            print(f"saved: {summary['saved']}")
+    return summary
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    from agents import common
+    from agents.checkpoint import check_writable, load_checkpoint
+
+    source, out = Path(args.run), Path(args.out)
+    if not source.is_dir() or common.latest_checkpoint(source / "checkpoints") is None:
+        raise UsageError(f"{source} is not a run directory with a loadable checkpoint")
+    if out.resolve() == source.resolve():
+        raise UsageError("OUT_DIR must differ from RUN_DIR")
+    if out.exists():
+        check_writable(out)
+    sidecar = common.export_slim_checkpoint(source, out)
+    state, meta = load_checkpoint(sidecar)
+    history = list(state.get("history", []))
+    if history:
+        common.plot_learning_curve(
+            history, out / "learning_curve.png", f"{meta['algo'].upper()} on {meta['config']['env']}"
+        )
+    size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    summary = {"run": str(out), "checkpoint": str(sidecar), "steps": int(state["global_step"]), "bytes": size}
+    if any("clear_rate" in record for record in history):
+        for threshold, text in common.CLEAR_MILESTONES:
+            summary[f"steps_to_{text.replace('% ', '_').replace(' ', '_')}"] = common.first_step_reaching(
+                history, "clear_rate", threshold
+            )
+    if not args.json:
+        print(f"exported {source} at {summary['steps']:,} steps to {out} ({size / 2**20:.1f} MB)")
     return summary
 
 
@@ -620,6 +677,7 @@ COMMANDS = {
     "fit": cmd_fit,
     "bench": cmd_bench,
     "list": cmd_list,
+    "export": cmd_export,
     "demo": cmd_demo,
 }
 

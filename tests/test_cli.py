@@ -300,6 +300,25 @@ def test_eval_watch_and_resume_of_a_real_run(paths, fakes, capsys):
     assert json.loads(out.strip().splitlines()[-1])["steps"] == 512
 
 
+def test_export_then_eval_save(paths, fakes, capsys, tmp_path):
+    out = tmp_path / "shipped"
+    code, stdout, err = run_main(["export", paths["run"], str(out), "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 0 and summary["bytes"] > 0
+    state, meta = common.load_training_checkpoint(out)
+    assert "optimizer" not in state and "rng" not in state and meta["algo"] == "ppo"
+    assert json.loads((out / "config.json").read_text())["algo"] == "ppo"
+    code, stdout, err = run_main(["eval", str(out), "--episodes", "4", "--save"], capsys)
+    assert code == 0 and "eval.json" in stdout, err
+    saved = json.loads((out / "eval.json").read_text())
+    assert saved["episodes"] == 4 and saved["checkpoint"].startswith("step_") and "randomised_start" in saved
+    assert_usage_error(["export", paths["run"], paths["run"]], capsys, "differ")
+    assert_usage_error(["export", paths["not_a_run"], str(tmp_path / "x")], capsys, "not a run directory")
+    assert_usage_error(["export", paths["missing"], str(tmp_path / "y")], capsys, "not a run directory")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_help_exits_0(fakes, capsys):
     code, out, _ = run_main(["--help"], capsys)
     assert code == 0 and "train" in out
@@ -336,7 +355,7 @@ def test_python_m_lab_bad_input():
 # Fuzz: random argument lists never end in a traceback
 # ---------------------------------------------------------------------------------------------
 
-COMMANDS = ["train", "eval", "watch", "fit", "bench", "list", "demo"]
+COMMANDS = ["train", "eval", "watch", "fit", "bench", "list", "demo", "export"]
 JUNK = [
     "", "-", "--", "=", "--set", "--set=", "-x", "--json", "tran", "TRAIN", "é", "名前", "🙂", "a=b=c", "\t", " ",
     "x" * 300, "--steps=5", "--steps=-1", "-5", "0", "1e400", "nan", "inf", "-inf", "None", "null", "()", "[1,",
@@ -377,13 +396,14 @@ VALUES = {
 OPTIONS = {
     "train": ["--algo", "--net", "--steps", "--envs", "--seed", "--device", "--run-dir", "--resume", "--set",
               "--json", "--no-progress", "--help-config"],
-    "eval": ["--episodes", "--seed", "--device", "--deterministic-start", "--json"],
+    "eval": ["--episodes", "--seed", "--device", "--deterministic-start", "--save", "--json"],
     "watch": ["--episodes", "--out", "--human", "--seed", "--max-steps", "--device", "--json"],
     "fit": ["--net", "--epochs", "--seed", "--device", "--run-dir", "--set", "--help-config", "--json",
             "--no-progress"],
     "bench": ["--seconds", "--repeats", "--json", "--device", "--systems"],
     "list": [],
     "demo": [],
+    "export": ["--json"],
 }  # fmt: skip
 ALL_OPTIONS = sorted({option for options in OPTIONS.values() for option in options})
 POSITIONAL = {
@@ -394,6 +414,7 @@ POSITIONAL = {
     "bench": ["env", "train", "gpu"],
     "list": ["envs", "tasks", "nets", "all", "planets"],
     "demo": [],
+    "export": ["@run", "@run", "@empty", "@missing", "@not_a_run", "@checkpoint", ""],
 }  # fmt: skip
 
 

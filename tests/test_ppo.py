@@ -324,3 +324,16 @@ def test_ppo_with_overlap_solves_cartpole(tmp_path):
     run_dir.mkdir()
     summary = ppo.train(config, run_dir, progress=False)
     assert summary["eval_return_mean"] >= 475, summary
+
+
+def test_learning_curve_marks_the_first_clear_and_90_percent(tmp_path):
+    history = [
+        {"step": 1000 * i, "return_mean": float(i), "x_pos_max_mean": 100.0 * i, "clear_rate": rate}
+        for i, rate in enumerate([0.0, 0.0, 0.01, 0.0, 0.5, 0.89, 0.9, 0.95], start=1)
+    ]
+    assert common.first_step_reaching(history, "clear_rate", 1e-9) == 3000
+    assert common.first_step_reaching(history, "clear_rate", 0.9) == 7000
+    assert common.first_step_reaching(history, "clear_rate", 0.99) is None
+    path = tmp_path / "curve.png"
+    common.plot_learning_curve(history, path, "PPO on mario-1-1")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
