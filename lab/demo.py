@@ -1,9 +1,10 @@
 """``lab demo``: the flagship demo on the shipped defaults.
 
 With the shipped Mario agent (runs/mario-1-1/) it plays World 1-1 greedily on the CPU, writes the
-video under runs/, and prints the outcome. Without it (a checkout that does not ship the agent) it
-falls back to the supervised playground: a spiral classified by the MLP, with its decision-boundary
-plot.
+video under runs/, and prints the outcome. While no finished agent ships, the agent still in
+training (runs/mario-1-1-inprogress/) plays instead, and says so. Without either (a checkout that
+ships no agent) it falls back to the supervised playground: a spiral classified by the MLP, with its
+decision-boundary plot.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 SHIPPED_RUN = Path("runs/mario-1-1")
+IN_PROGRESS_RUN = Path("runs/mario-1-1-inprogress")
 
 
 def demo() -> dict[str, Any]:
     if (SHIPPED_RUN / "checkpoints").is_dir():
         return mario_demo(SHIPPED_RUN)
+    if (IN_PROGRESS_RUN / "checkpoints").is_dir():
+        print(f"No finished Mario agent ships yet: playing the one still in training ({IN_PROGRESS_RUN}).")
+        return mario_demo(IN_PROGRESS_RUN)
     return playground_demo()
 
 
@@ -31,7 +36,12 @@ def mario_demo(run_dir: Path) -> dict[str, Any]:
     out = Path("runs") / "demo" / "mario-1-1.mp4"
     summary = watch(policy, config.env, out, episodes=1, seed=0, human=False, max_steps=4000)
     episode = summary["per_episode"][0]
-    print(f"Mario World 1-1, shipped PPO agent ({run_dir}): {describe_episode(episode)}")
+    from agents.checkpoint import load_checkpoint
+    from agents.common import locate_checkpoint
+
+    steps = load_checkpoint(locate_checkpoint(run_dir)[0])[0].get("global_step")
+    trained = f", {int(steps):,} agent steps of training" if steps else ""
+    print(f"Mario World 1-1, PPO agent ({run_dir}{trained}): {describe_episode(episode)}")
     print(
         f"video: {summary['video']} ({summary['frames']} frames at {summary['fps']:.0f} fps), {time.time() - started:.0f} s"
     )

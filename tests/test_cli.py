@@ -319,6 +319,35 @@ def test_export_then_eval_save(paths, fakes, capsys, tmp_path):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_demo_plays_the_shipped_agent_else_the_one_in_training_else_the_playground(
+    paths, monkeypatch, tmp_path, capsys
+):
+    import shutil
+
+    import lab.demo
+    import lab.watch
+
+    def watch_one(policy, env_name, out, episodes, seed, human, max_steps) -> dict[str, Any]:
+        return {
+            **fake_watch(policy, env_name, out, episodes, seed, human, max_steps),
+            "frames": 2,
+            "fps": 15.0,
+        }
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lab.watch, "watch", watch_one)
+    monkeypatch.setattr(lab.demo, "playground_demo", lambda: {"demo": "playground"})
+    assert lab.demo.demo() == {"demo": "playground"}
+    shutil.copytree(paths["run"], tmp_path / "runs" / "mario-1-1-inprogress")
+    lab.demo.demo()
+    out = capsys.readouterr().out
+    assert "still in training" in out and "mario-1-1-inprogress, 0 agent steps" not in out
+    shutil.copytree(paths["run"], tmp_path / "runs" / "mario-1-1")
+    lab.demo.demo()
+    out = capsys.readouterr().out
+    assert "still in training" not in out and "PPO agent (runs/mario-1-1" in out
+
+
 def test_help_exits_0(fakes, capsys):
     code, out, _ = run_main(["--help"], capsys)
     assert code == 0 and "train" in out
