@@ -212,6 +212,15 @@ class EpisodeTracker:
         values = [s[key] for s in self.recent if key in s]
         return float(np.mean(values)) if values else math.nan
 
+    def state(self) -> dict[str, Any]:
+        """For checkpoints: the count and the window, so that a resumed run's curves carry on."""
+        return {"episodes": self.count, "recent_episodes": list(self.recent)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.count = int(state.get("episodes", 0))
+        self.recent.clear()
+        self.recent.extend(dict(stats) for stats in state.get("recent_episodes", []))
+
 
 # ---------------------------------------------------------------------------------------------
 # Logging: TensorBoard + a progress bar (SPS, recent return, ETA)
@@ -451,7 +460,9 @@ def export_slim_checkpoint(run_dir: Path, out_dir: Path) -> Path:
         raise CheckpointError(f"{run_dir} holds no loadable checkpoint")
     state, meta = loaded
     slim = {
-        key: state[key] for key in ("model", "global_step", "update", "episodes", "history") if key in state
+        key: state[key]
+        for key in ("model", "global_step", "update", "episodes", "recent_episodes", "history")
+        if key in state
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_bytes((run_dir / "config.json").read_bytes())

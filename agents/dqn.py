@@ -280,7 +280,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
         target_network.load_state_dict(saved["target"])
         optimizer.load_state_dict(saved["optimizer"])
         set_rng_state(saved["rng"], np_rng)
-        episodes.count = int(saved["episodes"])
+        episodes.restore(saved)
         history = list(saved.get("history", []))
         skipped_updates, gradient_updates = int(saved["skipped_updates"]), int(saved["gradient_updates"])
         best = saved.get("best", best)
@@ -325,7 +325,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
             "rng": rng_state(np_rng),
             "global_step": global_step,
             "schedule_steps": schedule_steps,
-            "episodes": episodes.count,
+            **episodes.state(),
             "skipped_updates": skipped_updates,
             "gradient_updates": gradient_updates,
             "history": history,

@@ -314,7 +314,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
             optimizer.load_state_dict(checkpoint[0]["optimizer"])
         if "rng" in checkpoint[0]:
             set_rng_state(checkpoint[0]["rng"], np_rng)
-        episodes.count = int(checkpoint[0].get("episodes", 0))
+        episodes.restore(checkpoint[0])
         history = list(checkpoint[0].get("history", []))
     forward = torch.compile(agent) if config.compile else agent
     # The collector's network: the learner's own one, or with overlap a copy that only changes
@@ -354,7 +354,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
             # Only completed updates count: an interrupted rollout is collected again on resume.
             "global_step": completed_steps,
             "update": completed_updates,
-            "episodes": episodes.count,
+            **episodes.state(),
             "history": history,
         }
         common.save_training_checkpoint(run_dir, completed_steps, state, meta, config.keep_checkpoints)

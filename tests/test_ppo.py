@@ -337,3 +337,26 @@ def test_learning_curve_marks_the_first_clear_and_90_percent(tmp_path):
     path = tmp_path / "curve.png"
     common.plot_learning_curve(history, path, "PPO on mario-1-1")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class TwentyStepEnv(CountingEnv):
+    """Episodes of 20 steps with reward 1 per step (return 20)."""
+
+    def step(self, action):
+        obs, reward, _, truncated, info = super().step(action)
+        return obs, reward, self.t >= 20, truncated, info
+
+
+def test_resume_keeps_the_recent_episode_window(tmp_path, monkeypatch):
+    """A resumed run's first update finishes no episode (they last 20 steps, a rollout 8): its
+    recent return must still be the one from before the interruption, not NaN."""
+    gym.register("LabTest/Twenty-v0", entry_point=TwentyStepEnv)
+    no_eval = {"episodes": 0, "return_mean": 0.0, "return_std": 0.0, "length_mean": 0.0}
+    monkeypatch.setattr(ppo, "run_eval", lambda *args, **kwargs: no_eval)
+    changes = dict(env="LabTest/Twenty-v0", num_steps=8, checkpoint_every=16, num_minibatches=1)
+    _, run_dir = train(tmp_path, total_steps=64, **changes)
+    state, _ = common.load_training_checkpoint(run_dir)
+    assert state["episodes"] == 2 and [e["return"] for e in state["recent_episodes"]] == [20.0, 20.0]
+    train(tmp_path, resume=True, total_steps=80, **changes)
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert history[-1]["step"] == 80 and history[-1]["return_mean"] == 20.0
