@@ -98,6 +98,11 @@ def build_parser() -> Parser:
     watch.add_argument("--episodes", type=positive_int, default=1, help="episodes to record (default 1)")
     watch.add_argument("--out", default=None, help="output .mp4 or .gif (default: RUN/videos/watch.mp4)")
     watch.add_argument("--human", action="store_true", help="open a window instead of writing a file")
+    watch.add_argument(
+        "--small",
+        action="store_true",
+        help="half size, every other frame (a GIF of a few hundred KB for a README)",
+    )
     watch.add_argument("--seed", type=non_negative_int, default=0, help="seed of the env")
     watch.add_argument(
         "--max-steps", type=positive_int, default=5000, help="stop an episode after this many steps"
@@ -465,7 +470,9 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
         out = Path(args.out) if args.out else None
     if out is not None and out.suffix.lower() not in (".mp4", ".gif"):
         raise UsageError(f"--out must end in .mp4 or .gif, got {out.name!r}")
-    summary = watch(policy, config.env, out, args.episodes, args.seed, args.human, args.max_steps)
+    summary = watch(
+        policy, config.env, out, args.episodes, args.seed, args.human, args.max_steps, small=args.small
+    )
     if not args.json:
         for episode in summary["per_episode"]:
             print(describe_episode(episode))

@@ -46,8 +46,12 @@ def watch(
     seed: int,
     human: bool,
     max_steps: int,
+    small: bool = False,
 ) -> dict[str, Any]:
     """Plays ``episodes`` greedy episodes; writes a video to ``out`` unless ``human``.
+
+    ``small`` keeps every other frame at half size (and half the frame rate, so it plays at the
+    same speed): a Mario clear then fits a GIF of about 1 MB instead of 5.
 
     Returns:
         ``{"episodes", "per_episode": [{return, length, x_pos_max, flag_get, game_time}], "video"}``.
@@ -94,6 +98,12 @@ def watch(
         env.close()
     video = None
     if out is not None and frames:
+        if small:
+            frames = [
+                cv2.resize(frame, (frame.shape[1] // 2, frame.shape[0] // 2), interpolation=cv2.INTER_AREA)
+                for frame in frames[::2]
+            ]
+            fps /= 2
         out.parent.mkdir(parents=True, exist_ok=True)
         video = str(write_video(frames, out, fps=fps))
     return {

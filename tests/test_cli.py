@@ -51,7 +51,16 @@ def fake_evaluate(
     return common.summarize_episodes([{"return": 1.0, "length": 2.0}] * episodes)
 
 
-def fake_watch(policy: Any, env_name: str, out: Any, episodes: int, seed: int, human: bool, max_steps: int):
+def fake_watch(
+    policy: Any,
+    env_name: str,
+    out: Any,
+    episodes: int,
+    seed: int,
+    human: bool,
+    max_steps: int,
+    small: bool = False,
+):
     return {"episodes": episodes, "per_episode": [{"return": 1.0, "length": 2}] * episodes, "video": str(out)}
 
 
@@ -426,7 +435,7 @@ OPTIONS = {
     "train": ["--algo", "--net", "--steps", "--envs", "--seed", "--device", "--run-dir", "--resume", "--set",
               "--json", "--no-progress", "--help-config"],
     "eval": ["--episodes", "--seed", "--device", "--deterministic-start", "--save", "--json"],
-    "watch": ["--episodes", "--out", "--human", "--seed", "--max-steps", "--device", "--json"],
+    "watch": ["--episodes", "--out", "--human", "--small", "--seed", "--max-steps", "--device", "--json"],
     "fit": ["--net", "--epochs", "--seed", "--device", "--run-dir", "--set", "--help-config", "--json",
             "--no-progress"],
     "bench": ["--seconds", "--repeats", "--json", "--device", "--systems"],

@@ -79,3 +79,28 @@ def test_odd_sizes_and_grayscale_frames_are_accepted(tmp_path):
 def test_bad_input_is_refused(frames, path, fps, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         write_video(frames, tmp_path / path, fps=fps)
+
+
+class WalkRight:
+    """A stand-in policy for lab.watch: always action 1 (right)."""
+
+    def reset(self, num_envs: int) -> None:
+        pass
+
+    def act(self, obs, starts):
+        return np.ones(len(obs), dtype=np.int64), {"value": np.zeros(len(obs), dtype=np.float32)}
+
+
+@pytest.mark.parametrize("small", [False, True])
+def test_watch_small_halves_size_frames_and_rate(tmp_path, small):
+    from lab.watch import CAPTION_HEIGHT, watch
+
+    summary = watch(WalkRight(), "mario-1-1", tmp_path / "clip.gif", 1, 0, False, max_steps=10, small=small)
+    decoded = imageio.mimread(summary["video"])
+    height = 240 + CAPTION_HEIGHT
+    if small:
+        assert len(decoded) == 5 and decoded[0].shape[:2] == (height // 2, 128)
+        assert summary["fps"] == pytest.approx(7.5)
+    else:
+        assert len(decoded) == 10 and decoded[0].shape[:2] == (height, 256)
+        assert summary["fps"] == pytest.approx(15.0)
