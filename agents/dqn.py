@@ -176,11 +176,18 @@ class QNetwork(nn.Module):
 
 
 class DQNPolicy:
-    """Greedy actions argmax_a Q(s, a); reports max_a Q(s, a) as the value estimate."""
+    """Greedy actions argmax_a Q(s, a); reports max_a Q(s, a) as the value estimate.
 
-    def __init__(self, q_network: QNetwork, device: torch.device) -> None:
+    With ``stochastic`` set, a random action replaces the greedy one with probability ``epsilon``
+    (the run's final exploration rate), as the RL Zoo evaluates Atari agents.
+    """
+
+    def __init__(self, q_network: QNetwork, device: torch.device, epsilon: float = 0.01) -> None:
         self.q_network = q_network.eval()
         self.device = device
+        self.stochastic = False
+        self.epsilon = epsilon
+        self.rng = np.random.default_rng(0)
 
     def reset(self, num_envs: int) -> None:
         pass  # feed-forward: no memory between steps
@@ -189,7 +196,11 @@ class DQNPolicy:
     def act(self, obs: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         q_values = self.q_network(torch.as_tensor(obs, device=self.device)).float()  # (B, A)
         values, actions = q_values.max(dim=1)
-        return actions.cpu().numpy(), {"value": values.cpu().numpy()}
+        chosen = actions.cpu().numpy()
+        if self.stochastic:
+            explore = self.rng.random(len(chosen)) < self.epsilon
+            chosen = np.where(explore, self.rng.integers(0, q_values.shape[1], len(chosen)), chosen)
+        return chosen, {"value": values.cpu().numpy()}
 
 
 def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> DQNPolicy:
@@ -200,7 +211,7 @@ def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> DQ
     config = config_from_dict(meta["config"])
     q_network = QNetwork(config, tuple(meta["obs_shape"]), int(meta["num_actions"])).to(device)
     q_network.load_state_dict(state["model"])
-    return DQNPolicy(q_network, device)
+    return DQNPolicy(q_network, device, epsilon=config.end_e)
 
 
 def config_from_dict(values: dict[str, Any]) -> DQNConfig:

@@ -186,12 +186,18 @@ def detach_state(state: Any) -> Any:
 
 
 class PPOPolicy:
-    """Greedy (argmax) actions from a trained ActorCritic; keeps the memory state between calls."""
+    """Greedy (argmax) actions from a trained ActorCritic; keeps the memory state between calls.
+
+    With ``stochastic`` set, actions are sampled from the policy instead (torch's global generator),
+    as the RL Zoo evaluates Atari agents: a deterministic policy can loop forever where a sampled one
+    gets unstuck.
+    """
 
     def __init__(self, agent: ActorCritic, device: torch.device) -> None:
         self.agent = agent.eval()
         self.device = device
         self.state: Any = None
+        self.stochastic = False
 
     def reset(self, num_envs: int) -> None:
         self.state = self.agent.initial_state(num_envs, self.device)
@@ -201,7 +207,10 @@ class PPOPolicy:
         obs_tensor = torch.as_tensor(obs, device=self.device).unsqueeze(0)  # (1, B, ...)
         starts_tensor = torch.as_tensor(starts, device=self.device).unsqueeze(0)
         logits, values, self.state = self.agent(obs_tensor, self.state, starts_tensor)
-        actions = logits[0].argmax(dim=-1)
+        if self.stochastic:
+            actions = Categorical(logits=logits[0].float()).sample()
+        else:
+            actions = logits[0].argmax(dim=-1)
         return actions.cpu().numpy(), {"value": values[0].float().cpu().numpy()}
 
 

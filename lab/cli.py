@@ -91,6 +91,7 @@ def build_parser() -> Parser:
     evaluate.add_argument(
         "--save", action="store_true", help="also write the summary to eval.json in the run directory"
     )
+    evaluate.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)
     evaluate.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
     watch = commands.add_parser("watch", help="record rollouts of a trained agent to MP4/GIF")
@@ -98,6 +99,7 @@ def build_parser() -> Parser:
     watch.add_argument("--episodes", type=positive_int, default=1, help="episodes to record (default 1)")
     watch.add_argument("--out", default=None, help="output .mp4 or .gif (default: RUN/videos/watch.mp4)")
     watch.add_argument("--human", action="store_true", help="open a window instead of writing a file")
+    watch.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)
     watch.add_argument(
         "--small",
         action="store_true",
@@ -164,6 +166,12 @@ def build_parser() -> Parser:
 
     commands.add_parser("demo", help="the flagship demo on the shipped defaults")
     return parser
+
+
+STOCHASTIC_HELP = (
+    "sample actions from the policy (PPO; DQN: epsilon-greedy at its final epsilon) instead of the greedy "
+    "argmax, as the RL Zoo evaluates Atari agents"
+)
 
 
 def positive_int(text: str) -> int:
@@ -371,8 +379,11 @@ def print_config_help(config: Any) -> None:
         print(f"  {name:<22} {type_name:<14} {getattr(config, name)!r:<14} {help_text}")
 
 
-def load_agent(path: str, device_name: str) -> tuple[Any, Any, dict[str, Any]]:
-    """Returns (policy, config, meta) of a run directory or checkpoint."""
+def load_agent(
+    path: str, device_name: str, stochastic: bool = False, seed: int = 0
+) -> tuple[Any, Any, dict[str, Any]]:
+    """Returns (policy, config, meta) of a run directory or checkpoint; greedy unless ``stochastic``
+    (then its action sampling is seeded with ``seed``)."""
     from agents import common
 
     sidecar, meta = common.locate_checkpoint(path)
@@ -381,6 +392,14 @@ def load_agent(path: str, device_name: str) -> tuple[Any, Any, dict[str, Any]]:
     module = algo_module(meta["algo"])
     device = common.resolve_device(device_name)
     policy = module.load_policy(sidecar, meta, device)
+    if stochastic:
+        import numpy as np
+        import torch
+
+        policy.stochastic = True
+        torch.manual_seed(seed)
+        if hasattr(policy, "rng"):
+            policy.rng = np.random.default_rng(seed)
     return policy, module.config_from_dict(meta["config"]), meta
 
 
@@ -388,7 +407,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     import envs
     from agents import common
 
-    policy, config, _ = load_agent(args.run, args.device)
+    policy, config, _ = load_agent(args.run, args.device, args.stochastic, args.seed)
     overrides = {} if args.deterministic_start else envs.eval_overrides(config.env)
     summary = common.evaluate(
         policy,
@@ -396,7 +415,12 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         args.episodes,
         args.seed,
     )
-    summary = {"run": args.run, "env": config.env, **summary}
+    summary = {
+        "run": args.run,
+        "env": config.env,
+        "actions": "sampled" if args.stochastic else "greedy",
+        **summary,
+    }
     if args.save:
         from agents.checkpoint import atomic_write_json
 
@@ -450,7 +474,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_eval(summary: dict[str, Any]) -> None:
     line = (
-        f"{summary['env']}: {summary['episodes']} episodes, return {summary['return_mean']:.1f} "
+        f"{summary['env']}: {summary['episodes']} {summary.get('actions', 'greedy')} episodes, "
+        f"return {summary['return_mean']:.1f} "
         f"+- {summary['return_std']:.1f}, length {summary['length_mean']:.0f}"
     )
     if "clear_rate" in summary:
@@ -461,7 +486,7 @@ def print_eval(summary: dict[str, Any]) -> None:
 def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
     from lab.watch import watch
 
-    policy, config, _ = load_agent(args.run, args.device)
+    policy, config, _ = load_agent(args.run, args.device, args.stochastic, args.seed)
     run_path = Path(args.run)
     run_dir = run_path if run_path.is_dir() else run_path.parent.parent
     if args.out is None and not args.human:

@@ -357,6 +357,43 @@ def test_demo_plays_the_shipped_agent_else_the_one_in_training_else_the_playgrou
     assert "still in training" not in out and "PPO agent (runs/mario-1-1" in out
 
 
+def test_stochastic_policies_sample_and_greedy_ones_do_not(paths):
+    import numpy as np
+
+    from agents import dqn
+
+    obs, starts = np.zeros((200, 4), dtype=np.float32), np.ones(200, dtype=bool)
+    greedy, _, _ = cli.load_agent(paths["run"], "cpu")
+    greedy.reset(200)
+    assert len(set(greedy.act(obs, starts)[0].tolist())) == 1  # the same observation, the same action
+    sampled, _, _ = cli.load_agent(paths["run"], "cpu", stochastic=True, seed=3)
+    sampled.reset(200)
+    first = sampled.act(obs, starts)[0]
+    assert set(first.tolist()) == {0, 1}  # an untrained policy is close to uniform
+    again, _, _ = cli.load_agent(paths["run"], "cpu", stochastic=True, seed=3)
+    again.reset(200)
+    assert (again.act(obs, starts)[0] == first).all()  # seeded
+    config = dqn.DQNConfig(env="cartpole", device="cpu")
+    policy = dqn.DQNPolicy(dqn.QNetwork(config, (4,), 2), torch_device(), epsilon=1.0)
+    assert len(set(policy.act(obs, starts)[0].tolist())) == 1
+    policy.stochastic = True
+    assert set(policy.act(obs, starts)[0].tolist()) == {0, 1}
+
+
+def torch_device():
+    import torch
+
+    return torch.device("cpu")
+
+
+def test_eval_stochastic_is_reported(paths, fakes, capsys):
+    code, out, err = run_main(["eval", paths["run"], "--episodes", "2", "--stochastic", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["actions"] == "sampled"
+    code, out, err = run_main(["eval", paths["run"], "--episodes", "2"], capsys)
+    assert code == 0 and "greedy episodes" in out, err
+
+
 def test_help_exits_0(fakes, capsys):
     code, out, _ = run_main(["--help"], capsys)
     assert code == 0 and "train" in out
@@ -434,8 +471,9 @@ VALUES = {
 OPTIONS = {
     "train": ["--algo", "--net", "--steps", "--envs", "--seed", "--device", "--run-dir", "--resume", "--set",
               "--json", "--no-progress", "--help-config"],
-    "eval": ["--episodes", "--seed", "--device", "--deterministic-start", "--save", "--json"],
-    "watch": ["--episodes", "--out", "--human", "--small", "--seed", "--max-steps", "--device", "--json"],
+    "eval": ["--episodes", "--seed", "--device", "--deterministic-start", "--save", "--stochastic", "--json"],
+    "watch": ["--episodes", "--out", "--human", "--small", "--stochastic", "--seed", "--max-steps", "--device",
+              "--json"],
     "fit": ["--net", "--epochs", "--seed", "--device", "--run-dir", "--set", "--help-config", "--json",
             "--no-progress"],
     "bench": ["--seconds", "--repeats", "--json", "--device", "--systems"],
