@@ -92,6 +92,13 @@ def build_parser() -> Parser:
         "--save", action="store_true", help="also write the summary to eval.json in the run directory"
     )
     evaluate.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)
+    evaluate.add_argument(
+        "--sticky",
+        type=probability,
+        default=None,
+        metavar="P",
+        help="Mario: repeat the previous action on each frame with probability P (ALE v5 uses 0.25)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
     watch = commands.add_parser("watch", help="record rollouts of a trained agent to MP4/GIF")
@@ -185,6 +192,13 @@ def non_negative_int(text: str) -> int:
     value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _number(text, float)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
     return value
 
 
@@ -409,6 +423,10 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     policy, config, _ = load_agent(args.run, args.device, args.stochastic, args.seed)
     overrides = {} if args.deterministic_start else envs.eval_overrides(config.env)
+    if args.sticky is not None:
+        if envs.resolve(config.env).kind != "mario":
+            raise UsageError(f"--sticky applies to Mario presets only; this run trains {config.env!r}")
+        overrides["sticky_prob"] = args.sticky
     summary = common.evaluate(
         policy,
         lambda n: envs.make_vec(config.env, n, seed=args.seed, **overrides),

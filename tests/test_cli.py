@@ -392,6 +392,32 @@ def test_eval_stochastic_is_reported(paths, fakes, capsys):
     assert json.loads(out.strip().splitlines()[-1])["actions"] == "sampled"
     code, out, err = run_main(["eval", paths["run"], "--episodes", "2"], capsys)
     assert code == 0 and "greedy episodes" in out, err
+    assert_usage_error(["eval", paths["run"], "--sticky", "0.25"], capsys, "Mario presets only")
+    assert_usage_error(["eval", paths["run"], "--sticky", "1"], capsys, "[0, 1)")
+
+
+def test_eval_sticky_reaches_the_mario_env(fakes, monkeypatch, tmp_path, capsys):
+    import envs
+    from agents import ppo
+
+    config = ppo.PPOConfig(env="mario-1-1", net="nature", num_envs=2, device="cpu")
+    run = tmp_path / "mario-run"
+    run.mkdir()
+    common.write_run_config(run, "ppo", config)
+    agent = ppo.ActorCritic(config, (4, 84, 84), 7)
+    meta = {"algo": "ppo", "config": dataclasses.asdict(config), "obs_shape": [4, 84, 84], "num_actions": 7}
+    common.save_training_checkpoint(run, 0, {"model": agent.state_dict(), "global_step": 0}, meta, keep=1)
+    made = []
+    monkeypatch.setattr(envs, "make_vec", lambda name, n, seed=0, **kwargs: made.append(kwargs))
+
+    def evaluate_calling_make(policy, make_vec_env, episodes, seed, max_envs=8):
+        make_vec_env(1)
+        return fake_evaluate(policy, make_vec_env, episodes, seed)
+
+    monkeypatch.setattr(common, "evaluate", evaluate_calling_make)
+    code, _, err = run_main(["eval", str(run), "--sticky", "0.25", "--episodes", "1"], capsys)
+    assert code == 0, err
+    assert made == [{"noop_max": 30, "sticky_prob": 0.25}]
 
 
 def test_help_exits_0(fakes, capsys):
@@ -467,11 +493,13 @@ VALUES = {
     "--repeats": ["1", "0", "x"],
     "--systems": ["ppo-ours", "ppo-ours,dqn-sb3", "nope", "", ",", "ppo-ours,,emulator"],
     "--max-steps": ["10", "0", "-"],
+    "--sticky": ["0.25", "0", "1", "-0.1", "nan", "x"],
 }
 OPTIONS = {
     "train": ["--algo", "--net", "--steps", "--envs", "--seed", "--device", "--run-dir", "--resume", "--set",
               "--json", "--no-progress", "--help-config"],
-    "eval": ["--episodes", "--seed", "--device", "--deterministic-start", "--save", "--stochastic", "--json"],
+    "eval": ["--episodes", "--seed", "--device", "--deterministic-start", "--save", "--stochastic", "--sticky",
+             "--json"],
     "watch": ["--episodes", "--out", "--human", "--small", "--stochastic", "--seed", "--max-steps", "--device",
               "--json"],
     "fit": ["--net", "--epochs", "--seed", "--device", "--run-dir", "--set", "--help-config", "--json",
