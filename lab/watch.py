@@ -86,6 +86,8 @@ def watch(
                             text += f"  x={int(info['x_pos'])}"
                         frames.append(caption(np.asarray(frame, dtype=np.uint8), text))
                 if terminated or truncated:
+                    if "episode" in info:  # the game's units, as `lab eval` reports (rewards may be scaled)
+                        total = float(np.asarray(info["episode"]["r"]).reshape(-1)[0])
                     break
             result: dict[str, Any] = {"return": total, "length": length}
             if "x_pos" in info:

@@ -104,3 +104,15 @@ def test_watch_small_halves_size_frames_and_rate(tmp_path, small):
     else:
         assert len(decoded) == 10 and decoded[0].shape[:2] == (height, 256)
         assert summary["fps"] == pytest.approx(15.0)
+
+
+def test_watch_reports_the_same_return_as_eval(tmp_path):
+    """Walking right dies at the first Goomba: the episode ends, and watch's return is eval's (the
+    game's reward units, not the scaled training reward)."""
+    from agents import common
+    from lab.watch import watch
+
+    summary = watch(WalkRight(), "mario-1-1", None, 1, 0, False, max_steps=400)
+    evaluated = common.evaluate(WalkRight(), lambda n: envs.make_vec("mario-1-1", n, seed=0), 1, 0)
+    assert summary["per_episode"][0]["length"] < 400  # the episode really ended
+    assert summary["per_episode"][0]["return"] == pytest.approx(evaluated["per_episode"][0]["return"])
