@@ -377,7 +377,11 @@ def finish_run(run_dir: Path, summary: dict[str, Any], history: list[dict[str, f
         )
 
 
-CLEAR_MILESTONES = ((1e-9, "first clear"), (0.9, "90% clears"))
+# (clear rate of the last 100 training episodes, plot label, `lab export` summary key)
+CLEAR_MILESTONES = (
+    (1e-9, "first clear", "steps_to_first_clear"),
+    (0.9, "90% clears", "steps_to_90_clears"),
+)
 
 
 def first_step_reaching(history: list[dict[str, float]], key: str, threshold: float) -> int | None:
@@ -412,7 +416,7 @@ def plot_learning_curve(history: list[dict[str, float]], path: Path, title: str 
         axis.grid(alpha=0.3)
     if has_mario:
         # Milestones of the training episodes: the first flag, and 90% of the last 100 episodes.
-        for (threshold, text), color in zip(CLEAR_MILESTONES, ("tab:green", "tab:red"), strict=True):
+        for (threshold, text, _key), color in zip(CLEAR_MILESTONES, ("tab:green", "tab:red"), strict=True):
             step = first_step_reaching(history, "clear_rate", threshold)
             if step is not None:
                 axes[0][2].axvline(step, color=color, linestyle="--", linewidth=1)

@@ -188,6 +188,12 @@ class DQNPolicy:
         self.stochastic = False
         self.epsilon = epsilon
         self.rng = np.random.default_rng(0)
+        self.trained_steps: int | None = None  # agent steps behind the weights, when loaded from a checkpoint
+
+    def sample_actions(self, seed: int) -> None:
+        """Acts epsilon-greedily from now on, reproducibly: the random actions come from ``seed``."""
+        self.stochastic = True
+        self.rng = np.random.default_rng(seed)
 
     def reset(self, num_envs: int) -> None:
         pass  # feed-forward: no memory between steps
@@ -211,7 +217,9 @@ def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> DQ
     config = config_from_dict(meta["config"])
     q_network = QNetwork(config, tuple(meta["obs_shape"]), int(meta["num_actions"])).to(device)
     q_network.load_state_dict(state["model"])
-    return DQNPolicy(q_network, device, epsilon=config.end_e)
+    policy = DQNPolicy(q_network, device, epsilon=config.end_e)
+    policy.trained_steps = state.get("global_step")
+    return policy
 
 
 def config_from_dict(values: dict[str, Any]) -> DQNConfig:

@@ -198,6 +198,12 @@ class PPOPolicy:
         self.device = device
         self.state: Any = None
         self.stochastic = False
+        self.trained_steps: int | None = None  # agent steps behind the weights, when loaded from a checkpoint
+
+    def sample_actions(self, seed: int) -> None:
+        """Samples actions from now on, reproducibly: from torch's global generator, seeded here."""
+        self.stochastic = True
+        torch.manual_seed(seed)
 
     def reset(self, num_envs: int) -> None:
         self.state = self.agent.initial_state(num_envs, self.device)
@@ -222,7 +228,9 @@ def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> PP
     config = config_from_dict(meta["config"])
     agent = ActorCritic(config, tuple(meta["obs_shape"]), int(meta["num_actions"])).to(device)
     agent.load_state_dict(state["model"])
-    return PPOPolicy(agent, device)
+    policy = PPOPolicy(agent, device)
+    policy.trained_steps = state.get("global_step")
+    return policy
 
 
 def config_from_dict(values: dict[str, Any]) -> PPOConfig:

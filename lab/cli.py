@@ -407,13 +407,7 @@ def load_agent(
     device = common.resolve_device(device_name)
     policy = module.load_policy(sidecar, meta, device)
     if stochastic:
-        import numpy as np
-        import torch
-
-        policy.stochastic = True
-        torch.manual_seed(seed)
-        if hasattr(policy, "rng"):
-            policy.rng = np.random.default_rng(seed)
+        policy.sample_actions(seed)
     return policy, module.config_from_dict(meta["config"]), meta
 
 
@@ -481,10 +475,8 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
     summary = {"run": str(out), "checkpoint": str(sidecar), "steps": int(state["global_step"]), "bytes": size}
     if any("clear_rate" in record for record in history):
-        for threshold, text in common.CLEAR_MILESTONES:
-            summary[f"steps_to_{text.replace('% ', '_').replace(' ', '_')}"] = common.first_step_reaching(
-                history, "clear_rate", threshold
-            )
+        for threshold, _label, key in common.CLEAR_MILESTONES:
+            summary[key] = common.first_step_reaching(history, "clear_rate", threshold)
     if not args.json:
         print(f"exported {source} at {summary['steps']:,} steps to {out} ({size / 2**20:.1f} MB)")
     return summary

@@ -36,10 +36,7 @@ def mario_demo(run_dir: Path) -> dict[str, Any]:
     out = Path("runs") / "demo" / "mario-1-1.mp4"
     summary = watch(policy, config.env, out, episodes=1, seed=0, human=False, max_steps=4000)
     episode = summary["per_episode"][0]
-    from agents.checkpoint import load_checkpoint
-    from agents.common import locate_checkpoint
-
-    steps = load_checkpoint(locate_checkpoint(run_dir)[0])[0].get("global_step")
+    steps = policy.trained_steps
     trained = f", {int(steps):,} agent steps of training" if steps else ""
     print(f"Mario World 1-1, PPO agent ({run_dir}{trained}): {describe_episode(episode)}")
     print(
