@@ -486,20 +486,23 @@ class TrainingStopped(RuntimeError):
     """Training cannot go on (persistent NaNs, env workers that keep failing); the message says why."""
 
 
-def worker_scalars(vec_env: Any) -> dict[str, float]:
-    """``charts/`` counts of env-worker failures of an ``envs.vector.SubprocVectorEnv`` (restarts,
-    dropped episodes, failures by kind); ``{}`` for an in-process vector env, which has no workers.
+def worker_scalars(*vec_envs: Any) -> dict[str, float]:
+    """``charts/`` counts of env-worker failures of ``envs.vector.SubprocVectorEnv``s, summed over
+    them (restarts, dropped episodes, failures by kind); ``{}`` for in-process vector envs, which
+    have no workers.
 
     The log has each failure as it happens; on TensorBoard the counts line up with the curves. They
     count from 0 in each process (a resumed run starts a new vector env).
     """
-    if not hasattr(vec_env, "failure_counts"):
+    with_workers = [vec_env for vec_env in vec_envs if hasattr(vec_env, "failure_counts")]
+    if not with_workers:
         return {}
     scalars = {
-        "charts/worker_restarts": float(vec_env.restarts),
-        "charts/dropped_episodes": float(vec_env.dropped_episodes),
+        "charts/worker_restarts": float(sum(vec_env.restarts for vec_env in with_workers)),
+        "charts/dropped_episodes": float(sum(vec_env.dropped_episodes for vec_env in with_workers)),
     }
-    for kind, count in vec_env.failure_counts.items():
+    for kind in with_workers[0].failure_counts:
+        count = sum(vec_env.failure_counts[kind] for vec_env in with_workers)
         scalars[f"charts/worker_failures_{kind}"] = float(count)
     return scalars
 

@@ -88,6 +88,15 @@ class PPOConfig:
             "help": "learn from a rollout in a thread while collecting the next (policy lag of one update)"
         },
     )
+    env_groups: int = field(
+        default=1,
+        metadata={
+            "help": "env groups stepped in turn (async back-end): one group's actions are computed "
+            "while the others' workers step",
+            "min": 1,
+            "max": 64,
+        },
+    )
     eval_every: int = field(
         default=0, metadata={"help": "agent steps between greedy evals (0: at end)", "min": 0}
     )
@@ -96,6 +105,21 @@ class PPOConfig:
         default=50_000, metadata={"help": "agent steps between checkpoints", "min": 1}
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk", "min": 1})
+
+    def check(self) -> None:
+        """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
+        batch_size = self.num_envs * self.num_steps
+        if batch_size < self.num_minibatches or (
+            self.memory != "none" and self.num_envs % self.num_minibatches
+        ):
+            raise ValueError(
+                f"num_envs*num_steps={batch_size} must split into num_minibatches={self.num_minibatches} "
+                "(recurrent PPO: num_envs must be divisible by num_minibatches)"
+            )
+        if self.num_envs % self.env_groups:
+            raise ValueError(f"num_envs={self.num_envs} must split into env_groups={self.env_groups}")
+        if self.env_groups > 1 and self.env_backend != "async":
+            raise ValueError("env_groups > 1 needs env_backend=async (worker processes to step in turn)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +194,18 @@ def select_state(state: Any, index: torch.Tensor) -> Any:
     if isinstance(state, dict):
         return {key: select_state(value, index) for key, value in state.items()}
     return type(state)(select_state(value, index) for value in state)
+
+
+def concat_states(states: list[Any]) -> Any:
+    """The memory states of env groups joined along the env dimension (undoes ``select_state``)."""
+    first = states[0]
+    if first is None or len(states) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(states)
+    if isinstance(first, dict):
+        return {key: concat_states([state[key] for state in states]) for key in first}
+    return type(first)(concat_states(list(parts)) for parts in zip(*states, strict=True))
 
 
 def detach_state(state: Any) -> Any:
@@ -301,13 +337,8 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     # during a serial update the workers wait, so it may use more.
     rollout_threads = 1 if device.type == "cpu" and config.env_backend == "async" else learn_threads
     np_rng = common.seed_everything(config.seed)
+    config.check()
     batch_size = config.num_envs * config.num_steps
-    minibatch_size = batch_size // config.num_minibatches
-    if minibatch_size < 1 or (config.memory != "none" and config.num_envs % config.num_minibatches):
-        raise ValueError(
-            f"num_envs*num_steps={batch_size} must split into num_minibatches={config.num_minibatches} "
-            "(recurrent PPO: num_envs must be divisible by num_minibatches)"
-        )
     num_updates = max(1, config.total_steps // batch_size)
 
     # Resume: model, optimizer, counters and RNG states come from the newest good checkpoint.
@@ -315,11 +346,18 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     global_step = 0 if checkpoint is None else int(checkpoint[0]["global_step"])
     start_update = 0 if checkpoint is None else int(checkpoint[0]["update"])
 
-    vec_env = envs.make_vec(
-        config.env, config.num_envs, seed=config.seed + global_step, backend=config.env_backend
-    )
-    obs_shape = tuple(vec_env.single_observation_space.shape)
-    num_actions = int(vec_env.single_action_space.n)
+    # Env groups stepped in turn: group g holds envs g*n .. (g+1)*n - 1 (n = num_envs / env_groups)
+    # and its own workers; env i is seeded as it would be in one vector env of num_envs.
+    group_size = config.num_envs // config.env_groups
+    groups = [slice(g * group_size, (g + 1) * group_size) for g in range(config.env_groups)]
+    vec_envs = [
+        envs.make_vec(
+            config.env, group_size, seed=config.seed + global_step + part.start, backend=config.env_backend
+        )
+        for part in groups
+    ]
+    obs_shape = tuple(vec_envs[0].single_observation_space.shape)
+    num_actions = int(vec_envs[0].single_action_space.n)
     agent = ActorCritic(config, obs_shape, num_actions).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5)
     episodes = common.EpisodeTracker()
@@ -346,16 +384,23 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     }
 
     # Rollout storage on the device; with overlap two, one being filled while the other is learnt from.
-    obs_dtype = torch.uint8 if vec_env.single_observation_space.dtype == np.uint8 else torch.float32
+    obs_dtype = torch.uint8 if vec_envs[0].single_observation_space.dtype == np.uint8 else torch.float32
     rollouts = [
         Rollout.empty(config.num_steps, config.num_envs, obs_shape, obs_dtype, device)
         for _ in range(2 if config.overlap else 1)
     ]
 
-    next_obs_np, _ = vec_env.reset(seed=config.seed + global_step)
-    next_obs = torch.as_tensor(next_obs_np, device=device)
+    # The observation each env acts on next, (N, *obs_shape), and whether it starts an episode.
+    next_obs = torch.cat(
+        [
+            torch.as_tensor(vec_env.reset(seed=config.seed + global_step + part.start)[0], device=device)
+            for vec_env, part in zip(vec_envs, groups, strict=True)
+        ]
+    )
     next_starts = torch.ones(config.num_envs, dtype=torch.bool, device=device)
-    memory_state = agent.initial_state(config.num_envs, device)
+    # One memory state per group: (n, ...) tensors, or None without memory.
+    initial_state = agent.initial_state(config.num_envs, device)
+    memory_states = [select_state(initial_state, torch.arange(config.num_envs)[part]) for part in groups]
 
     logger = common.RunLogger(run_dir, num_updates * batch_size, global_step, progress, config)
     run_start, run_start_step = time.time(), global_step
@@ -493,7 +538,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                 "losses/approx_kl": float(stats["approx_kl"]),
                 "losses/clipfrac": float(stats["clipfrac"]),
                 "losses/explained_variance": explained_variance,
-                **common.worker_scalars(vec_env),
+                **common.worker_scalars(*vec_envs),
             },
             step,
         )
@@ -527,55 +572,81 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                 with contextlib.suppress(Exception):  # the error being handled is the one to report
                     finish_update(update, future.result(), step, wrap_up=False)
 
+    def act(rollout: Rollout, step: int, group: int) -> np.ndarray:
+        """Samples the actions of ``group``'s envs at ``step`` (stored in the rollout); returns them."""
+        part = groups[group]
+        obs, starts = next_obs[part], next_starts[part]  # (n, *obs_shape), (n,)
+        rollout.obs[step, part] = obs
+        rollout.starts[step, part] = starts
+        with torch.no_grad(), autocast:
+            logits, value, memory_states[group] = actor_forward(obs[None], memory_states[group], starts[None])
+        distribution = Categorical(logits=logits[0].float())
+        action = distribution.sample()  # (n,)
+        rollout.actions[step, part], rollout.logprobs[step, part] = action, distribution.log_prob(action)
+        rollout.values[step, part] = value[0]
+        return action.cpu().numpy()
+
+    def observe(rollout: Rollout, step: int, group: int, results: tuple[Any, ...]) -> None:
+        """Stores what ``group``'s envs returned for ``step``; their next observations become current."""
+        part = groups[group]
+        next_obs_np, reward, terminations, truncations, infos = results
+        reward = reward * config.reward_scale
+        # A time-limit truncation is not a real end: bootstrap it, r += gamma * V(final_obs).
+        truncated_only = np.flatnonzero(truncations & ~terminations)
+        if truncated_only.size:
+            final_obs = np.stack(infos["final_obs"][truncated_only])
+            index = torch.as_tensor(truncated_only, device=device)
+            with torch.no_grad(), autocast:
+                _, final_value, _ = actor_forward(
+                    torch.as_tensor(final_obs, device=device)[None],
+                    select_state(memory_states[group], index),
+                    torch.zeros((1, truncated_only.size), dtype=torch.bool, device=device),
+                )
+            reward = reward.astype(np.float32)
+            reward[truncated_only] += config.gamma * final_value[0].float().cpu().numpy()
+        rollout.rewards[step, part] = torch.as_tensor(reward, device=device, dtype=torch.float32)
+        done = np.logical_or(terminations, truncations)
+        rollout.ends[step, part] = torch.as_tensor(done, device=device, dtype=torch.float32)
+        # Same-step autoreset: the next observation of a finished env already starts its next episode.
+        next_obs[part] = torch.as_tensor(next_obs_np, device=device)
+        next_starts[part] = torch.as_tensor(done, device=device)
+        for _, stats in common.finished_episodes(infos):
+            episodes.add(stats)
+
+    def close_envs() -> None:
+        for vec_env in vec_envs:
+            vec_env.close()
+
     completed_updates, completed_steps = start_update, global_step
     autocast = common.bf16_autocast(device, config.bf16)
     try:
         for update in range(start_update, num_updates):
             rollout = rollouts[update % len(rollouts)]
-            rollout.start_state = detach_state(memory_state)
+            rollout.start_state = detach_state(concat_states(memory_states))
 
-            # ---- collect: one batched forward pass for all envs per step --------------------------
+            # ---- collect: one batched forward pass per env group per step ------------------------
+            # With several groups, group g's workers step while the actions of the next groups are
+            # computed, so the inference hides behind the emulators (and each core has a worker
+            # ready to run while another waits for its actions).
             common.set_learner_threads(rollout_threads)
             for step in range(config.num_steps):
                 global_step += config.num_envs
-                rollout.obs[step] = next_obs
-                rollout.starts[step] = next_starts
-                with torch.no_grad(), autocast:
-                    logits, value, memory_state = actor_forward(
-                        next_obs[None], memory_state, next_starts[None]
-                    )
-                distribution = Categorical(logits=logits[0].float())
-                action = distribution.sample()
-                rollout.actions[step], rollout.logprobs[step] = action, distribution.log_prob(action)
-                rollout.values[step] = value[0]
-
-                next_obs_np, reward, terminations, truncations, infos = vec_env.step(action.cpu().numpy())
-                reward = reward * config.reward_scale
-                # A time-limit truncation is not a real end: bootstrap it, r += gamma * V(final_obs).
-                truncated_only = np.flatnonzero(truncations & ~terminations)
-                if truncated_only.size:
-                    final_obs = np.stack(infos["final_obs"][truncated_only])
-                    index = torch.as_tensor(truncated_only, device=device)
-                    with torch.no_grad(), autocast:
-                        _, final_value, _ = actor_forward(
-                            torch.as_tensor(final_obs, device=device)[None],
-                            select_state(memory_state, index),
-                            torch.zeros((1, truncated_only.size), dtype=torch.bool, device=device),
-                        )
-                    reward = reward.astype(np.float32)
-                    reward[truncated_only] += config.gamma * final_value[0].float().cpu().numpy()
-                rollout.rewards[step] = torch.as_tensor(reward, device=device, dtype=torch.float32)
-                done = np.logical_or(terminations, truncations)
-                rollout.ends[step] = torch.as_tensor(done, device=device, dtype=torch.float32)
-                # Same-step autoreset: next_obs of a finished env already starts its next episode.
-                next_obs = torch.as_tensor(next_obs_np, device=device)
-                next_starts = torch.as_tensor(done, device=device)
-                for _, stats in common.finished_episodes(infos):
-                    episodes.add(stats)
+                for group, vec_env in enumerate(vec_envs):
+                    if config.env_groups == 1:
+                        observe(rollout, step, 0, vec_env.step(act(rollout, step, 0)))
+                        continue
+                    if step:  # the group's previous step, which ran while the other groups were served
+                        observe(rollout, step - 1, group, vec_env.step_wait())
+                    vec_env.step_async(act(rollout, step, group))
+            if config.env_groups > 1:
+                for group, vec_env in enumerate(vec_envs):
+                    observe(rollout, config.num_steps - 1, group, vec_env.step_wait())
 
             # ---- advantages: GAE(lambda), no bootstrap across an episode end --------------------
             with torch.no_grad(), autocast:
-                _, next_value, _ = actor_forward(next_obs[None], memory_state, next_starts[None])
+                _, next_value, _ = actor_forward(
+                    next_obs[None], concat_states(memory_states), next_starts[None]
+                )
             rollout.advantages = compute_gae(
                 rollout.rewards,
                 rollout.values,
@@ -604,24 +675,24 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
         settle_learner()
         save()
         logger.close()
-        vec_env.close()
+        close_envs()
         raise
     except common.TrainingStopped:
         settle_learner()
         logger.close()
-        vec_env.close()
+        close_envs()
         raise
     except Exception as error:
         # An env worker that keeps failing, a full disk...: keep what was learnt, then report.
         settle_learner()
         save_error = common.try_to_save(save)
         logger.close()
-        vec_env.close()
+        close_envs()
         raise common.TrainingStopped(f"training stopped: {error}{save_error}") from error
     finally:
         if learner is not None:
             learner.shutdown(wait=True)
-    vec_env.close()
+    close_envs()
     save()
 
     eval_summary = run_eval(agent, config, device, seed=config.seed + 10_000)

@@ -22,15 +22,19 @@ reported. What each number means:
 The systems:
 
 ============================  ======================================================================
-ppo-ours                      ``agents.ppo.train`` with the Mario preset but serial (``overlap=False``):
+ppo-ours                      ``agents.ppo.train`` with the Mario preset but serial (``overlap=False``,
+                              ``env_groups=1``):
                               shared-memory async envs, uint8 rollout storage, one learner thread
                               (``threads=1``), bf16 autocast where the hardware has native bf16
 ppo-ours-fp32                 the same with ``bf16=False`` (what the bf16 lever is worth)
 ppo-ours-all-threads          the same with ``threads=0``: one thread per core while learning (the
                               rollout's inference keeps to one, the env workers hold the cores)
-ppo-ours-overlap              the same with ``overlap=True`` (the Mario preset's default): the update
+ppo-ours-overlap              the same with ``overlap=True``: the update
                               on one rollout runs in a thread while the next rollout is collected
                               (policy lag of one update)
+ppo-ours-groups               the same with ``env_groups=2`` too (the Mario preset's default): two
+                              env groups, each with its own workers, stepped in turn, so that one
+                              group's actions are computed while the other's emulators run
 ppo-sb3                       SB3 ``PPO("CnnPolicy")`` (its NatureCNN) over ``SubprocVecEnv`` of our
                               single-env stack (``envs.make``), as an SB3 user would run it (torch's
                               default threads)
@@ -68,6 +72,7 @@ PPO_SYSTEMS = [
     "ppo-ours-fp32",
     "ppo-ours-all-threads",
     "ppo-ours-overlap",
+    "ppo-ours-groups",
     "ppo-sb3",
     "ppo-sb3-1thread",
     "ppo-sb3-ours-encoder",
@@ -96,7 +101,11 @@ def _cuda_peak_mb(device: str) -> float | None:
 
 
 def child_ppo_ours(
-    settings: dict[str, Any], bf16: bool = True, threads: int = 1, overlap: bool = False
+    settings: dict[str, Any],
+    bf16: bool = True,
+    threads: int = 1,
+    overlap: bool = False,
+    env_groups: int = 1,
 ) -> dict[str, Any]:
     from agents import ppo
     from envs.registry import PRESETS
@@ -114,6 +123,7 @@ def child_ppo_ours(
         "bf16": bf16,
         "threads": threads,
         "overlap": overlap,
+        "env_groups": env_groups,
         "eval_every": 0,
         "eval_episodes": 1,
         "checkpoint_every": 10**9,
@@ -364,6 +374,7 @@ def run_child(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         "ppo-ours-fp32": lambda: child_ppo_ours(settings, bf16=False),
         "ppo-ours-all-threads": lambda: child_ppo_ours(settings, threads=0),
         "ppo-ours-overlap": lambda: child_ppo_ours(settings, overlap=True),
+        "ppo-ours-groups": lambda: child_ppo_ours(settings, overlap=True, env_groups=2),
         "ppo-sb3": lambda: child_ppo_sb3(settings),
         "ppo-sb3-1thread": lambda: child_ppo_sb3(settings, threads=1),
         "ppo-sb3-ours-encoder": lambda: child_ppo_sb3(settings, our_encoder=True),
@@ -489,6 +500,9 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
     ratio("ppo-ours-overlap/ppo-sb3", "ppo-ours-overlap", "ppo-sb3")
     ratio("ppo-ours-overlap/ppo-ours", "ppo-ours-overlap", "ppo-ours")
     ratio("ppo-ours-overlap/emulator-limit", "ppo-ours-overlap", "emulator")
+    ratio("ppo-ours-groups/ppo-sb3", "ppo-ours-groups", "ppo-sb3")
+    ratio("ppo-ours-groups/ppo-ours-overlap", "ppo-ours-groups", "ppo-ours-overlap")
+    ratio("ppo-ours-groups/emulator-limit", "ppo-ours-groups", "emulator")
     ratio("dqn-ours/dqn-sb3", "dqn-ours", "dqn-sb3")
     ratio("dqn-ours/dqn-ours-baseline", "dqn-ours", "dqn-ours-baseline")
     ratio("dqn-ours-baseline/dqn-sb3", "dqn-ours-baseline", "dqn-sb3")

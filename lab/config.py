@@ -51,6 +51,13 @@ def validate(config: Any) -> None:
     """Checks every field of ``config`` against its range metadata (for values set in code or files)."""
     for name, field in config_fields(type(config)).items():
         _check_range(name, getattr(config, name), field.metadata)
+    # Fields that must agree with each other (an algorithm's config may say so in ``check``).
+    check = getattr(config, "check", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
 
 def parse_value(key: str, raw: str, annotation: Any, metadata: typing.Mapping[str, Any]) -> Any:

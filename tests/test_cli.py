@@ -235,6 +235,19 @@ def test_bad_input_is_one_line_and_exit_2(argv, needles, fakes, capsys):
     assert_usage_error(argv, capsys, *needles)
 
 
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("env_groups=2", ["env_groups", "env_backend=async"]),
+        ("num_minibatches=1000", ["num_minibatches=1000"]),
+    ],
+)
+def test_fields_that_disagree_are_refused_before_the_run_dir_exists(override, needles, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert_usage_error(["train", "cartpole", "--set", override, "--run-dir", str(run_dir)], capsys, *needles)
+    assert not run_dir.exists()  # nothing that `--run-dir` would later call "already holds a run"
+
+
 def test_unknown_preset_suggests_the_close_match(fakes, capsys):
     line = assert_usage_error(["train", "cartpol"], capsys)
     assert "did you mean 'cartpole'" in line

@@ -323,6 +323,55 @@ def test_overlap_persistent_nans_stop_training(tmp_path, monkeypatch):
     assert kept["global_step"] == 256
 
 
+# ---- env groups: groups of envs, each with its own workers, stepped in turn ---------------------
+
+
+class ArgmaxCategorical(torch.distributions.Categorical):
+    """Greedy "sampling": the same actions whatever order the envs are served in."""
+
+    def sample(self, sample_shape=()):
+        return self.logits.argmax(-1)
+
+
+@pytest.mark.parametrize(("memory", "overlap"), [("none", False), ("gru", True)])
+def test_env_groups_collect_the_same_rollouts_as_one_vector_env(tmp_path, monkeypatch, memory, overlap):
+    """Two groups stepped in turn are a different schedule, not different data: with the sampling
+    made order-free, every rollout (observations, actions, rewards, episode ends, values) and so
+    every update equals the one of a single vector env."""
+    monkeypatch.setattr(ppo, "Categorical", ArgmaxCategorical)
+    real_slice = ppo.slice_minibatch
+    rollouts = {1: [], 2: []}
+
+    def capturing_slice(index, config, rollout):
+        if capturing_slice.calls % (2 * 2) == 0:  # the first minibatch of each update
+            fields = ("obs", "starts", "actions", "rewards", "ends", "values", "logprobs")
+            rollouts[config.env_groups].append({key: getattr(rollout, key).clone() for key in fields})
+        capturing_slice.calls += 1
+        return real_slice(index, config, rollout)
+
+    monkeypatch.setattr(ppo, "slice_minibatch", capturing_slice)
+    for env_groups in (1, 2):
+        capturing_slice.calls = 0
+        train(
+            tmp_path, f"groups{env_groups}", env_groups=env_groups, env_backend="async", num_envs=4,
+            num_steps=32, total_steps=512, memory=memory, memory_size=16, overlap=overlap,
+        )  # fmt: skip
+    assert len(rollouts[1]) == len(rollouts[2]) == 4
+    for one, two in zip(rollouts[1], rollouts[2], strict=True):
+        for key in ("obs", "starts", "actions", "rewards", "ends"):
+            assert torch.equal(one[key], two[key]), key
+        for key in ("values", "logprobs"):  # forward passes over 2 envs instead of 4 may round apart
+            torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=1e-5)
+    assert any(rollout["ends"].any() for rollout in rollouts[1])  # episodes ended in the rollouts compared
+
+
+def test_env_groups_must_split_the_envs_and_need_worker_processes(tmp_path):
+    with pytest.raises(ValueError, match="must split into env_groups=3"):
+        train(tmp_path, env_groups=3, env_backend="async", num_envs=4)
+    with pytest.raises(ValueError, match="env_groups > 1 needs env_backend=async"):
+        train(tmp_path, env_groups=2, num_envs=4)
+
+
 def test_learning_curve_marks_the_first_clear_and_90_percent(tmp_path):
     history = [
         {"step": 1000 * i, "return_mean": float(i), "x_pos_max_mean": 100.0 * i, "clear_rate": rate}

@@ -513,6 +513,23 @@ def test_in_process_vector_envs_log_no_worker_counts():
         vec.close()
 
 
+def test_worker_counts_of_several_vector_envs_add_up():
+    """PPO's env groups: one SubprocVectorEnv per group, one set of counts in the log."""
+    from types import SimpleNamespace
+
+    def counts(restarts, dropped, exceptions, crashes):
+        failures = {"exception": exceptions, "crash": crashes, "hang": 0}
+        return SimpleNamespace(restarts=restarts, dropped_episodes=dropped, failure_counts=failures)
+
+    assert common.worker_scalars(counts(1, 2, 1, 0), counts(2, 3, 0, 2)) == {
+        "charts/worker_restarts": 3.0,
+        "charts/dropped_episodes": 5.0,
+        "charts/worker_failures_exception": 1.0,
+        "charts/worker_failures_crash": 2.0,
+        "charts/worker_failures_hang": 0.0,
+    }
+
+
 def test_storage_errors_are_one_line_oserrors(tmp_path, monkeypatch, capsys):
     """Unit check of the error type the command line maps to exit 2."""
     error = StorageError(tmp_path / "x", OSError(errno.EROFS, os.strerror(errno.EROFS)))
