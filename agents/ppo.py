@@ -327,6 +327,12 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     idle during a serial update. The importance ratio is still taken against the policy that
     collected the data, so the clipped objective stays correct; only the starting ratio is no longer 1.
 
+    With ``config.env_groups`` = G > 1 the envs form G groups, each a vector env with its own
+    worker processes, stepped in turn: group g's workers run its emulators while the main thread
+    computes the actions of the next group, so the inference hides behind the env steps and each
+    core has a worker ready to run. The data is the same as with one vector env (same policy, same
+    per-env seeds and transitions; a test checks it); only the order of the random draws differs.
+
     Returns:
         The summary of DESIGN.md's ``lab train --json``: run_dir, steps, sps, episodes,
         eval_return_mean (and eval_clear_rate for Mario).

@@ -14,7 +14,7 @@ reported. What each number means:
   (acting + replay sampling + one gradient step per ``train_freq`` agent steps, the same replay
   ratio for both).
 * **peak memory**: the largest proportional set size (PSS, so shared pages are split, not
-  counted twice) of the child and all its env processes, sampled every 2 s; on CUDA also
+  counted twice) of the child and all its env processes, sampled every 10 s; on CUDA also
   ``torch.cuda.max_memory_allocated``.
 * **emulator limit**: bare nes-py frames/s with one process per core, divided by the frame skip
   (4): the agent steps/s a trainer could reach if learning cost nothing.
@@ -29,12 +29,13 @@ ppo-ours                      ``agents.ppo.train`` with the Mario preset but ser
 ppo-ours-fp32                 the same with ``bf16=False`` (what the bf16 lever is worth)
 ppo-ours-all-threads          the same with ``threads=0``: one thread per core while learning (the
                               rollout's inference keeps to one, the env workers hold the cores)
-ppo-ours-overlap              the same with ``overlap=True``: the update
+ppo-ours-overlap              the same with ``overlap=True`` (the Mario preset's default): the update
                               on one rollout runs in a thread while the next rollout is collected
                               (policy lag of one update)
-ppo-ours-groups               the same with ``env_groups=2`` too (the Mario preset's default): two
-                              env groups, each with its own workers, stepped in turn, so that one
-                              group's actions are computed while the other's emulators run
+ppo-ours-groups               the same with ``env_groups=2`` too: two env groups, each with its own
+                              workers, stepped in turn, so that one group's actions are computed
+                              while the other's emulators run (not the preset's default: not
+                              reliably faster on 2 cores, benchmarks/RESULTS.md)
 ppo-sb3                       SB3 ``PPO("CnnPolicy")`` (its NatureCNN) over ``SubprocVecEnv`` of our
                               single-env stack (``envs.make``), as an SB3 user would run it (torch's
                               default threads)
@@ -428,10 +429,12 @@ def _pss_mb(pids: list[int]) -> float:
 
 
 # Reading smaps_rollup costs the kernel ~45 ms of CPU per sample for a training process tree (it
-# walks the page tables of torch's large mappings): sampled every 0.2 s, as at first, that took a
-# fifth of a core from the system being measured, and more from systems that use both cores.
+# walks the page tables of torch's large mappings, every forked worker carries them) and holds each
+# process's mmap lock meanwhile: sampled every 0.2 s, as at first, that took a fifth of a core from
+# the system being measured; every 2 s it still cost the 5-process PPO with env groups ~10% (196 vs
+# 176 steps/s, 2 runs each) against ~2% for 3 processes, so systems with more processes lost more.
 # The peak is reached within seconds (buffers are allocated up front) and then held.
-PSS_INTERVAL = 2.0
+PSS_INTERVAL = 10.0
 
 
 def measure(name: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -451,10 +454,10 @@ def measure(name: str, settings: dict[str, Any]) -> dict[str, Any]:
 
     def sample() -> None:
         nonlocal peak
-        interval = 0.5
+        interval = 0.5  # then 1.5, 4.5, ... up to PSS_INTERVAL: short children get samples too
         while not done.wait(interval):
             peak = max(peak, _pss_mb(_descendants(process.pid)))
-            interval = PSS_INTERVAL
+            interval = min(interval * 3, PSS_INTERVAL)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

@@ -116,7 +116,6 @@ PPO_MARIO = dict(
     anneal_lr=True, net="nature", env_backend="async", checkpoint_every=100_000, eval_every=250_000,
     bf16=True,  # 1.44x agent steps/s on the 2-core CPU (benchmarks/RESULTS.md); native bf16 only
     overlap=True,  # learn while the next rollout is collected: 1.26x on the 2-core CPU (RESULTS.md)
-    env_groups=2,  # two env groups stepped in turn: hides the inference behind the emulators (RESULTS.md)
 )  # fmt: skip
 # CleanRL dqn_atari.py with a smaller buffer (each (4, 84, 84) uint8 observation is 28 KB, twice).
 DQN_MARIO = dict(
