@@ -20,10 +20,14 @@ reset observation is ever a next observation and no "reset transition" exists to
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import math
 import sys
 import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -119,6 +123,13 @@ class DQNConfig:
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA, or a CPU with native bf16)"})
+    overlap: bool = field(
+        default=False,
+        metadata={
+            "help": "run each training phase's gradient steps in a thread while the next "
+            "train_frequency agent steps are collected (acting lags one phase)"
+        },
+    )
     log_every: int = field(default=1_000, metadata={"help": "agent steps between log records", "min": 1})
     eval_every: int = field(
         default=2_500, metadata={"help": "agent steps between greedy evals (0: at end)", "min": 0}
@@ -133,6 +144,14 @@ class DQNConfig:
     )
     keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk", "min": 1})
     save_buffer: bool = field(default=False, metadata={"help": "checkpoint the replay memory too (large)"})
+
+    def check(self) -> None:
+        """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
+        if self.learning_starts > self.buffer_size:
+            raise ValueError(f"learning_starts={self.learning_starts} exceeds buffer_size={self.buffer_size}")
+        if self.overlap and self.prioritized:
+            # The learner would update the sum tree while the main thread adds to it.
+            raise ValueError("overlap does not combine with prioritized replay")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +267,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
     device = common.resolve_device(config.device)
     common.set_learner_threads(config.threads)
     np_rng = common.seed_everything(config.seed)
-    if config.learning_starts > config.buffer_size:
-        raise ValueError(f"learning_starts={config.learning_starts} exceeds buffer_size={config.buffer_size}")
+    config.check()
 
     # Resume: networks, optimizer, counters and RNG states come from the newest good checkpoint.
     checkpoint = common.load_training_checkpoint(run_dir) if resume else None
@@ -319,6 +337,10 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
         buffer.break_episodes()  # the envs restart with fresh episodes
     forward = torch.compile(q_network) if config.compile else q_network
     target_forward = torch.compile(target_network) if config.compile else target_network
+    # The acting network: the learner's own one, or with overlap a copy refreshed at each hand-over of
+    # a training phase to the learner thread (which changes q_network meanwhile).
+    actor = copy.deepcopy(q_network) if config.overlap else q_network
+    actor_forward = (torch.compile(actor) if config.compile else actor) if config.overlap else forward
     autocast = common.bf16_autocast(device, config.bf16)
     meta = {
         "algo": ALGO,
@@ -328,7 +350,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
     }
 
     obs, _ = vec_env.reset(seed=config.seed + global_step)
-    overlap = isinstance(vec_env, SubprocVectorEnv)
+    env_steps_in_workers = isinstance(vec_env, SubprocVectorEnv)
     logger = common.RunLogger(run_dir, config.total_steps, global_step, progress, config)
     run_start, run_start_step = time.time(), global_step
     last_checkpoint_step, last_eval_step = global_step, global_step
@@ -355,12 +377,72 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
             buffer.save(buffer_path, global_step)
         common.save_training_checkpoint(run_dir, global_step, state, meta, config.keep_checkpoints)
 
+    def learn(batches: Iterable[Any], learning_rate: float) -> None:
+        """The gradient steps of one training phase, one per batch (in the learner thread with overlap)."""
+        nonlocal loss, q_taken, gradient_updates, skipped_updates, bad_steps_in_a_row
+        # autocast keeps its previous state on the context object: one per call, never shared by threads.
+        autocast = common.bf16_autocast(device, config.bf16)
+        optimizer.param_groups[0]["lr"] = learning_rate
+        for batch in batches:
+            b_obs = torch.as_tensor(batch.obs, device=device)
+            b_next_obs = torch.as_tensor(batch.next_obs, device=device)
+            b_actions = torch.as_tensor(batch.actions, device=device)
+            b_returns = torch.as_tensor(batch.returns, device=device)
+            b_discounts = torch.as_tensor(batch.discounts, device=device)
+            b_weights = torch.as_tensor(batch.weights, device=device)
+
+            with torch.no_grad(), autocast:
+                next_q_target = target_forward(b_next_obs).float()  # (B, A)
+                if config.double:
+                    next_actions = forward(b_next_obs).argmax(dim=1, keepdim=True)  # online net picks
+                else:
+                    next_actions = next_q_target.argmax(dim=1, keepdim=True)
+                # y = R^(n) + gamma^m (1 - terminated) Q_target(s_{t+m}, a*)
+                td_target = b_returns + b_discounts * next_q_target.gather(1, next_actions).squeeze(1)
+            with autocast:
+                q_all = forward(b_obs).float()  # (B, A)
+            q_taken = q_all.gather(1, b_actions[:, None]).squeeze(1)  # Q(s_t, a_t)
+            td_error = td_target - q_taken
+            if config.loss == "huber":
+                elementwise = F.smooth_l1_loss(q_taken, td_target, reduction="none")
+            else:
+                elementwise = td_error.pow(2)
+            loss = (b_weights * elementwise).mean()  # importance weights are 1 without PER
+
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = nn.utils.clip_grad_norm_(
+                q_network.parameters(),
+                config.max_grad_norm if config.max_grad_norm > 0 else float("inf"),
+            )
+            # A non-finite loss or gradient skips this step instead of poisoning the weights.
+            if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                optimizer.step()
+                gradient_updates += 1
+                bad_steps_in_a_row = 0
+                if config.prioritized:
+                    buffer.update_priorities(batch.indices, td_error.detach().abs().cpu().numpy())
+            else:
+                skipped_updates += 1
+                bad_steps_in_a_row += 1
+
+    # With overlap: the learner thread and the training phase in flight there.
+    learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dqn-learner") if config.overlap else None
+    pending: Future[None] | None = None
+
+    def settle_learner() -> None:
+        """Waits for the phase in flight (its error, if any, is raised here)."""
+        nonlocal pending
+        if pending is not None:
+            future, pending = pending, None
+            future.result()
+
     try:
         while global_step < config.total_steps:
             # ---- act: epsilon-greedy, batched over all envs on the device ---------------------------
             epsilon = linear_schedule(config.start_e, config.end_e, exploration_steps, global_step)
             with torch.no_grad(), autocast:
-                q_values = forward(torch.as_tensor(obs, device=device))  # (N, A)
+                q_values = actor_forward(torch.as_tensor(obs, device=device))  # (N, A)
             explore = torch.rand(config.num_envs, device=device) < epsilon
             random_actions = torch.randint(num_actions, (config.num_envs,), device=device)
             actions = torch.where(explore, random_actions, q_values.argmax(dim=1)).cpu().numpy()
@@ -368,7 +450,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
             # Our subprocess vector env steps in its workers while the gradient steps below run (on 2
             # cores: the emulator on one, learning on the other); learning then sees the memory as it
             # was before this step, whichever back-end. An in-process vector env steps right here.
-            if overlap:
+            if env_steps_in_workers:
                 vec_env.step_async(actions)
             else:
                 step_result = vec_env.step(actions)
@@ -377,54 +459,26 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
             # ---- learn: gradient_steps per train_frequency agent steps, once the memory is filled ---
             if buffer.added >= config.learning_starts and len(buffer) >= config.batch_size:
                 phases = global_step // config.train_frequency - previous_step // config.train_frequency
-                if config.anneal_lr and phases:
-                    optimizer.param_groups[0]["lr"] = config.learning_rate * max(
-                        0.0, 1.0 - global_step / schedule_steps
+                if phases:
+                    learning_rate = (
+                        config.learning_rate * max(0.0, 1.0 - global_step / schedule_steps)
+                        if config.anneal_lr
+                        else config.learning_rate
                     )
-                for _ in range(phases * config.gradient_steps):
+                    num_gradient_steps = phases * config.gradient_steps
                     beta = linear_schedule(config.prioritized_beta0, 1.0, schedule_steps, global_step)
-                    batch = buffer.sample(config.batch_size, np_rng, beta)
-                    b_obs = torch.as_tensor(batch.obs, device=device)
-                    b_next_obs = torch.as_tensor(batch.next_obs, device=device)
-                    b_actions = torch.as_tensor(batch.actions, device=device)
-                    b_returns = torch.as_tensor(batch.returns, device=device)
-                    b_discounts = torch.as_tensor(batch.discounts, device=device)
-                    b_weights = torch.as_tensor(batch.weights, device=device)
-
-                    with torch.no_grad(), autocast:
-                        next_q_target = target_forward(b_next_obs).float()  # (B, A)
-                        if config.double:
-                            next_actions = forward(b_next_obs).argmax(dim=1, keepdim=True)  # online net picks
-                        else:
-                            next_actions = next_q_target.argmax(dim=1, keepdim=True)
-                        # y = R^(n) + gamma^m (1 - terminated) Q_target(s_{t+m}, a*)
-                        td_target = b_returns + b_discounts * next_q_target.gather(1, next_actions).squeeze(1)
-                    with autocast:
-                        q_all = forward(b_obs).float()  # (B, A)
-                    q_taken = q_all.gather(1, b_actions[:, None]).squeeze(1)  # Q(s_t, a_t)
-                    td_error = td_target - q_taken
-                    if config.loss == "huber":
-                        elementwise = F.smooth_l1_loss(q_taken, td_target, reduction="none")
-                    else:
-                        elementwise = td_error.pow(2)
-                    loss = (b_weights * elementwise).mean()  # importance weights are 1 without PER
-
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    grad_norm = nn.utils.clip_grad_norm_(
-                        q_network.parameters(),
-                        config.max_grad_norm if config.max_grad_norm > 0 else float("inf"),
+                    # Serial: each batch is drawn just before its step (prioritized replay changes the
+                    # priorities in between). Overlap: all are drawn now, before the memory changes.
+                    batches = (
+                        buffer.sample(config.batch_size, np_rng, beta) for _ in range(num_gradient_steps)
                     )
-                    # A non-finite loss or gradient skips this step instead of poisoning the weights.
-                    if torch.isfinite(loss) and torch.isfinite(grad_norm):
-                        optimizer.step()
-                        gradient_updates += 1
-                        bad_steps_in_a_row = 0
-                        if config.prioritized:
-                            buffer.update_priorities(batch.indices, td_error.detach().abs().cpu().numpy())
+                    if learner is None:
+                        learn(batches, learning_rate)
                     else:
-                        skipped_updates += 1
-                        bad_steps_in_a_row += 1
+                        batches = list(batches)
+                        settle_learner()  # the previous phase's steps, which ran while this phase was collected
+                        actor.load_state_dict(q_network.state_dict())
+                        pending = learner.submit(learn, batches, learning_rate)
                 # Persistent non-finite losses will not heal: stop, keeping the last good checkpoint.
                 if bad_steps_in_a_row >= MAX_BAD_STEPS:
                     raise common.TrainingStopped(
@@ -438,6 +492,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                     global_step // config.target_network_frequency
                     > previous_step // config.target_network_frequency
                 ):
+                    settle_learner()  # the target copies the weights after this step's phase, as in serial
                     with torch.no_grad():
                         if config.tau >= 1.0:
                             target_network.load_state_dict(q_network.state_dict())
@@ -448,7 +503,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                                 target_param.lerp_(param, config.tau)  # theta' += tau (theta - theta')
 
             # ---- remember: the transition of this step --------------------------------------------
-            if overlap:
+            if env_steps_in_workers:
                 step_result = vec_env.step_wait()
             next_obs, rewards, terminations, truncations, infos = step_result
             # Same-step autoreset: a finished env's next_obs already starts its next episode; the
@@ -466,6 +521,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
 
             # ---- log every log_every agent steps (losses are read back to the host only here) ----
             if global_step // config.log_every > previous_step // config.log_every:
+                settle_learner()  # the losses logged are those of the newest phase, not one in flight
                 sps = (global_step - run_start_step) / max(time.time() - run_start, 1e-9)
                 record = {
                     "step": global_step,
@@ -501,25 +557,34 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
 
             if config.eval_every and global_step - last_eval_step >= config.eval_every:
                 last_eval_step = global_step
+                settle_learner()
                 best = periodic_eval(q_network, config, device, global_step, best, logger)
             # Only a healthy stretch is worth a checkpoint: a NaN streak keeps the last good one.
             if global_step - last_checkpoint_step >= config.checkpoint_every and bad_steps_in_a_row == 0:
                 last_checkpoint_step = global_step
+                settle_learner()
                 save()
+        settle_learner()
     except KeyboardInterrupt:
         try:
+            with contextlib.suppress(Exception):  # no weights change while saving
+                settle_learner()
             save()
         finally:
             logger.close()
             vec_env.close()
         raise
     except common.TrainingStopped:
+        with contextlib.suppress(Exception):
+            settle_learner()
         logger.close()
         vec_env.close()
         raise
     except Exception as error:
         # An env worker that keeps failing, a full disk...: keep what was learnt, then report. A disk that
         # refused one checkpoint refuses the next: the last good one stays the newest.
+        with contextlib.suppress(Exception):  # the error being handled is the one to report
+            settle_learner()
         if is_storage_error(error):
             save_note = f"; the last good checkpoint in {run_dir / 'checkpoints'} is kept"
         else:
@@ -527,6 +592,9 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
         logger.close()
         vec_env.close()
         raise common.TrainingStopped(f"training stopped: {error}{save_note}") from error
+    finally:
+        if learner is not None:
+            learner.shutdown(wait=True)
     vec_env.close()
     logger.progress(
         global_step, episodes, (global_step - run_start_step) / max(time.time() - run_start, 1e-9)

@@ -74,8 +74,9 @@ def test_smoke_run_writes_a_checkpoint_that_loads_as_a_greedy_policy(tmp_path):
     assert extras["value"].shape == (3,) and np.all(np.isfinite(extras["value"]))
 
 
-def test_resume_continues_step_count_and_epsilon(tmp_path, monkeypatch):
-    config = tiny(save_buffer=True, exploration_fraction=1.0)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_resume_continues_step_count_and_epsilon(tmp_path, monkeypatch, overlap):
+    config = tiny(save_buffer=True, exploration_fraction=1.0, overlap=overlap)
     real_progress = common.RunLogger.progress
 
     def interrupt_at_400(self, step, episodes, sps):
@@ -113,10 +114,11 @@ def test_resume_continues_step_count_and_epsilon(tmp_path, monkeypatch):
     assert history[-1]["step"] == 800 and history[-1]["epsilon"] == pytest.approx(config.end_e)
 
 
-def first_losses(tmp_path, seed: int, backend: str = "sync") -> list[float]:
+def first_losses(tmp_path, seed: int, backend: str = "sync", overlap: bool = False) -> list[float]:
     config = tiny(
-        seed=seed, total_steps=260, log_every=2, learning_starts=200, train_frequency=2, env_backend=backend
-    )
+        seed=seed, total_steps=260, log_every=2, learning_starts=200, train_frequency=2, env_backend=backend,
+        overlap=overlap,
+    )  # fmt: skip
     dqn.train(config, tmp_path, progress=False)
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
     losses = [h["td_loss"] for h in history if math.isfinite(h["td_loss"])]
@@ -130,6 +132,37 @@ def test_same_seed_gives_identical_first_losses_on_cpu(tmp_path):
     assert first_losses(tmp_path / "c", seed=4) != first
     # Stepping the envs in workers, overlapped with learning, changes nothing that is learnt.
     assert first_losses(tmp_path / "d", seed=3, backend="async") == first
+
+
+def test_overlap_is_deterministic_and_starts_from_the_same_batch_and_weights(tmp_path):
+    serial = first_losses(tmp_path / "a", seed=3)
+    overlapped = first_losses(tmp_path / "b", seed=3, overlap=True)
+    assert first_losses(tmp_path / "c", seed=3, overlap=True) == overlapped
+    # The first phase trains on the same batch from the same weights (the learner thread draws nothing
+    # itself: batches are drawn in the main thread, in the same order).
+    assert overlapped[0] == serial[0]
+
+
+def test_overlap_an_error_in_the_learner_thread_stops_training_with_a_checkpoint(tmp_path, monkeypatch):
+    real_loss = dqn.F.smooth_l1_loss
+    calls = []
+
+    def failing_loss(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 50:
+            raise RuntimeError("learner exploded")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(dqn.F, "smooth_l1_loss", failing_loss)
+    with pytest.raises(common.TrainingStopped, match="learner exploded; a checkpoint was saved"):
+        dqn.train(tiny(overlap=True), tmp_path, progress=False)
+    state, _ = load_checkpoint(common.locate_checkpoint(tmp_path)[0])
+    assert all(bool(np.isfinite(w.numpy()).all()) for w in state["model"].values())
+
+
+def test_overlap_does_not_combine_with_prioritized_replay(tmp_path):
+    with pytest.raises(ValueError, match="overlap does not combine with prioritized replay"):
+        dqn.train(tiny(overlap=True, prioritized=True), tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("backend", ["sync", "async"])
@@ -245,6 +278,8 @@ def test_non_finite_losses_skip_the_update_and_are_counted(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_cartpole_reaches_475_greedy(tmp_path):
-    summary = dqn.train(dqn.DQNConfig(seed=1, device="cpu"), tmp_path, progress=False)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_cartpole_reaches_475_greedy(tmp_path, overlap):
+    """The preset as shipped, and with the learner thread (acting one training phase behind)."""
+    summary = dqn.train(dqn.DQNConfig(seed=1, device="cpu", overlap=overlap), tmp_path, progress=False)
     assert summary["eval_return_mean"] >= 475, summary
