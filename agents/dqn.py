@@ -20,7 +20,6 @@ reset observation is ever a next observation and no "reset transition" exists to
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import math
@@ -437,6 +436,12 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
             future, pending = pending, None
             future.result()
 
+    def stop_learner() -> None:
+        """Waits for whatever the learner thread still runs (even after a Ctrl-C cut a settle short),
+        so that no weights change while saving; its errors are not this one's to report."""
+        if learner is not None:
+            learner.shutdown(wait=True)
+
     try:
         while global_step < config.total_steps:
             # ---- act: epsilon-greedy, batched over all envs on the device ---------------------------
@@ -567,24 +572,21 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
         settle_learner()
     except KeyboardInterrupt:
         try:
-            with contextlib.suppress(Exception):  # no weights change while saving
-                settle_learner()
+            stop_learner()
             save()
         finally:
             logger.close()
             vec_env.close()
         raise
     except common.TrainingStopped:
-        with contextlib.suppress(Exception):
-            settle_learner()
+        stop_learner()
         logger.close()
         vec_env.close()
         raise
     except Exception as error:
         # An env worker that keeps failing, a full disk...: keep what was learnt, then report. A disk that
         # refused one checkpoint refuses the next: the last good one stays the newest.
-        with contextlib.suppress(Exception):  # the error being handled is the one to report
-            settle_learner()
+        stop_learner()
         if is_storage_error(error):
             save_note = f"; the last good checkpoint in {run_dir / 'checkpoints'} is kept"
         else:
@@ -593,8 +595,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
         vec_env.close()
         raise common.TrainingStopped(f"training stopped: {error}{save_note}") from error
     finally:
-        if learner is not None:
-            learner.shutdown(wait=True)
+        stop_learner()
     vec_env.close()
     logger.progress(
         global_step, episodes, (global_step - run_start_step) / max(time.time() - run_start, 1e-9)
