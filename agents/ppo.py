@@ -405,8 +405,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     )
     next_starts = torch.ones(config.num_envs, dtype=torch.bool, device=device)
     # One memory state per group: (n, ...) tensors, or None without memory.
-    initial_state = agent.initial_state(config.num_envs, device)
-    memory_states = [select_state(initial_state, torch.arange(config.num_envs)[part]) for part in groups]
+    memory_states = [agent.initial_state(group_size, device) for _ in groups]
 
     logger = common.RunLogger(run_dir, num_updates * batch_size, global_step, progress, config)
     run_start, run_start_step = time.time(), global_step
@@ -669,14 +668,18 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                 continue
             if pending is not None:  # the update on the previous rollout, which ran during this one
                 future, previous_update, previous_step = pending
+                # Cleared only once it is done: a Ctrl-C during the wait leaves it to settle_learner,
+                # which waits for it and books it before the checkpoint is written.
+                stats = future.result()
                 pending = None
-                finish_update(previous_update, future.result(), previous_step)
+                finish_update(previous_update, stats, previous_step)
             actor.load_state_dict(agent.state_dict())
             pending = (learner.submit(learn, rollout, update), update, global_step)
         if pending is not None:
             future, last_update, last_step = pending
+            stats = future.result()
             pending = None
-            finish_update(last_update, future.result(), last_step)
+            finish_update(last_update, stats, last_step)
     except KeyboardInterrupt:
         settle_learner()
         save()
