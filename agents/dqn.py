@@ -126,7 +126,8 @@ class DQNConfig:
         default=False,
         metadata={
             "help": "run each training phase's gradient steps in a thread while the next "
-            "train_frequency agent steps are collected (acting lags one phase)"
+            "train_frequency agent steps are collected (acting lags one phase); fastest with the "
+            "env in this process (env_backend=sync)"
         },
     )
     log_every: int = field(default=1_000, metadata={"help": "agent steps between log records", "min": 1})
@@ -285,9 +286,9 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
     q_network = QNetwork(config, obs_shape, num_actions).to(device)
     target_network = QNetwork(config, obs_shape, num_actions).to(device)
     target_network.load_state_dict(q_network.state_dict())
-    # Multi-tensor Adam on the CPU (the default there is a Python loop over parameters), fused on CUDA.
-    adam_kernel = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=config.learning_rate, **adam_kernel)
+    optimizer = torch.optim.Adam(
+        q_network.parameters(), lr=config.learning_rate, **common.adam_kernel(device)
+    )
 
     frame_stack = frame_stack_of(config.env, obs_shape, obs_space.dtype)
 
@@ -340,7 +341,11 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
     # a training phase to the learner thread (which changes q_network meanwhile).
     actor = copy.deepcopy(q_network) if config.overlap else q_network
     actor_forward = (torch.compile(actor) if config.compile else actor) if config.overlap else forward
-    autocast = common.bf16_autocast(device, config.bf16)
+    # Acting is a forward pass on num_envs observations (one in the Mario preset): on the CPU it runs in
+    # fp32, where autocast would re-cast the 1.7M weights to bf16 at every call (one Mario frame stack:
+    # 1.7 ms with bf16 autocast, 0.9-1.1 ms in fp32 on the EPYC of benchmarks/RESULTS.md; PPO's batch of
+    # 8 is a little faster in bf16, so PPO keeps autocast). Learning keeps config.bf16.
+    act_autocast = common.bf16_autocast(device, config.bf16 and device.type != "cpu")
     meta = {
         "algo": ALGO,
         "config": dataclasses.asdict(config),
@@ -446,7 +451,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
         while global_step < config.total_steps:
             # ---- act: epsilon-greedy, batched over all envs on the device ---------------------------
             epsilon = linear_schedule(config.start_e, config.end_e, exploration_steps, global_step)
-            with torch.no_grad(), autocast:
+            with torch.no_grad(), act_autocast:
                 q_values = actor_forward(torch.as_tensor(obs, device=device))  # (N, A)
             explore = torch.rand(config.num_envs, device=device) < epsilon
             random_actions = torch.randint(num_actions, (config.num_envs,), device=device)
@@ -454,7 +459,9 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
 
             # Our subprocess vector env steps in its workers while the gradient steps below run (on 2
             # cores: the emulator on one, learning on the other); learning then sees the memory as it
-            # was before this step, whichever back-end. An in-process vector env steps right here.
+            # was before this step, whichever back-end. An in-process vector env steps right here; with
+            # overlap that is the faster choice, as the learner thread learns meanwhile on the other core
+            # (nes-py's emulator releases the GIL) without a pipe round trip per step (RESULTS.md).
             if env_steps_in_workers:
                 vec_env.step_async(actions)
             else:

@@ -365,7 +365,9 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     obs_shape = tuple(vec_envs[0].single_observation_space.shape)
     num_actions = int(vec_envs[0].single_action_space.n)
     agent = ActorCritic(config, obs_shape, num_actions).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=config.learning_rate, eps=1e-5)
+    optimizer = torch.optim.Adam(
+        agent.parameters(), lr=config.learning_rate, eps=1e-5, **common.adam_kernel(device)
+    )
     episodes = common.EpisodeTracker()
     history: list[dict[str, float]] = []
     if checkpoint is not None:

@@ -44,9 +44,13 @@ ppo-sb3-ours-encoder          SB3 with our Nature CNN through ``nets.sb3_adapter
 dqn-ours                      ``agents.dqn.train`` with SB3's DQN algorithm (no double, dueling,
                               n-step or priorities): frame-once replay, the env stepped in a worker
                               process while the gradient step runs, bf16 where native
-dqn-ours-overlap              the same with ``overlap=True``: each training phase's gradient step
-                              runs in a thread while the next 4 agent steps are collected (acting
-                              lags one phase; the replay ratio is unchanged)
+dqn-ours-overlap              ``overlap=True`` with the env in the main process (``env_backend=sync``),
+                              bf16 where native: each training phase's gradient step runs in a
+                              thread while the main thread collects the next 4 agent steps (acting
+                              lags one phase; the replay ratio is unchanged); nes-py's emulator
+                              releases the GIL, so the two run on two cores
+dqn-ours-overlap-async        the same with the env in a worker process (``env_backend=async``):
+                              three busy processes/threads on 2 cores, and a pipe round trip per step
 dqn-ours-baseline             dqn-ours in one process (``env_backend=sync``), fp32: what the two
                               levers are worth (both use one learner thread)
 dqn-sb3                       SB3 ``DQN("CnnPolicy")`` over ``DummyVecEnv`` (its default for one env)
@@ -81,7 +85,14 @@ PPO_SYSTEMS = [
     "ppo-sb3-1thread",
     "ppo-sb3-ours-encoder",
 ]
-DQN_SYSTEMS = ["dqn-ours", "dqn-ours-overlap", "dqn-ours-baseline", "dqn-sb3", "dqn-sb3-1thread"]
+DQN_SYSTEMS = [
+    "dqn-ours",
+    "dqn-ours-overlap",
+    "dqn-ours-overlap-async",
+    "dqn-ours-baseline",
+    "dqn-sb3",
+    "dqn-sb3-1thread",
+]
 ALL_SYSTEMS = [*PPO_SYSTEMS, *DQN_SYSTEMS, "emulator", "digits-ours", "digits-plain"]
 DEFAULT_SYSTEMS = list(ALL_SYSTEMS)
 TARGETS = {
@@ -245,7 +256,9 @@ def _dqn_values(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def child_dqn_ours(settings: dict[str, Any], levers: bool, overlap: bool = False) -> dict[str, Any]:
+def child_dqn_ours(
+    settings: dict[str, Any], levers: bool, overlap: bool = False, backend: str | None = None
+) -> dict[str, Any]:
     from agents import dqn
     from envs.registry import PRESETS
 
@@ -256,7 +269,7 @@ def child_dqn_ours(settings: dict[str, Any], levers: bool, overlap: bool = False
         "total_steps": settings["dqn_steps"],
         "device": settings["device"],
         "bf16": levers,
-        "env_backend": "async" if levers else "sync",
+        "env_backend": backend or ("async" if levers else "sync"),
         "overlap": overlap,
         "threads": 1,
         "eval_every": 0,
@@ -384,7 +397,8 @@ def run_child(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         "ppo-sb3-1thread": lambda: child_ppo_sb3(settings, threads=1),
         "ppo-sb3-ours-encoder": lambda: child_ppo_sb3(settings, our_encoder=True),
         "dqn-ours": lambda: child_dqn_ours(settings, levers=True),
-        "dqn-ours-overlap": lambda: child_dqn_ours(settings, levers=True, overlap=True),
+        "dqn-ours-overlap": lambda: child_dqn_ours(settings, levers=True, overlap=True, backend="sync"),
+        "dqn-ours-overlap-async": lambda: child_dqn_ours(settings, levers=True, overlap=True, backend="async"),
         "dqn-ours-baseline": lambda: child_dqn_ours(settings, levers=False),
         "dqn-sb3": lambda: child_dqn_sb3(settings),
         "dqn-sb3-1thread": lambda: child_dqn_sb3(settings, threads=1),
@@ -514,6 +528,7 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
     ratio("dqn-ours/dqn-sb3", "dqn-ours", "dqn-sb3")
     ratio("dqn-ours-overlap/dqn-sb3", "dqn-ours-overlap", "dqn-sb3")
     ratio("dqn-ours-overlap/dqn-ours", "dqn-ours-overlap", "dqn-ours")
+    ratio("dqn-ours-overlap/dqn-ours-overlap-async", "dqn-ours-overlap", "dqn-ours-overlap-async")
     ratio("dqn-ours/dqn-ours-baseline", "dqn-ours", "dqn-ours-baseline")
     ratio("dqn-ours-baseline/dqn-sb3", "dqn-ours-baseline", "dqn-sb3")
     ratio("dqn-ours/dqn-sb3-1thread", "dqn-ours", "dqn-sb3-1thread")
