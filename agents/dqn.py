@@ -151,7 +151,7 @@ class DQNConfig:
             raise ValueError(f"learning_starts={self.learning_starts} exceeds buffer_size={self.buffer_size}")
         if self.overlap and self.prioritized:
             # The learner would update the sum tree while the main thread adds to it.
-            raise ValueError("overlap does not combine with prioritized replay")
+            raise ValueError("overlap=true does not combine with prioritized=true; set one of them false")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ dqn-ours-overlap-async        the same with the env in a worker process (``env_b
                               three busy processes/threads on 2 cores, and a pipe round trip per step
 dqn-ours-baseline             dqn-ours in one process (``env_backend=sync``), fp32: what the two
                               levers are worth (both use one learner thread)
+dqn-preset                    the Mario DQN preset as shipped (double DQN, dueling head, 3-step
+                              returns, the learner thread, bf16 learning where native), with the
+                              benchmark's buffer and learning_starts
+dqn-preset-serial             the same with ``overlap=False, bf16=False`` (the preset before session 5)
 dqn-sb3                       SB3 ``DQN("CnnPolicy")`` over ``DummyVecEnv`` (its default for one env)
 dqn-sb3-1thread               the same after ``torch.set_num_threads(1)``
 ============================  ======================================================================
@@ -90,6 +94,8 @@ DQN_SYSTEMS = [
     "dqn-ours-overlap",
     "dqn-ours-overlap-async",
     "dqn-ours-baseline",
+    "dqn-preset",
+    "dqn-preset-serial",
     "dqn-sb3",
     "dqn-sb3-1thread",
 ]
@@ -259,24 +265,40 @@ def _dqn_values(settings: dict[str, Any]) -> dict[str, Any]:
 def child_dqn_ours(
     settings: dict[str, Any], levers: bool, overlap: bool = False, backend: str | None = None
 ) -> dict[str, Any]:
+    return _time_dqn_ours(
+        settings,
+        {
+            **_dqn_values(settings),
+            "bf16": levers,
+            "env_backend": backend or ("async" if levers else "sync"),
+            "overlap": overlap,
+        },
+    )
+
+
+def child_dqn_preset(settings: dict[str, Any], serial: bool) -> dict[str, Any]:
+    """The Mario DQN preset's own algorithm (double, dueling, 3-step returns), as shipped or serial."""
+    sized = {key: _dqn_values(settings)[key] for key in ("buffer_size", "learning_starts")}
+    return _time_dqn_ours(settings, {**sized, **({"overlap": False, "bf16": False} if serial else {})})
+
+
+def _time_dqn_ours(settings: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Agent steps/s of ``agents.dqn.train`` on the Mario preset with ``overrides``, after learning_starts."""
     from agents import dqn
     from envs.registry import PRESETS
 
     values = {
         **PRESETS[ENV].dqn,
-        **_dqn_values(settings),
         "env": ENV,
         "total_steps": settings["dqn_steps"],
         "device": settings["device"],
-        "bf16": levers,
-        "env_backend": backend or ("async" if levers else "sync"),
-        "overlap": overlap,
         "threads": 1,
         "eval_every": 0,
         "eval_episodes": 1,
         "checkpoint_every": 10**9,
         "log_every": settings["learning_starts"],
         "seed": 1,
+        **overrides,
     }
     config = dqn.config_from_dict(values)
     with tempfile.TemporaryDirectory() as run_dir:
@@ -398,8 +420,12 @@ def run_child(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         "ppo-sb3-ours-encoder": lambda: child_ppo_sb3(settings, our_encoder=True),
         "dqn-ours": lambda: child_dqn_ours(settings, levers=True),
         "dqn-ours-overlap": lambda: child_dqn_ours(settings, levers=True, overlap=True, backend="sync"),
-        "dqn-ours-overlap-async": lambda: child_dqn_ours(settings, levers=True, overlap=True, backend="async"),
+        "dqn-ours-overlap-async": lambda: child_dqn_ours(
+            settings, levers=True, overlap=True, backend="async"
+        ),
         "dqn-ours-baseline": lambda: child_dqn_ours(settings, levers=False),
+        "dqn-preset": lambda: child_dqn_preset(settings, serial=False),
+        "dqn-preset-serial": lambda: child_dqn_preset(settings, serial=True),
         "dqn-sb3": lambda: child_dqn_sb3(settings),
         "dqn-sb3-1thread": lambda: child_dqn_sb3(settings, threads=1),
         "emulator": lambda: child_emulator(settings),
@@ -532,6 +558,7 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
     ratio("dqn-ours/dqn-ours-baseline", "dqn-ours", "dqn-ours-baseline")
     ratio("dqn-ours-baseline/dqn-sb3", "dqn-ours-baseline", "dqn-sb3")
     ratio("dqn-ours/dqn-sb3-1thread", "dqn-ours", "dqn-sb3-1thread")
+    ratio("dqn-preset/dqn-preset-serial", "dqn-preset", "dqn-preset-serial")
     ratio("digits-ours/digits-plain", "digits-ours", "digits-plain")
     from envs.vector import available_cpus
 

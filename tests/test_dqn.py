@@ -161,7 +161,7 @@ def test_overlap_an_error_in_the_learner_thread_stops_training_with_a_checkpoint
 
 
 def test_overlap_does_not_combine_with_prioritized_replay(tmp_path):
-    with pytest.raises(ValueError, match="overlap does not combine with prioritized replay"):
+    with pytest.raises(ValueError, match="overlap=true does not combine with prioritized=true"):
         dqn.train(tiny(overlap=True, prioritized=True), tmp_path, progress=False)
 
 
