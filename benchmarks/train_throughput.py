@@ -43,9 +43,10 @@ ppo-sb3-1thread               the same after ``torch.set_num_threads(1)`` (SB3 g
 ppo-sb3-ours-encoder          SB3 with our Nature CNN through ``nets.sb3_adapter``
 dqn-ours                      ``agents.dqn.train`` with SB3's DQN algorithm (no double, dueling,
                               n-step or priorities): frame-once replay, the env stepped in a worker
-                              process while the gradient step runs, bf16 where native
+                              process while the gradient step runs, bf16 learning where native
+                              (acting stays fp32 on the CPU)
 dqn-ours-overlap              ``overlap=True`` with the env in the main process (``env_backend=sync``),
-                              bf16 where native: each training phase's gradient step runs in a
+                              bf16 learning where native: each training phase's gradient step runs in a
                               thread while the main thread collects the next 4 agent steps (acting
                               lags one phase; the replay ratio is unchanged); nes-py's emulator
                               releases the GIL, so the two run on two cores

@@ -124,7 +124,8 @@ DQN_MARIO = dict(
     exploration_fraction=0.1, start_e=1.0, end_e=0.01, n_step=3, double=True, dueling=True,
     prioritized=False, net="nature", eval_every=0, keep_best=False, anneal_lr=False,
     # Learn in a thread while the next 4 agent steps are collected, with bf16 learning where native:
-    # 1.94x the serial fp32 agent steps/s on the 2-core CPU (1.50x overlap alone; RESULTS.md, session 5).
+    # 1.85x the serial fp32 preset's agent steps/s on the 2-core CPU (benchmark systems dqn-preset and
+    # dqn-preset-serial; overlap alone 1.50x ad hoc; RESULTS.md, session 5).
     # CartPole still reaches 500 greedy with both for seeds 1-3; Mario DQN learning is unmeasured.
     overlap=True, bf16=True,
 )  # fmt: skip
