@@ -520,10 +520,22 @@ def measure(name: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str, Any]:
     samples: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
+    # A child that fails (an untested device, a crash) is reported, and the others still run: on the
+    # GPU box one failure must not cost the whole device session's measurements.
+    failures: dict[str, list[str]] = {}
     load_before = os.getloadavg()
     for repeat in range(repeats):
         for system in systems:
-            result = measure(system, settings)
+            try:
+                result = measure(system, settings)
+            except RuntimeError as error:
+                failures.setdefault(system, []).append(str(error))
+                print(
+                    f"  repeat {repeat + 1}/{repeats}  {system:<22} FAILED: {error}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                continue
             samples[system].append(result)
             unit = "images/s" if system.startswith("digits") else "steps/s"
             print(
@@ -532,6 +544,7 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
                 file=sys.stderr,
                 flush=True,
             )
+    samples = {system: rows for system, rows in samples.items() if rows}
     medians = {system: statistics.median(r["rate"] for r in rows) for system, rows in samples.items()}
     ratios: dict[str, float] = {}
 
@@ -586,6 +599,7 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
         },
         "ratios": ratios,
         "targets": {k: v for k, v in TARGETS.items() if v is not None},
+        "failures": failures,
     }
 
 
@@ -616,6 +630,8 @@ def print_report(result: dict[str, Any]) -> None:
         print(
             f"{system:<24}{entry['median']:>10.1f}{entry['peak_pss_mb']:>10.0f}{cuda:>10}   {entry['samples']}"
         )
+    for system, errors in result.get("failures", {}).items():
+        print(f"{system:<24}FAILED in {len(errors)} of {result['repeats']} repeats: {errors[0]}")
     for name, value in result["ratios"].items():
         target = result["targets"].get(name)
         verdict = "" if target is None else f"   target >= {target}: {'met' if value >= target else 'MISSED'}"
@@ -696,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     print_report(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return 1 if result["failures"] else 0
 
 
 if __name__ == "__main__":

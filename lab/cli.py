@@ -680,6 +680,13 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
         result = train_throughput.run(systems, settings, args.repeats)
         if not args.json:
             train_throughput.print_report(result)
+        if result["failures"]:
+            if args.json:  # what was measured is still printed, then the run counts as failed
+                print(json.dumps(jsonable(result)))
+            from agents.common import TrainingStopped
+
+            failed = ", ".join(result["failures"])
+            raise TrainingStopped(f"benchmark systems failed: {failed} (their errors are printed above)")
         return result
     result = env_throughput.run(
         args.seconds, args.repeats, max(8, 2 * available_cpus()), None, list(env_throughput.SYSTEMS)

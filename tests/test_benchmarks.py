@@ -4,6 +4,7 @@ themselves are exercised by `lab bench train` (benchmarks/RESULTS.md)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,3 +67,30 @@ def test_lab_bench_train_refuses_an_unknown_system_in_one_line(capsys):
     assert main(["bench", "train", "--systems", "ppo-ours,nope"]) == 2
     err = capsys.readouterr().err.strip()
     assert "unknown system 'nope'" in err and "ppo-sb3" in err and len(err.splitlines()) == 1
+
+
+def fake_measure(name, values):
+    """digits-plain 'runs' at 10 images/s; every other system's child fails."""
+    if name != "digits-plain":
+        raise RuntimeError(f"benchmark child {name} failed with exit status 1")
+    return {"steps": 10, "seconds": 1.0, "cuda_peak_mb": None, "peak_pss_mb": 100.0, "rate": 10.0}
+
+
+def test_a_failing_child_is_reported_and_the_other_systems_still_run(monkeypatch, capsys):
+    monkeypatch.setattr(train_throughput, "measure", fake_measure)
+    systems, values = settings(systems="dqn-ours,digits-plain", device="cpu")
+    result = train_throughput.run(systems, values, repeats=2)
+    assert result["rates"]["digits-plain"]["samples"] == [10.0, 10.0]
+    assert "dqn-ours" not in result["rates"] and len(result["failures"]["dqn-ours"]) == 2
+    train_throughput.print_report(result)
+    assert "dqn-ours                FAILED in 2 of 2 repeats" in capsys.readouterr().out
+
+
+def test_lab_bench_train_exits_1_with_one_line_when_a_child_fails_and_keeps_the_json(monkeypatch, capsys):
+    monkeypatch.setattr(train_throughput, "measure", fake_measure)
+    assert main(["bench", "train", "--systems", "dqn-ours,digits-plain", "--repeats", "1", "--json"]) == 1
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    assert printed["rates"]["digits-plain"]["median"] == 10.0 and list(printed["failures"]) == ["dqn-ours"]
+    last_line = captured.err.strip().splitlines()[-1]
+    assert last_line.startswith("lab: benchmark systems failed: dqn-ours") and "Traceback" not in captured.err
