@@ -17,7 +17,7 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nproc; nvidia-smi 2>/dev/null --query-gpu=name,memory.used,memory.total --format=csv,noheader
 if [ "${BENCH_REPEATS:-0}" != 0 ]; then  # the side-by-side training benchmark first (issue 6), preset sizes
-  # The systems the issue's targets name (all 18 with 2 repeats would not fit BENCH_SECONDS); a
+  # The systems the issue's targets name (all 19 with 2 repeats would not fit BENCH_SECONDS); a
   # system whose child fails is reported and the others still run.
   systems=${BENCH_SYSTEMS:-ppo-ours,ppo-ours-overlap,ppo-ours-groups,ppo-sb3,dqn-ours-overlap,dqn-sb3,emulator}
   timeout "${BENCH_SECONDS:-300}" python3 -m benchmarks.train_throughput --device "${DEVICE:-cuda}" --envs 16 --steps 256 \
