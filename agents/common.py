@@ -69,8 +69,9 @@ def adam_kernel(device: torch.device) -> dict[str, bool]:
 
     Fused (one kernel over all parameters) on the CPU and CUDA. Why on the CPU too: torch's default
     there is a Python loop over the parameters; for the Nature CNN's 1.7M parameters one Adam step took
-    12.9 ms that way, 4.4 ms multi-tensor (foreach) and 1.3 ms fused on one core of the 2-core EPYC
-    (benchmarks/RESULTS.md, session 5). Other devices keep torch's default.
+    4.3 ms that way, 3.3 ms multi-tensor (foreach) and 1.0 ms fused on one core of the 2-core EPYC
+    (``python -m benchmarks.learner_parts``; 12.9, 4.4 and 1.3 ms in a busier hour). Other devices
+    keep torch's default.
     """
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
 

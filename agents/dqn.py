@@ -343,8 +343,9 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
     actor_forward = (torch.compile(actor) if config.compile else actor) if config.overlap else forward
     # Acting is a forward pass on num_envs observations (one in the Mario preset): on the CPU it runs in
     # fp32, where autocast would re-cast the 1.7M weights to bf16 at every call (one Mario frame stack:
-    # 1.7 ms with bf16 autocast, 0.9-1.1 ms in fp32 on the EPYC of benchmarks/RESULTS.md; PPO's batch of
-    # 8 is a little faster in bf16, so PPO keeps autocast). Learning keeps config.bf16.
+    # 0.90 ms with bf16 autocast, 0.64 ms in fp32 on the EPYC of benchmarks/RESULTS.md, measured by
+    # benchmarks/learner_parts.py; 8 frames, PPO's batch, are faster in bf16: 1.80 vs 2.29 ms, so PPO
+    # keeps autocast). Learning keeps config.bf16 (a gradient step on 32 frames: 22 vs 37 ms).
     act_autocast = common.bf16_autocast(device, config.bf16 and device.type != "cpu")
     meta = {
         "algo": ALGO,

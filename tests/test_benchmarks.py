@@ -94,3 +94,17 @@ def test_lab_bench_train_exits_1_with_one_line_when_a_child_fails_and_keeps_the_
     assert printed["rates"]["digits-plain"]["median"] == 10.0 and list(printed["failures"]) == ["dqn-ours"]
     last_line = captured.err.strip().splitlines()[-1]
     assert last_line.startswith("lab: benchmark systems failed: dqn-ours") and "Traceback" not in captured.err
+
+
+def test_learner_parts_times_every_case_and_writes_json(tmp_path, capsys):
+    from benchmarks import learner_parts
+
+    path = tmp_path / "parts.json"
+    assert learner_parts.main(["--rounds", "1", "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert set(result["ms"]) == set(learner_parts.build_cases())
+    assert all(entry["median"] > 0 and len(entry["samples"]) == 1 for entry in result["ms"].values())
+    assert "adam step, fused" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        learner_parts.main(["--rounds", "0"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,120 @@
+"""Micro-benchmarks behind the CPU levers of agents/common.py and agents/dqn.py: one Adam step by
+kernel, a one-frame forward (DQN acting) and an 8-frame forward (PPO acting) in fp32 and under bf16
+autocast, and a DQN gradient step on a batch of 32 Mario frame stacks; one torch thread, as the agents
+use it. Milliseconds per call, medians of interleaved rounds.
+
+    python -m benchmarks.learner_parts [--rounds 5] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from agents import common, dqn
+from envs.registry import PRESETS
+
+OBS_SHAPE = (4, 84, 84)
+NUM_ACTIONS = 7
+
+
+def milliseconds(call: Callable[[], object], repeats: int) -> float:
+    """Mean time of ``call`` over ``repeats`` calls, after a few warm-up calls."""
+    for _ in range(5):
+        call()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        call()
+    return 1000 * (time.perf_counter() - start) / repeats
+
+
+def build_cases() -> dict[str, Callable[[], object]]:
+    config = dqn.config_from_dict({**PRESETS["mario-1-1"].dqn, "env": "mario-1-1", "dueling": False})
+    q_network = dqn.QNetwork(config, OBS_SHAPE, NUM_ACTIONS)
+    target_network = dqn.QNetwork(config, OBS_SHAPE, NUM_ACTIONS)
+    cpu = torch.device("cpu")
+    frames = {n: torch.randint(0, 256, (n, *OBS_SHAPE), dtype=torch.uint8) for n in (1, 8, 32)}
+    actions = torch.randint(NUM_ACTIONS, (32,))
+    returns = torch.randn(32)
+
+    cases: dict[str, Callable[[], object]] = {}
+    for name, kernel in (
+        ("for-loop", {"foreach": False}),
+        ("foreach", {"foreach": True}),
+        ("fused", {"fused": True}),
+    ):
+        optimizer = torch.optim.Adam(q_network.parameters(), lr=1e-9, **kernel)
+        cases[f"adam step, {name}"] = lambda optimizer=optimizer: optimizer.step()
+
+    def forward(batch: int, bf16: bool) -> Callable[[], object]:
+        def call() -> object:
+            with torch.no_grad(), common.bf16_autocast(cpu, bf16):
+                return q_network(frames[batch])
+
+        return call
+
+    for batch in (1, 8):
+        cases[f"forward {batch} frame(s), fp32"] = forward(batch, False)
+        cases[f"forward {batch} frame(s), bf16 autocast"] = forward(batch, True)
+
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=1e-9, **common.adam_kernel(cpu))
+
+    def gradient_step(bf16: bool) -> Callable[[], object]:
+        def call() -> object:  # DQN's learn(): target forward, online forward + backward, clip, Adam
+            autocast = common.bf16_autocast(cpu, bf16)
+            with torch.no_grad(), autocast:
+                target = returns + 0.9 * target_network(frames[32]).float().max(dim=1).values
+            with autocast:
+                q_taken = q_network(frames[32]).float().gather(1, actions[:, None]).squeeze(1)
+            loss = F.smooth_l1_loss(q_taken, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(q_network.parameters(), 10.0)
+            optimizer.step()
+            return loss
+
+        return call
+
+    cases["dqn gradient step (32), fp32"] = gradient_step(False)
+    cases["dqn gradient step (32), bf16 autocast"] = gradient_step(True)
+    for parameter in q_network.parameters():  # the Adam cases step on these gradients
+        parameter.grad = torch.randn_like(parameter)
+    return cases
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are reported)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON to PATH")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    common.set_learner_threads(1)
+    cases = build_cases()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(args.rounds):
+        for name, call in cases.items():
+            samples[name].append(milliseconds(call, 20 if "step (32)" in name else 100))
+    result = {
+        "bf16_native": torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+        "torch": torch.__version__,
+        "ms": {
+            name: {"median": statistics.median(values), "samples": values} for name, values in samples.items()
+        },
+    }
+    for name, entry in result["ms"].items():
+        print(f"{name:<40}{entry['median']:8.2f} ms   " + ", ".join(f"{v:.2f}" for v in entry["samples"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
