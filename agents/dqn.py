@@ -568,7 +568,9 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                 )
                 logger.progress(global_step, episodes, sps)
 
-            if config.eval_every and global_step - last_eval_step >= config.eval_every:
+            # On the multiples of eval_every (the first step past each), so that a resumed run evaluates
+            # at the same steps, with the same eval seeds, as one that was never interrupted.
+            if config.eval_every and global_step // config.eval_every > last_eval_step // config.eval_every:
                 last_eval_step = global_step
                 settle_learner()
                 best = periodic_eval(q_network, config, device, global_step, best, logger)

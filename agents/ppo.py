@@ -554,7 +554,9 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
         if not wrap_up:
             return
 
-        if config.eval_every and step - last_eval_step >= config.eval_every:
+        # On the multiples of eval_every (the first step past each), so that a resumed run evaluates
+        # at the same steps, with the same eval seeds, as one that was never interrupted.
+        if config.eval_every and step // config.eval_every > last_eval_step // config.eval_every:
             last_eval_step = step
             eval_summary = run_eval(agent, config, device, seed=config.seed + 10_000 + step)
             agent.train()

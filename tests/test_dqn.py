@@ -114,6 +114,25 @@ def test_resume_continues_step_count_and_epsilon(tmp_path, monkeypatch, overlap)
     assert history[-1]["step"] == 800 and history[-1]["epsilon"] == pytest.approx(config.end_e)
 
 
+def test_a_resumed_run_evaluates_at_the_steps_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    eval_steps = []
+    real_periodic_eval = dqn.periodic_eval
+
+    def recording_eval(q_network, config, device, global_step, best, logger):
+        eval_steps.append(global_step)
+        return real_periodic_eval(q_network, config, device, global_step, best, logger)
+
+    monkeypatch.setattr(dqn, "periodic_eval", recording_eval)
+    config = tiny(eval_every=150, eval_episodes=1)
+    dqn.train(config, tmp_path / "whole", progress=False)
+    uninterrupted, eval_steps[:] = list(eval_steps), []
+    assert uninterrupted == [150, 300, 450, 600]
+    # Stopped at 400 (not an eval step), then resumed: evals at 450 and 600, not 550 (400 + 150).
+    dqn.train(dataclasses.replace(config, total_steps=400), tmp_path / "split", progress=False)
+    dqn.train(config, tmp_path / "split", resume=True, progress=False)
+    assert eval_steps == [150, 300, 400, 450, 600]  # 400: keep_best's eval of the first part's end
+
+
 def first_losses(tmp_path, seed: int, backend: str = "sync", overlap: bool = False) -> list[float]:
     config = tiny(
         seed=seed, total_steps=260, log_every=2, learning_starts=200, train_frequency=2, env_backend=backend,

@@ -93,6 +93,25 @@ def test_same_seed_gives_identical_first_losses(tmp_path):
     assert losses[0] != losses[2]
 
 
+def test_a_resumed_run_evaluates_at_the_steps_of_an_uninterrupted_one(tmp_path, monkeypatch):
+    eval_steps = []
+    real_run_eval = ppo.run_eval
+
+    def recording_eval(agent, config, device, seed):
+        if seed != config.seed + 10_000:  # not the final eval
+            eval_steps.append(seed - config.seed - 10_000)
+        return real_run_eval(agent, config, device, seed)
+
+    monkeypatch.setattr(ppo, "run_eval", recording_eval)
+    train(tmp_path, "whole", total_steps=1024, eval_every=192, eval_episodes=1)
+    uninterrupted, eval_steps[:] = list(eval_steps), []
+    assert uninterrupted == [256, 384, 640, 768, 1024]  # the first update past each multiple of 192
+    # Stopped at 384, then resumed: evals at 640, 768 and 1024 (counted from 384: at 640 and 896).
+    train(tmp_path, "split", total_steps=384, eval_every=192, eval_episodes=1)
+    train(tmp_path, "split", resume=True, total_steps=1024, eval_every=192, eval_episodes=1)
+    assert eval_steps == uninterrupted
+
+
 def test_resume_continues_steps_and_learning_rate_schedule(tmp_path):
     _, run_dir = train(tmp_path, total_steps=512)
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
