@@ -581,6 +581,17 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                 with contextlib.suppress(Exception):  # the error being handled is the one to report
                     finish_update(update, future.result(), step, wrap_up=False)
 
+    def finish_pending() -> None:
+        """Waits for the update in flight and finishes it (log, eval, checkpoint). It is cleared only
+        once done: a Ctrl-C during the wait leaves it to settle_learner, which waits for it and books
+        it before the checkpoint is written."""
+        nonlocal pending
+        if pending is not None:
+            future, update, step = pending
+            stats = future.result()
+            pending = None
+            finish_update(update, stats, step)
+
     def act(rollout: Rollout, step: int, group: int) -> np.ndarray:
         """Samples the actions of ``group``'s envs at ``step`` (stored in the rollout); returns them."""
         part = groups[group]
@@ -670,20 +681,10 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
             if learner is None:
                 finish_update(update, learn(rollout, update), global_step)
                 continue
-            if pending is not None:  # the update on the previous rollout, which ran during this one
-                future, previous_update, previous_step = pending
-                # Cleared only once it is done: a Ctrl-C during the wait leaves it to settle_learner,
-                # which waits for it and books it before the checkpoint is written.
-                stats = future.result()
-                pending = None
-                finish_update(previous_update, stats, previous_step)
+            finish_pending()  # the update on the previous rollout, which ran during this one
             actor.load_state_dict(agent.state_dict())
             pending = (learner.submit(learn, rollout, update), update, global_step)
-        if pending is not None:
-            future, last_update, last_step = pending
-            stats = future.result()
-            pending = None
-            finish_update(last_update, stats, last_step)
+        finish_pending()
     except KeyboardInterrupt:
         settle_learner()
         save()
