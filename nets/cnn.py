@@ -87,9 +87,10 @@ class NatureCNN(nn.Module):
         """(*, C, H, W) uint8 or float -> (*, out_dim)."""
         check_image_shape(x, self.in_shape, "NatureCNN")
         lead = x.shape[:-3]
-        x = image_to_float(x.reshape(-1, *self.in_shape))  # (N, C, H, W) in [0, 1] for uint8
-        if self.channels_last:
+        x = x.reshape(-1, *self.in_shape)  # (N, C, H, W)
+        if self.channels_last:  # reorder the uint8 pixels: a quarter of the bytes of the float image
             x = x.contiguous(memory_format=torch.channels_last)
+        x = image_to_float(x)  # in [0, 1] for uint8; keeps the memory format
         return self.fc(self.conv(x)).reshape(*lead, self.out_dim)
 
 
@@ -163,7 +164,8 @@ class ImpalaCNN(nn.Module):
         """(*, C, H, W) uint8 or float -> (*, out_dim)."""
         check_image_shape(x, self.in_shape, "ImpalaCNN")
         lead = x.shape[:-3]
-        x = image_to_float(x.reshape(-1, *self.in_shape))  # (N, C, H, W)
-        if self.channels_last:
+        x = x.reshape(-1, *self.in_shape)  # (N, C, H, W)
+        if self.channels_last:  # reorder the uint8 pixels: a quarter of the bytes of the float image
             x = x.contiguous(memory_format=torch.channels_last)
+        x = image_to_float(x)  # keeps the memory format
         return self.fc(self.stages(x)).reshape(*lead, self.out_dim)
