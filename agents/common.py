@@ -6,6 +6,7 @@ Nothing here knows what PPO or DQN is; each algorithm file keeps its own math.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import os
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
@@ -76,6 +78,15 @@ def adam_kernel(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if device.type in ("cpu", "cuda") else {}
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA, or a CPU with AVX512-BF16/AMX."""
+    return device.type == "cuda" or (
+        device.type == "cpu"
+        and torch.backends.mkldnn.is_available()
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+
+
 def bf16_autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast where the hardware computes bf16 natively: CUDA, or a CPU with AVX512-BF16/AMX.
 
@@ -84,12 +95,39 @@ def bf16_autocast(device: torch.device, enabled: bool) -> torch.autocast:
     bf16, where bf16 is emulated and slower) the returned context does nothing. Weights, optimizer
     state, losses and the logits' softmax stay fp32; only matmuls and convolutions run in bf16.
     """
-    native = device.type == "cuda" or (
-        device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
-        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    )
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and native_bf16(device))
+
+
+#: The layers whose inputs, weights and biases bf16 autocast rounds to bf16 (on the CPU and CUDA alike).
+AUTOCAST_BF16_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def forward_copy(module: nn.Module, device: torch.device, bf16: bool) -> nn.Module:
+    """A copy of ``module`` for forward passes only (acting, target values), refreshed by
+    ``copy.load_state_dict(module.state_dict())``.
+
+    Under ``bf16_autocast(device, bf16)``, where that is active, the copy stores the weights and biases
+    of the layers that autocast runs in bf16 (``AUTOCAST_BF16_LAYERS``) in bf16: its forward computes
+    exactly what ``module`` computes under autocast, which rounds those fp32 weights to bf16 again at
+    every call (``load_state_dict`` rounds them the same way, once per refresh). Why: for a Mario DQN
+    that cast is 1.7M weights per forward; a target forward on 32 frames without it saves ~5% of a
+    gradient step, and acting beside the learner thread reads half the bytes
+    (``python -m benchmarks.learner_parts``). Elsewhere it is a plain fp32 copy.
+
+    Args:
+        module: the network to copy (not changed).
+        device: the device the copy computes on (its weights are already there).
+        bf16: whether its forward passes will run under ``bf16_autocast(device, True)``.
+
+    Returns:
+        The copy, in eval mode, without gradients.
+    """
+    duplicate = copy.deepcopy(module).eval().requires_grad_(False)
+    if bf16 and native_bf16(device):
+        for layer in duplicate.modules():
+            if isinstance(layer, AUTOCAST_BF16_LAYERS):
+                layer.to(torch.bfloat16)
+    return duplicate
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> np.random.Generator:

@@ -20,7 +20,6 @@ reset observation is ever a next observation and no "reset transition" exists to
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import sys
@@ -336,17 +335,23 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                 buffer = new_buffer()
         buffer.break_episodes()  # the envs restart with fresh episodes
     forward = torch.compile(q_network) if config.compile else q_network
-    target_forward = torch.compile(target_network) if config.compile else target_network
-    # The acting network: the learner's own one, or with overlap a copy refreshed at each hand-over of
-    # a training phase to the learner thread (which changes q_network meanwhile).
-    actor = copy.deepcopy(q_network) if config.overlap else q_network
+    # Target values come from a forward copy of the target network: with bf16 its Linear/Conv weights
+    # are stored in bf16, the same numbers autocast would round them to at every gradient step
+    # (common.forward_copy). target_network itself stays fp32: it is what checkpoints hold and what
+    # Polyak averaging moves; the copy is refreshed from it at every target update.
+    target_copy = common.forward_copy(target_network, device, config.bf16)
+    target_forward = torch.compile(target_copy) if config.compile else target_copy
+    # The acting network: the learner's own one, or with overlap a forward copy refreshed at each
+    # hand-over of a training phase to the learner thread (which changes q_network meanwhile).
+    actor = common.forward_copy(q_network, device, config.bf16) if config.overlap else q_network
     actor_forward = (torch.compile(actor) if config.compile else actor) if config.overlap else forward
-    # Acting is a forward pass on num_envs observations (one in the Mario preset): on the CPU it runs in
-    # fp32, where autocast would re-cast the 1.7M weights to bf16 at every call (one Mario frame stack:
-    # 0.90 ms with bf16 autocast, 0.64 ms in fp32 on the EPYC of benchmarks/RESULTS.md, measured by
-    # benchmarks/learner_parts.py; 8 frames, PPO's batch, are faster in bf16: 1.80 vs 2.29 ms, so PPO
-    # keeps autocast). Learning keeps config.bf16 (a gradient step on 32 frames: 22 vs 37 ms).
-    act_autocast = common.bf16_autocast(device, config.bf16 and device.type != "cpu")
+    # Acting is a forward pass on num_envs observations (one in the Mario preset). Without overlap on
+    # the CPU it runs in fp32: autocast would re-cast the fp32 weights to bf16 at every call (one Mario
+    # frame stack: 0.80 ms with bf16 autocast, 0.57 ms in fp32 on the EPYC of benchmarks/RESULTS.md,
+    # benchmarks/learner_parts.py). With overlap the actor copy holds bf16 weights, so autocast casts
+    # nothing: as fast as fp32 alone, and faster beside the learner thread, which competes for the
+    # caches (half the bytes to read). Learning keeps config.bf16 (a gradient step on 32: 20 vs 36 ms).
+    act_autocast = common.bf16_autocast(device, config.bf16 and (config.overlap or device.type != "cpu"))
     meta = {
         "algo": ALGO,
         "config": dataclasses.asdict(config),
@@ -514,6 +519,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                                 target_network.parameters(), q_network.parameters(), strict=True
                             ):
                                 target_param.lerp_(param, config.tau)  # theta' += tau (theta - theta')
+                        target_copy.load_state_dict(target_network.state_dict())
 
             # ---- remember: the transition of this step --------------------------------------------
             if env_steps_in_workers:

@@ -1,7 +1,10 @@
 """Micro-benchmarks behind the CPU levers of agents/common.py and agents/dqn.py: one Adam step by
-kernel, a one-frame forward (DQN acting) and an 8-frame forward (PPO acting) in fp32 and under bf16
-autocast, and a DQN gradient step on a batch of 32 Mario frame stacks; one torch thread, as the agents
-use it. Milliseconds per call, medians of interleaved rounds.
+kernel, a one-frame forward (DQN acting) and an 8-frame forward (PPO acting) in fp32, under bf16
+autocast and with a bf16 forward copy (``common.forward_copy``), and a DQN gradient step on a batch of
+32 Mario frame stacks with an fp32 target network or its bf16 forward copy; then the one-frame forward
+again while a thread takes gradient steps beside it (DQN's ``overlap``: acting competes with the
+learner for the caches). One torch thread, as the agents use it. Milliseconds per call, medians of
+interleaved rounds.
 
     python -m benchmarks.learner_parts [--rounds 5] [--json PATH]
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,27 +57,32 @@ def build_cases() -> dict[str, Callable[[], object]]:
         optimizer = torch.optim.Adam(q_network.parameters(), lr=1e-9, **kernel)
         cases[f"adam step, {name}"] = lambda optimizer=optimizer: optimizer.step()
 
-    def forward(batch: int, bf16: bool) -> Callable[[], object]:
+    actor = common.forward_copy(q_network, cpu, bf16=True)  # bf16 weights where bf16 is native
+
+    def forward(batch: int, bf16: bool, network: torch.nn.Module = q_network) -> Callable[[], object]:
         def call() -> object:
             with torch.no_grad(), common.bf16_autocast(cpu, bf16):
-                return q_network(frames[batch])
+                return network(frames[batch])
 
         return call
 
     for batch in (1, 8):
         cases[f"forward {batch} frame(s), fp32"] = forward(batch, False)
         cases[f"forward {batch} frame(s), bf16 autocast"] = forward(batch, True)
+        cases[f"forward {batch} frame(s), bf16 copy"] = forward(batch, True, actor)
 
     optimizer = torch.optim.Adam(q_network.parameters(), lr=1e-9, **common.adam_kernel(cpu))
 
-    def gradient_step(bf16: bool) -> Callable[[], object]:
+    target_copy = common.forward_copy(target_network, cpu, bf16=True)
+
+    def gradient_step(bf16: bool, target: torch.nn.Module = target_network) -> Callable[[], object]:
         def call() -> object:  # DQN's learn(): target forward, online forward + backward, clip, Adam
             autocast = common.bf16_autocast(cpu, bf16)
             with torch.no_grad(), autocast:
-                target = returns + 0.9 * target_network(frames[32]).float().max(dim=1).values
+                target_q = returns + 0.9 * target(frames[32]).float().max(dim=1).values
             with autocast:
                 q_taken = q_network(frames[32]).float().gather(1, actions[:, None]).squeeze(1)
-            loss = F.smooth_l1_loss(q_taken, target)
+            loss = F.smooth_l1_loss(q_taken, target_q)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(q_network.parameters(), 10.0)
@@ -84,6 +93,10 @@ def build_cases() -> dict[str, Callable[[], object]]:
 
     cases["dqn gradient step (32), fp32"] = gradient_step(False)
     cases["dqn gradient step (32), bf16 autocast"] = gradient_step(True)
+    cases["dqn gradient step (32), bf16 + target copy"] = gradient_step(True, target_copy)
+    cases["beside a learner: forward 1, fp32"] = forward(1, False)
+    cases["beside a learner: forward 1, bf16 copy"] = forward(1, True, actor)
+    cases["beside a learner: learner thread"] = gradient_step(True, target_copy)  # see main()
     for parameter in q_network.parameters():  # the Adam cases step on these gradients
         parameter.grad = torch.randn_like(parameter)
     return cases
@@ -98,19 +111,43 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
     common.set_learner_threads(1)
     cases = build_cases()
+    # The "beside a learner" cases run while a thread takes DQN gradient steps on the other core; the
+    # thread's own case is not timed itself: its entry is the mean time of its steps meanwhile.
+    learner_step = cases.pop("beside a learner: learner thread")
     samples: dict[str, list[float]] = {name: [] for name in cases}
+    samples["beside a learner: learner thread"] = []
     for _ in range(args.rounds):
         for name, call in cases.items():
+            if name.startswith("beside a learner"):
+                continue
             samples[name].append(milliseconds(call, 20 if "step (32)" in name else 100))
+        stop, steps = threading.Event(), []
+
+        def learn() -> None:
+            while not stop.is_set():
+                start = time.perf_counter()
+                learner_step()
+                steps.append(time.perf_counter() - start)
+
+        learner = threading.Thread(target=learn)
+        learner.start()
+        try:
+            for name, call in cases.items():
+                if name.startswith("beside a learner"):
+                    samples[name].append(milliseconds(call, 300))
+        finally:
+            stop.set()
+            learner.join()
+        samples["beside a learner: learner thread"].append(1000 * statistics.mean(steps[1:] or steps))
     result = {
-        "bf16_native": torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+        "bf16_native": common.native_bf16(torch.device("cpu")),
         "torch": torch.__version__,
         "ms": {
             name: {"median": statistics.median(values), "samples": values} for name, values in samples.items()
         },
     }
     for name, entry in result["ms"].items():
-        print(f"{name:<40}{entry['median']:8.2f} ms   " + ", ".join(f"{v:.2f}" for v in entry["samples"]))
+        print(f"{name:<44}{entry['median']:8.2f} ms   " + ", ".join(f"{v:.2f}" for v in entry["samples"]))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -104,7 +104,8 @@ def test_learner_parts_times_every_case_and_writes_json(tmp_path, capsys):
     result = json.loads(path.read_text())
     assert set(result["ms"]) == set(learner_parts.build_cases())
     assert all(entry["median"] > 0 and len(entry["samples"]) == 1 for entry in result["ms"].values())
-    assert "adam step, fused" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "adam step, fused" in out and "beside a learner: learner thread" in out
     with pytest.raises(SystemExit) as exit_info:
         learner_parts.main(["--rounds", "0"])
     assert exit_info.value.code == 2

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import envs
+import nets
 from agents import common, dqn
 from agents.buffers import ReplayBuffer
 from agents.checkpoint import load_checkpoint
@@ -302,3 +303,57 @@ def test_cartpole_reaches_475_greedy(tmp_path, overlap):
     """The preset as shipped, and with the learner thread (acting one training phase behind)."""
     summary = dqn.train(dqn.DQNConfig(seed=1, device="cpu", overlap=overlap), tmp_path, progress=False)
     assert summary["eval_return_mean"] >= 475, summary
+
+
+NATIVE_BF16 = common.native_bf16(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("net", ["mlp", "nature", "impala"])
+def test_forward_copy_computes_exactly_what_autocast_computes_and_refreshes(net):
+    shape = (8,) if net == "mlp" else (4, 84, 84)
+    if net == "mlp":
+        module = nets.build("mlp", in_shape=shape, hidden=(64, 64))
+    else:  # an encoder and a head, as in a QNetwork
+        module = torch.nn.Sequential(nets.build(net, in_shape=shape, out_dim=64), torch.nn.Linear(64, 5))
+    cpu = torch.device("cpu")
+    copy_ = common.forward_copy(module, cpu, bf16=True)
+    dtypes = {p.dtype for p in copy_.parameters()}
+    assert dtypes == ({torch.bfloat16} if NATIVE_BF16 else {torch.float32})
+    assert all(p.dtype == torch.float32 for p in module.parameters())  # the original is untouched
+    x = torch.randint(0, 256, (3, *shape), dtype=torch.uint8) if net != "mlp" else torch.randn(3, *shape)
+    with torch.no_grad():
+        for _ in range(2):
+            with common.bf16_autocast(cpu, True):
+                assert torch.equal(copy_(x), module(x))
+            for parameter in module.parameters():  # the learner moves on; a refresh follows it
+                parameter.add_(0.01 * torch.randn_like(parameter))
+            copy_.load_state_dict(module.state_dict())
+    assert not any(p.requires_grad for p in copy_.parameters())
+    assert {p.dtype for p in common.forward_copy(module, cpu, bf16=False).parameters()} == {torch.float32}
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="needs a CPU with native bf16 (else the copies are fp32 anyway)")
+@pytest.mark.parametrize("overlap", [False, True])
+def test_bf16_forward_copies_change_nothing_that_is_learnt(tmp_path, monkeypatch, overlap):
+    # Against the computation before the copies existed, under the same bf16 autocast: serial, the fp32
+    # target network itself computes the targets (so a copy that missed a target update would differ:
+    # they come every 50 steps); with overlap, the actor is an fp32 copy. The same actions and targets
+    # give the same final weights.
+    # Squared TD errors: the Huber gradient of errors beyond 1 is their sign, blind to small target changes.
+    config = tiny(
+        seed=5, bf16=True, overlap=overlap, total_steps=400, eval_episodes=1, keep_best=False, loss="mse"
+    )
+    dqn.train(config, tmp_path / "bf16", progress=False)
+    bf16_copy = common.forward_copy
+    before = (
+        (lambda module, device, bf16: bf16_copy(module, device, False))
+        if overlap
+        else (lambda module, *_: module)
+    )
+    monkeypatch.setattr(common, "forward_copy", before)
+    dqn.train(config, tmp_path / "fp32", progress=False)
+    weights = [
+        load_checkpoint(common.locate_checkpoint(tmp_path / run)[0])[0]["model"] for run in ("bf16", "fp32")
+    ]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
