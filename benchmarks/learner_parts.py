@@ -102,6 +102,14 @@ def build_cases() -> dict[str, Callable[[], object]]:
     return cases
 
 
+def keep_learning(step: Callable[[], object], stop: threading.Event, seconds: list[float]) -> None:
+    """Takes gradient steps until ``stop`` is set, appending the duration of each to ``seconds``."""
+    while not stop.is_set():
+        start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (medians are reported)")
@@ -122,14 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             samples[name].append(milliseconds(call, 20 if "step (32)" in name else 100))
         stop, steps = threading.Event(), []
-
-        def learn() -> None:
-            while not stop.is_set():
-                start = time.perf_counter()
-                learner_step()
-                steps.append(time.perf_counter() - start)
-
-        learner = threading.Thread(target=learn)
+        learner = threading.Thread(target=keep_learning, args=(learner_step, stop, steps))
         learner.start()
         try:
             for name, call in cases.items():

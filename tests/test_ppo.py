@@ -425,3 +425,24 @@ def test_resume_keeps_the_recent_episode_window(tmp_path, monkeypatch):
     train(tmp_path, resume=True, total_steps=80, **changes)
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     assert history[-1]["step"] == 80 and history[-1]["return_mean"] == 20.0
+
+
+@pytest.mark.skipif(
+    not common.native_bf16(torch.device("cpu")), reason="needs a CPU with native bf16 (else the copy is fp32)"
+)
+@pytest.mark.parametrize("memory", ["none", "transformer"])
+def test_overlap_bf16_actor_copy_collects_what_autocast_computes(tmp_path, monkeypatch, memory):
+    # The collector's bf16 forward copy against an fp32 copy under the same autocast (before the copy
+    # existed): the same actions, values and log-probs, so the same losses and final weights. Not with
+    # an LSTM or GRU: with overlap and bf16 on the CPU, two identical runs of those already differ
+    # slightly (oneDNN's bf16 RNN run from two threads; serial runs are reproducible).
+    changes = dict(seed=3, overlap=True, bf16=True, memory=memory, memory_size=16, memory_len=4)
+    _, bf16_dir = train(tmp_path, "bf16", **changes)
+    bf16_copy = common.forward_copy
+    monkeypatch.setattr(common, "forward_copy", lambda module, device, bf16: bf16_copy(module, device, False))
+    _, fp32_dir = train(tmp_path, "fp32", **changes)
+    runs = (bf16_dir, fp32_dir)
+    losses = [[h["loss"] for h in json.loads((run / "metrics.json").read_text())["history"]] for run in runs]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    weights = [common.load_training_checkpoint(run)[0]["model"] for run in runs]
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
