@@ -434,8 +434,8 @@ def test_resume_keeps_the_recent_episode_window(tmp_path, monkeypatch):
 def test_overlap_bf16_actor_copy_collects_what_autocast_computes(tmp_path, monkeypatch, memory):
     # The collector's bf16 forward copy against an fp32 copy under the same autocast (before the copy
     # existed): the same actions, values and log-probs, so the same losses and final weights. Not with
-    # an LSTM or GRU: with overlap and bf16 on the CPU, two identical runs of those already differ
-    # slightly (oneDNN's bf16 RNN run from two threads; serial runs are reproducible).
+    # an LSTM or GRU: with overlap and bf16 on the CPU, the first and the second of two identical runs
+    # in one process already differ slightly (~1e-5 in the first loss; serial runs do not).
     changes = dict(seed=3, overlap=True, bf16=True, memory=memory, memory_size=16, memory_len=4)
     _, bf16_dir = train(tmp_path, "bf16", **changes)
     bf16_copy = common.forward_copy
