@@ -6,7 +6,8 @@ limit and a supervised line (digits CNN epoch against a plain torch loop).
 
 Every system runs in its own child process (``--child NAME``), one after another within each
 repeat, so that load changes on a shared machine hit all of them; medians over the repeats are
-reported. What each number means:
+reported, and for each ratio also the ratio within each repeat and their median. What each number
+means:
 
 * **agent steps/s**: steps after a warm-up, so that start-up (process spawn, env boot, first
   allocation) is not counted for anyone. PPO: the updates after the first (rollout + learning,
@@ -536,7 +537,7 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
                     flush=True,
                 )
                 continue
-            samples[system].append(result)
+            samples[system].append({**result, "repeat": repeat})
             unit = "images/s" if system.startswith("digits") else "steps/s"
             print(
                 f"  repeat {repeat + 1}/{repeats}  {system:<22} {result['rate']:8.1f} {unit}"
@@ -547,10 +548,25 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
     samples = {system: rows for system, rows in samples.items() if rows}
     medians = {system: statistics.median(r["rate"] for r in rows) for system, rows in samples.items()}
     ratios: dict[str, float] = {}
+    # Also each repeat's own ratio (its two systems ran a minute or two apart): on a machine whose speed
+    # drifts during a run, their median is less swayed by the drift than the ratio of the medians.
+    paired: dict[str, dict[str, Any]] = {}
 
     def ratio(name: str, numerator: str, denominator: str) -> None:
         if numerator in medians and denominator in medians:
             ratios[name] = medians[numerator] / medians[denominator]
+            rates = {
+                system: {r["repeat"]: r["rate"] for r in samples[system]}
+                for system in (numerator, denominator)
+            }
+            per_repeat = [
+                rates[numerator][repeat] / rates[denominator][repeat]
+                for repeat in sorted(rates[numerator].keys() & rates[denominator].keys())
+            ]
+            paired[name] = {
+                "median": statistics.median(per_repeat),
+                "per_repeat": [round(x, 3) for x in per_repeat],
+            }
 
     ratio("ppo-ours/ppo-sb3", "ppo-ours", "ppo-sb3")
     ratio("ppo-ours/ppo-sb3-ours-encoder", "ppo-ours", "ppo-sb3-ours-encoder")
@@ -598,6 +614,7 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
             for system, rows in samples.items()
         },
         "ratios": ratios,
+        "paired_ratios": paired,
         "targets": {k: v for k, v in TARGETS.items() if v is not None},
         "failures": failures,
     }
@@ -635,6 +652,10 @@ def print_report(result: dict[str, Any]) -> None:
     for name, value in result["ratios"].items():
         target = result["targets"].get(name)
         verdict = "" if target is None else f"   target >= {target}: {'met' if value >= target else 'MISSED'}"
+        pairs = result.get("paired_ratios", {}).get(name)
+        if pairs is not None and len(pairs["per_repeat"]) > 1:
+            each = ", ".join(f"{x:.2f}" for x in pairs["per_repeat"])
+            verdict += f"   per repeat {each} (median {pairs['median']:.3f})"
         print(f"{name:<32}{value:>8.3f}{verdict}")
 
 

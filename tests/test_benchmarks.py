@@ -109,3 +109,24 @@ def test_learner_parts_times_every_case_and_writes_json(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         learner_parts.main(["--rounds", "0"])
     assert exit_info.value.code == 2
+
+
+def test_ratios_are_reported_per_repeat_too_and_pair_only_repeats_where_both_ran(monkeypatch, capsys):
+    rates = {"dqn-ours-overlap": [10.0, 40.0, 30.0, 50.0], "dqn-sb3": [5.0, 20.0, 10.0, None]}
+    calls = {name: 0 for name in rates}
+
+    def measure(name, values):
+        rate = rates[name][calls[name]]
+        calls[name] += 1
+        if rate is None:
+            raise RuntimeError(f"benchmark child {name} failed with exit status 1")
+        return {"steps": 1, "seconds": 1.0, "cuda_peak_mb": None, "peak_pss_mb": 1.0, "rate": rate}
+
+    monkeypatch.setattr(train_throughput, "measure", measure)
+    systems, values = settings(systems="dqn-ours-overlap,dqn-sb3", device="cpu")
+    result = train_throughput.run(systems, values, repeats=4)
+    assert result["ratios"]["dqn-ours-overlap/dqn-sb3"] == 35.0 / 10.0  # the ratio of the medians
+    paired = result["paired_ratios"]["dqn-ours-overlap/dqn-sb3"]
+    assert paired == {"median": 2.0, "per_repeat": [2.0, 2.0, 3.0]}  # repeat 4 has no dqn-sb3 sample
+    train_throughput.print_report(result)
+    assert "per repeat 2.00, 2.00, 3.00 (median 2.000)" in capsys.readouterr().out
