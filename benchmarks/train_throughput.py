@@ -563,10 +563,11 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
                 rates[numerator][repeat] / rates[denominator][repeat]
                 for repeat in sorted(rates[numerator].keys() & rates[denominator].keys())
             ]
-            paired[name] = {
-                "median": statistics.median(per_repeat),
-                "per_repeat": [round(x, 3) for x in per_repeat],
-            }
+            if per_repeat:  # none when the two never succeeded in the same repeat
+                paired[name] = {
+                    "median": statistics.median(per_repeat),
+                    "per_repeat": [round(x, 3) for x in per_repeat],
+                }
 
     ratio("ppo-ours/ppo-sb3", "ppo-ours", "ppo-sb3")
     ratio("ppo-ours/ppo-sb3-ours-encoder", "ppo-ours", "ppo-sb3-ours-encoder")

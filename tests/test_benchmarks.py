@@ -130,3 +130,8 @@ def test_ratios_are_reported_per_repeat_too_and_pair_only_repeats_where_both_ran
     assert paired == {"median": 2.0, "per_repeat": [2.0, 2.0, 3.0]}  # repeat 4 has no dqn-sb3 sample
     train_throughput.print_report(result)
     assert "per repeat 2.00, 2.00, 3.00 (median 2.000)" in capsys.readouterr().out
+    # Never in the same repeat: a ratio of medians, but no per-repeat ratio (and no crash).
+    rates.update({"dqn-ours-overlap": [None, 40.0], "dqn-sb3": [5.0, None]})
+    calls.update({name: 0 for name in rates})
+    result = train_throughput.run(systems, values, repeats=2)
+    assert result["ratios"]["dqn-ours-overlap/dqn-sb3"] == 8.0 and result["paired_ratios"] == {}
