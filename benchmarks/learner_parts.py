@@ -27,6 +27,7 @@ from envs.registry import PRESETS
 
 OBS_SHAPE = (4, 84, 84)
 NUM_ACTIONS = 7
+LEARNER_THREAD = "beside a learner: learner thread"
 
 
 def milliseconds(call: Callable[[], object], repeats: int) -> float:
@@ -96,7 +97,7 @@ def build_cases() -> dict[str, Callable[[], object]]:
     cases["dqn gradient step (32), bf16 + target copy"] = gradient_step(True, target_copy)
     cases["beside a learner: forward 1, fp32"] = forward(1, False)
     cases["beside a learner: forward 1, bf16 copy"] = forward(1, True, actor)
-    cases["beside a learner: learner thread"] = gradient_step(True, target_copy)  # see main()
+    cases[LEARNER_THREAD] = gradient_step(True, target_copy)  # see main()
     for parameter in q_network.parameters():  # the Adam cases step on these gradients
         parameter.grad = torch.randn_like(parameter)
     return cases
@@ -118,28 +119,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     common.set_learner_threads(1)
-    cases = build_cases()
+    alone = build_cases()
     # The "beside a learner" cases run while a thread takes DQN gradient steps on the other core; the
     # thread's own case is not timed itself: its entry is the mean time of its steps meanwhile.
-    learner_step = cases.pop("beside a learner: learner thread")
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    samples["beside a learner: learner thread"] = []
+    learner_step = alone.pop(LEARNER_THREAD)
+    beside = {name: alone.pop(name) for name in list(alone) if name.startswith("beside a learner")}
+    samples: dict[str, list[float]] = {name: [] for name in [*alone, *beside, LEARNER_THREAD]}
     for _ in range(args.rounds):
-        for name, call in cases.items():
-            if name.startswith("beside a learner"):
-                continue
+        for name, call in alone.items():
             samples[name].append(milliseconds(call, 20 if "step (32)" in name else 100))
         stop, steps = threading.Event(), []
         learner = threading.Thread(target=keep_learning, args=(learner_step, stop, steps))
         learner.start()
         try:
-            for name, call in cases.items():
-                if name.startswith("beside a learner"):
-                    samples[name].append(milliseconds(call, 300))
+            for name, call in beside.items():
+                samples[name].append(milliseconds(call, 300))
         finally:
             stop.set()
             learner.join()
-        samples["beside a learner: learner thread"].append(1000 * statistics.mean(steps[1:] or steps))
+        samples[LEARNER_THREAD].append(1000 * statistics.mean(steps[1:] or steps))
     result = {
         "bf16_native": common.native_bf16(torch.device("cpu")),
         "torch": torch.__version__,

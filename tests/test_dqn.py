@@ -352,8 +352,6 @@ def test_bf16_forward_copies_change_nothing_that_is_learnt(tmp_path, monkeypatch
     )
     monkeypatch.setattr(common, "forward_copy", before)
     dqn.train(config, tmp_path / "fp32", progress=False)
-    weights = [
-        load_checkpoint(common.locate_checkpoint(tmp_path / run)[0])[0]["model"] for run in ("bf16", "fp32")
-    ]
+    weights = [common.load_training_checkpoint(tmp_path / run)[0]["model"] for run in ("bf16", "fp32")]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
