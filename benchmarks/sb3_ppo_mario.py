@@ -12,6 +12,7 @@ import time
 
 from stable_baselines3 import PPO
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.vec_env import SubprocVecEnv, VecMonitor
 
 import envs
@@ -54,6 +55,7 @@ def main() -> None:
         "CnnPolicy", vec_env, n_steps=args.steps, batch_size=args.batch, n_epochs=4, learning_rate=2.5e-4,
         gamma=0.9, gae_lambda=0.95, clip_range=0.2, ent_coef=0.01, device=args.device, verbose=0,
     )  # fmt: skip
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default leaves an empty /tmp/SB3-<date>
     callback = StopAfter(args.seconds)
     model.learn(total_timesteps=10**9, callback=callback)
     elapsed = time.time() - callback.start

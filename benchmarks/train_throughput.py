@@ -207,6 +207,14 @@ class _Clock:
         self.callback = Callback()
 
 
+def _quiet(model: Any) -> None:
+    """Gives an SB3 model a logger that writes nowhere: SB3's own default (verbose=0) still creates an
+    empty ``SB3-<date>`` folder in the temporary directory at every ``learn()``."""
+    from stable_baselines3.common.logger import Logger
+
+    model.set_logger(Logger(folder=None, output_formats=[]))
+
+
 def child_ppo_sb3(settings: dict[str, Any], our_encoder: bool = False, threads: int = 0) -> dict[str, Any]:
     import torch
     from stable_baselines3 import PPO
@@ -233,6 +241,7 @@ def child_ppo_sb3(settings: dict[str, Any], our_encoder: bool = False, threads: 
         max_grad_norm=preset["max_grad_norm"], device=settings["device"], policy_kwargs=policy_kwargs,
         seed=1, verbose=0,
     )  # fmt: skip
+    _quiet(model)
     clock = _Clock()
     total = settings["envs"] * settings["steps"] * settings["updates"]
     model.learn(total_timesteps=total, callback=clock.callback)
@@ -335,6 +344,7 @@ def child_dqn_sb3(settings: dict[str, Any], threads: int = 0) -> dict[str, Any]:
         exploration_fraction=preset["exploration_fraction"], exploration_final_eps=preset["end_e"],
         max_grad_norm=values["max_grad_norm"], device=settings["device"], seed=1, verbose=0,
     )  # fmt: skip
+    _quiet(model)
     clock = _Clock()
     clock.mark_at = settings["learning_starts"]
     model.learn(total_timesteps=settings["dqn_steps"], callback=clock.callback)

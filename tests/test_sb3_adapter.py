@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from stable_baselines3 import PPO
+from stable_baselines3.common.logger import Logger
 
 import nets
 from nets.sb3_adapter import EncoderExtractor
@@ -59,6 +60,7 @@ def train_and_check(env: gym.Env, policy: str, net: str, encoder_cls: type[torch
     assert isinstance(extractor.encoder, encoder_cls)
     assert extractor.features_dim == extractor.encoder.out_dim
     before = parameters(extractor.encoder)
+    model.set_logger(Logger(folder=None, output_formats=[]))  # SB3's default leaves an empty /tmp/SB3-<date>
     model.learn(256)
     after = parameters(model.policy.features_extractor.encoder)
     assert all(not torch.equal(b, a) for b, a in zip(before, after, strict=True)), "encoder was not trained"
