@@ -121,6 +121,13 @@ class DQNConfig:
     )
     compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA, or a CPU with native bf16)"})
+    keep_freed_memory: bool = field(
+        default=True,
+        metadata={
+            "help": "keep memory freed between gradient steps in the process (glibc malloc thresholds) "
+            "instead of page-faulting it back in at every step"
+        },
+    )
     overlap: bool = field(
         default=False,
         metadata={
@@ -265,6 +272,8 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
     """
     device = common.resolve_device(config.device)
     common.set_learner_threads(config.threads)
+    if config.keep_freed_memory:
+        common.keep_freed_memory()
     np_rng = common.seed_everything(config.seed)
     config.check()
 

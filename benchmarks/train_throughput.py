@@ -51,6 +51,9 @@ dqn-ours-overlap              ``overlap=True`` with the env in the main process 
                               thread while the main thread collects the next 4 agent steps (acting
                               lags one phase; the replay ratio is unchanged); nes-py's emulator
                               releases the GIL, so the two run on two cores
+dqn-ours-overlap-trim         dqn-ours-overlap with ``keep_freed_memory=False``: glibc's default malloc
+                              thresholds, which hand freed tensors back to the kernel and page-fault
+                              them in again at every gradient step
 dqn-ours-overlap-async        the same with the env in a worker process (``env_backend=async``):
                               three busy processes/threads on 2 cores, and a pipe round trip per step
 dqn-ours-baseline             dqn-ours in one process (``env_backend=sync``), fp32: what the two
@@ -61,6 +64,8 @@ dqn-preset                    the Mario DQN preset as shipped (double DQN, dueli
 dqn-preset-serial             the same with ``overlap=False, bf16=False`` (the preset before session 5)
 dqn-sb3                       SB3 ``DQN("CnnPolicy")`` over ``DummyVecEnv`` (its default for one env)
 dqn-sb3-1thread               the same after ``torch.set_num_threads(1)``
+dqn-sb3-kept                  dqn-sb3 after ``agents.common.keep_freed_memory()``: what our malloc
+                              setting would give SB3
 ============================  ======================================================================
 """
 
@@ -69,6 +74,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -94,12 +100,14 @@ PPO_SYSTEMS = [
 DQN_SYSTEMS = [
     "dqn-ours",
     "dqn-ours-overlap",
+    "dqn-ours-overlap-trim",
     "dqn-ours-overlap-async",
     "dqn-ours-baseline",
     "dqn-preset",
     "dqn-preset-serial",
     "dqn-sb3",
     "dqn-sb3-1thread",
+    "dqn-sb3-kept",
 ]
 ALL_SYSTEMS = [*PPO_SYSTEMS, *DQN_SYSTEMS, "emulator", "digits-ours", "digits-plain"]
 DEFAULT_SYSTEMS = list(ALL_SYSTEMS)
@@ -274,7 +282,11 @@ def _dqn_values(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_dqn_ours(
-    settings: dict[str, Any], levers: bool, overlap: bool = False, backend: str | None = None
+    settings: dict[str, Any],
+    levers: bool,
+    overlap: bool = False,
+    backend: str | None = None,
+    keep_freed_memory: bool = True,
 ) -> dict[str, Any]:
     return _time_dqn_ours(
         settings,
@@ -283,6 +295,7 @@ def child_dqn_ours(
             "bf16": levers,
             "env_backend": backend or ("async" if levers else "sync"),
             "overlap": overlap,
+            "keep_freed_memory": keep_freed_memory,
         },
     )
 
@@ -325,7 +338,9 @@ def _time_dqn_ours(settings: dict[str, Any], overrides: dict[str, Any]) -> dict[
     }
 
 
-def child_dqn_sb3(settings: dict[str, Any], threads: int = 0) -> dict[str, Any]:
+def child_dqn_sb3(
+    settings: dict[str, Any], threads: int = 0, keep_freed_memory: bool = False
+) -> dict[str, Any]:
     import torch
     from stable_baselines3 import DQN
     from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor
@@ -334,6 +349,10 @@ def child_dqn_sb3(settings: dict[str, Any], threads: int = 0) -> dict[str, Any]:
 
     if threads:
         torch.set_num_threads(threads)
+    if keep_freed_memory:
+        from agents.common import keep_freed_memory as keep
+
+        keep()
     preset, values = PRESETS[ENV].dqn, _dqn_values(settings)
     vec_env = VecMonitor(DummyVecEnv([_sb3_env(0)]))
     model = DQN(
@@ -432,6 +451,9 @@ def run_child(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         "ppo-sb3-ours-encoder": lambda: child_ppo_sb3(settings, our_encoder=True),
         "dqn-ours": lambda: child_dqn_ours(settings, levers=True),
         "dqn-ours-overlap": lambda: child_dqn_ours(settings, levers=True, overlap=True, backend="sync"),
+        "dqn-ours-overlap-trim": lambda: child_dqn_ours(
+            settings, levers=True, overlap=True, backend="sync", keep_freed_memory=False
+        ),
         "dqn-ours-overlap-async": lambda: child_dqn_ours(
             settings, levers=True, overlap=True, backend="async"
         ),
@@ -440,6 +462,7 @@ def run_child(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         "dqn-preset-serial": lambda: child_dqn_preset(settings, serial=True),
         "dqn-sb3": lambda: child_dqn_sb3(settings),
         "dqn-sb3-1thread": lambda: child_dqn_sb3(settings, threads=1),
+        "dqn-sb3-kept": lambda: child_dqn_sb3(settings, keep_freed_memory=True),
         "emulator": lambda: child_emulator(settings),
         "digits-ours": lambda: child_digits(settings, plain=False),
         "digits-plain": lambda: child_digits(settings, plain=True),
@@ -551,7 +574,8 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
             unit = "images/s" if system.startswith("digits") else "steps/s"
             print(
                 f"  repeat {repeat + 1}/{repeats}  {system:<22} {result['rate']:8.1f} {unit}"
-                f"  peak {result['peak_pss_mb']:7.0f} MB  load {os.getloadavg()[0]:.1f}",
+                f"  peak {result['peak_pss_mb']:7.0f} MB  load {os.getloadavg()[0]:.1f}"
+                f"  page faults {result.get('minor_faults', 0) / 1e6:.2f}M",
                 file=sys.stderr,
                 flush=True,
             )
@@ -595,6 +619,9 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
     ratio("dqn-ours/dqn-sb3", "dqn-ours", "dqn-sb3")
     ratio("dqn-ours-overlap/dqn-sb3", "dqn-ours-overlap", "dqn-sb3")
     ratio("dqn-ours-overlap/dqn-ours", "dqn-ours-overlap", "dqn-ours")
+    ratio("dqn-ours-overlap/dqn-ours-overlap-trim", "dqn-ours-overlap", "dqn-ours-overlap-trim")
+    ratio("dqn-ours-overlap/dqn-sb3-kept", "dqn-ours-overlap", "dqn-sb3-kept")
+    ratio("dqn-sb3-kept/dqn-sb3", "dqn-sb3-kept", "dqn-sb3")
     ratio("dqn-ours-overlap/dqn-ours-overlap-async", "dqn-ours-overlap", "dqn-ours-overlap-async")
     ratio("dqn-ours/dqn-ours-baseline", "dqn-ours", "dqn-ours-baseline")
     ratio("dqn-ours-baseline/dqn-sb3", "dqn-ours-baseline", "dqn-sb3")
@@ -621,6 +648,9 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
                 "samples": [round(r["rate"], 2) for r in rows],
                 "peak_pss_mb": max(r["peak_pss_mb"] for r in rows),
                 "cuda_peak_mb": max((r["cuda_peak_mb"] or 0.0) for r in rows) or None,
+                # per sample, of the child process's own threads (None from a child that did not say)
+                "minor_faults": [r.get("minor_faults") for r in rows],
+                "system_cpu_s": [r.get("system_cpu_s") for r in rows],
             }
             for system, rows in samples.items()
         },
@@ -734,7 +764,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.child is not None:
-        print(json.dumps(run_child(args.child, json.loads(args.settings))))
+        result = run_child(args.child, json.loads(args.settings))
+        # The whole child process (its threads, not its worker processes): minor page faults are
+        # pages the kernel mapped and zero-filled on first touch (see agents.common.keep_freed_memory).
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        result.update(minor_faults=usage.ru_minflt, user_cpu_s=usage.ru_utime, system_cpu_s=usage.ru_stime)
+        print(json.dumps(result))
         return 0
     try:
         systems, settings = settings_from_args(args)
