@@ -80,10 +80,11 @@ def keep_freed_memory() -> bool:
     uint8 batch and its float copy, activations, bf16 gradients cast back to fp32). glibc serves
     allocations above its mmap threshold (128 KiB at first, moved up and down by what was freed last)
     with fresh mappings that it unmaps on free, and returns the top of its heap to the kernel; every
-    reuse then page-faults and zero-fills those pages again. In a fresh Mario DQN benchmark process
-    that was ~800 page faults per agent step: 2.5M faults and ~5 s of system CPU in 70 s, against
-    150k faults and 1.3 s with this (benchmarks/RESULTS.md). Fixed thresholds stop it: allocations up
-    to 32 MiB (the most mallopt takes) come from the heap, and up to 256 MiB of free heap stays mapped.
+    reuse then page-faults and zero-fills those pages again. A 70-s Mario DQN benchmark process took
+    0.4-2.5M page faults (up to ~800 per agent step) and 1.6-6.2 s of system CPU that way, against
+    0.15M (mostly start-up) and 0.9-1.4 s with this (benchmarks/RESULTS.md, session 7). Fixed
+    thresholds stop it: allocations up to 32 MiB (the most mallopt takes) come from the heap, and up to
+    256 MiB of free heap stays mapped.
     It is what preloading jemalloc or tcmalloc buys (PyTorch's CPU performance guide advises that),
     without a library to install.
     """
