@@ -67,6 +67,16 @@ def set_learner_threads(threads: int) -> int:
     return count
 
 
+def glibc() -> ctypes.CDLL | None:
+    """The C library this interpreter runs on if it is glibc, else None (musl's mallopt is a no-op)."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it)
+    except (AttributeError, OSError):
+        return None
+    return libc
+
+
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -88,10 +98,8 @@ def keep_freed_memory() -> bool:
     It is what preloading jemalloc or tcmalloc buys (PyTorch's CPU performance guide advises that),
     without a library to install.
     """
-    try:
-        libc = ctypes.CDLL(None)  # the C library this interpreter runs on
-        libc.gnu_get_libc_version  # noqa: B018  (only glibc has it; musl's mallopt is a no-op)
-    except (AttributeError, OSError):
+    libc = glibc()
+    if libc is None:
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(
         libc.mallopt(_M_TRIM_THRESHOLD, 256 << 20)

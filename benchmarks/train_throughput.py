@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
         # The whole child process (its threads, not its worker processes): minor page faults are
         # pages the kernel mapped and zero-filled on first touch (see agents.common.keep_freed_memory).
         usage = resource.getrusage(resource.RUSAGE_SELF)
-        result.update(minor_faults=usage.ru_minflt, user_cpu_s=usage.ru_utime, system_cpu_s=usage.ru_stime)
+        result.update(minor_faults=usage.ru_minflt, system_cpu_s=usage.ru_stime)
         print(json.dumps(result))
         return 0
     try:

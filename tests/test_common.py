@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
 from pathlib import Path
@@ -34,13 +33,8 @@ libc.free(ctypes.c_void_p(block))
 
 
 def _has_glibc_mallinfo2() -> bool:
-    try:
-        libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # noqa: B018
-        libc.mallinfo2  # noqa: B018  (glibc >= 2.33)
-    except (AttributeError, OSError):
-        return False
-    return True
+    libc = common.glibc()
+    return libc is not None and hasattr(libc, "mallinfo2")  # glibc >= 2.33
 
 
 @pytest.mark.skipif(not _has_glibc_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
