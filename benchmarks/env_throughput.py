@@ -31,11 +31,13 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
 from functools import partial
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +58,18 @@ def _cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def _command(module: str) -> str:
+    """The command line that started this run, as a user would retype it.
+
+    ``sys.argv`` is ``[".../train_throughput.py", ...]`` under ``python -m`` and ``[".../lab", "bench",
+    "train", ...]`` under the ``lab`` command.
+    """
+    program = Path(sys.argv[0]).name
+    if program.endswith(".py"):
+        return shlex.join(["python", "-m", module, *sys.argv[1:]])
+    return shlex.join([program, *sys.argv[1:]])
 
 
 def _versions() -> dict[str, str]:
@@ -282,7 +296,7 @@ def run(seconds: float, repeats: int, num_envs: int, envs_per_worker: int | None
     medians = {system: statistics.median(values) for system, values in wall.items()}
     cpu_medians = {system: statistics.median(values) for system, values in per_cpu.items()}
     return {
-        "command": "python -m benchmarks.env_throughput " + " ".join(sys.argv[1:]),
+        "command": _command("benchmarks.env_throughput"),
         "machine": {
             "cpus": cpus,
             "nproc": os.cpu_count(),

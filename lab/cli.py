@@ -157,7 +157,8 @@ def build_parser() -> Parser:
     bench.add_argument(
         "--systems",
         default=None,
-        help="train: comma-separated systems (default: all; see benchmarks/RESULTS.md)",
+        help="train: comma-separated systems (default: the presets against SB3, the emulator limit and "
+        "the digits line; `python -m benchmarks.train_throughput --help` lists all)",
     )
     bench.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 

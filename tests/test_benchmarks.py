@@ -135,3 +135,38 @@ def test_ratios_are_reported_per_repeat_too_and_pair_only_repeats_where_both_ran
     calls.update({name: 0 for name in rates})
     result = train_throughput.run(systems, values, repeats=2)
     assert result["ratios"]["dqn-ours-overlap/dqn-sb3"] == 8.0 and result["paired_ratios"] == {}
+
+
+def test_the_default_run_reports_every_targeted_ratio_with_its_verdict(monkeypatch, capsys):
+    # Each default system at a fixed rate; the children themselves are not run.
+    def measure(name, values):
+        return {"steps": 1, "seconds": 1.0, "cuda_peak_mb": None, "peak_pss_mb": 1.0, "rate": 100.0}
+
+    monkeypatch.setattr(train_throughput, "measure", measure)
+    systems, values = settings(device="cpu")
+    assert systems == train_throughput.DEFAULT_SYSTEMS
+    assert set(systems) < set(train_throughput.ALL_SYSTEMS)
+    result = train_throughput.run(systems, values, repeats=1)
+    targeted = {name for name, target in train_throughput.TARGETS.items() if target is not None}
+    assert targeted and targeted <= set(result["ratios"])  # a target on a ratio the default never computes
+    train_throughput.print_report(result)
+    out = capsys.readouterr().out
+    for name in targeted:
+        assert any(line.startswith(name) and "MISSED" in line for line in out.splitlines())
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["/x/benchmarks/train_throughput.py", "--repeats", "2"],
+            "python -m benchmarks.train_throughput --repeats 2",
+        ),
+        (["/x/.venv/bin/lab", "bench", "train", "--systems", "a b"], "lab bench train --systems 'a b'"),
+    ],
+)
+def test_the_recorded_command_is_the_one_that_was_typed(monkeypatch, argv, expected):
+    from benchmarks.env_throughput import _command
+
+    monkeypatch.setattr(sys, "argv", argv)
+    assert _command("benchmarks.train_throughput") == expected
