@@ -51,8 +51,27 @@ def layer_init[M: nn.Module](layer: M, gain: float = math.sqrt(2), bias: float =
 
 
 def image_to_float(x: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [0, 1]; float input passes through unchanged; other ints are cast."""
+    """uint8 pixels -> float in [0, 1]; float input passes through unchanged; other ints are cast.
+
+    Under bf16 autocast on ``x``'s device the pixels become bf16 directly, not fp32: the next layer of
+    every encoder here is a convolution (after a zero pad in the ViT), which autocast would feed
+    ``bf16(x.float() / 255)`` anyway. The numbers are the same bit for bit (0..255 are exact in bf16,
+    and the division runs in fp32 before its one rounding; tests/test_nets.py checks all 256 values),
+    but the pass writes 2 bytes per pixel instead of 4, reads and writes them once instead of three
+    times, and the convolution's own cast disappears. A Mario PPO update on one CPU thread (16
+    minibatches of 256 frame stacks) took 1.49 s instead of 1.82 (benchmarks/RESULTS.md, session 10).
+
+    Args:
+        x: Images of any shape; uint8 pixels are scaled by 1/255.
+
+    Returns:
+        A floating-point tensor of ``x``'s shape and memory format: fp32, or bf16 for uint8 input
+        under bf16 autocast.
+    """
     if x.dtype == torch.uint8:
+        device_type = x.device.type
+        if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
+            return x.to(torch.bfloat16) / 255.0
         return x.float() / 255.0
     if not x.is_floating_point():
         return x.float()

@@ -43,6 +43,39 @@ def test_image_encoder_shapes_and_uint8_scaling(name: str, shape: tuple[int, int
     assert not torch.allclose(net(pixels.float()), out_float)
 
 
+def test_uint8_pixels_under_bf16_autocast_become_the_bf16_that_autocast_would_cast_to() -> None:
+    pixels = torch.arange(256, dtype=torch.uint8).reshape(4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scaled = nets.layers.image_to_float(pixels)
+    assert scaled.dtype == torch.bfloat16
+    expected = (pixels.float() / 255.0).to(torch.bfloat16)
+    assert torch.equal(scaled.view(torch.int16), expected.view(torch.int16))  # bit for bit, all 256 values
+    assert nets.layers.image_to_float(pixels).dtype == torch.float32  # without autocast: fp32 as before
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False):
+        assert nets.layers.image_to_float(pixels).dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", IMAGE_NETS)
+def test_image_encoder_under_bf16_autocast_computes_the_same_from_uint8_as_from_scaled_floats(
+    name: str,
+) -> None:
+    """The bf16 shortcut of image_to_float changes no number: outputs and gradients are identical."""
+    torch.manual_seed(0)
+    net = nets.build(name, in_shape=(4, 36, 36))
+    pixels = torch.randint(0, 256, (3, 4, 36, 36), dtype=torch.uint8)
+    results = []
+    for images in (pixels, pixels.float() / 255.0):
+        net.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(images)
+        out.float().square().sum().backward()
+        results.append((out, [p.grad.clone() for p in net.parameters()]))
+    (out_uint8, grads_uint8), (out_float, grads_float) = results
+    assert torch.equal(out_uint8, out_float)
+    for grad_uint8, grad_float in zip(grads_uint8, grads_float, strict=True):
+        assert torch.equal(grad_uint8, grad_float)
+
+
 @pytest.mark.parametrize("name", IMAGE_NETS)
 def test_image_encoder_keeps_leading_dims_and_rejects_wrong_shapes(name: str) -> None:
     net = nets.build(name, in_shape=(1, 8, 8))
