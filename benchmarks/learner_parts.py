@@ -1,10 +1,12 @@
 """Micro-benchmarks behind the CPU levers of agents/common.py and agents/dqn.py: one Adam step by
 kernel, a one-frame forward (DQN acting) and an 8-frame forward (PPO acting) in fp32, under bf16
 autocast and with a bf16 forward copy (``common.forward_copy``), and a DQN gradient step on a batch of
-32 Mario frame stacks with an fp32 target network or its bf16 forward copy; then the one-frame forward
-again while a thread takes gradient steps beside it (DQN's ``overlap``: acting competes with the
-learner for the caches). One torch thread, as the agents use it. Milliseconds per call, medians of
-interleaved rounds.
+32 Mario frame stacks with an fp32 target network or its bf16 forward copy, and a PPO minibatch step
+on 256; the gradient steps also with the uint8 frames scaled to fp32 before the network, as
+``nets.layers.image_to_float`` did before it learnt to hand bf16 autocast bf16 pixels directly (the
+same numbers, fewer bytes); then the one-frame forward again while a thread takes gradient steps
+beside it (DQN's ``overlap``: acting competes with the learner for the caches). One torch thread, as
+the agents use it. Milliseconds per call, medians of interleaved rounds.
 
     python -m benchmarks.learner_parts [--rounds 5] [--json PATH]
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from agents import common, dqn
+from agents import common, dqn, ppo
 from envs.registry import PRESETS
 
 OBS_SHAPE = (4, 84, 84)
@@ -45,7 +47,7 @@ def build_cases() -> dict[str, Callable[[], object]]:
     q_network = dqn.QNetwork(config, OBS_SHAPE, NUM_ACTIONS)
     target_network = dqn.QNetwork(config, OBS_SHAPE, NUM_ACTIONS)
     cpu = torch.device("cpu")
-    frames = {n: torch.randint(0, 256, (n, *OBS_SHAPE), dtype=torch.uint8) for n in (1, 8, 32)}
+    frames = {n: torch.randint(0, 256, (n, *OBS_SHAPE), dtype=torch.uint8) for n in (1, 8, 32, 256)}
     actions = torch.randint(NUM_ACTIONS, (32,))
     returns = torch.randn(32)
 
@@ -76,13 +78,19 @@ def build_cases() -> dict[str, Callable[[], object]]:
 
     target_copy = common.forward_copy(target_network, cpu, bf16=True)
 
-    def gradient_step(bf16: bool, target: torch.nn.Module = target_network) -> Callable[[], object]:
+    def pixels(batch: int, fp32_input: bool) -> torch.Tensor:
+        """The uint8 frames, or (as image_to_float did before bf16 input) fp32 ones scaled here."""
+        return frames[batch].float() / 255.0 if fp32_input else frames[batch]
+
+    def gradient_step(
+        bf16: bool, target: torch.nn.Module = target_network, fp32_input: bool = False
+    ) -> Callable[[], object]:
         def call() -> object:  # DQN's learn(): target forward, online forward + backward, clip, Adam
             autocast = common.bf16_autocast(cpu, bf16)
             with torch.no_grad(), autocast:
-                target_q = returns + 0.9 * target(frames[32]).float().max(dim=1).values
+                target_q = returns + 0.9 * target(pixels(32, fp32_input)).float().max(dim=1).values
             with autocast:
-                q_taken = q_network(frames[32]).float().gather(1, actions[:, None]).squeeze(1)
+                q_taken = q_network(pixels(32, fp32_input)).float().gather(1, actions[:, None]).squeeze(1)
             loss = F.smooth_l1_loss(q_taken, target_q)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -95,6 +103,34 @@ def build_cases() -> dict[str, Callable[[], object]]:
     cases["dqn gradient step (32), fp32"] = gradient_step(False)
     cases["dqn gradient step (32), bf16 autocast"] = gradient_step(True)
     cases["dqn gradient step (32), bf16 + target copy"] = gradient_step(True, target_copy)
+    cases["dqn gradient step (32), bf16 + copy, fp32 input"] = gradient_step(True, target_copy, True)
+
+    ppo_config = ppo.config_from_dict({**PRESETS["mario-1-1"].ppo, "env": "mario-1-1"})
+    actor_critic = ppo.ActorCritic(ppo_config, OBS_SHAPE, NUM_ACTIONS)
+    ppo_optimizer = torch.optim.Adam(actor_critic.parameters(), lr=1e-9, eps=1e-5, **common.adam_kernel(cpu))
+    ppo_actions, advantages = torch.randint(NUM_ACTIONS, (1, 256)), torch.randn(1, 256)
+    old_logprobs, ppo_returns = torch.full((1, 256), -2.0), torch.randn(1, 256)
+    no_starts = torch.zeros(1, 256, dtype=torch.bool)
+
+    def ppo_minibatch_step(fp32_input: bool) -> Callable[[], object]:
+        def call() -> object:  # PPO's learn() on one minibatch of 256 (T=1, N=256): clipped losses, Adam
+            with common.bf16_autocast(cpu, True):
+                logits, values, _ = actor_critic(pixels(256, fp32_input)[None], None, no_starts)
+            distribution = torch.distributions.Categorical(logits=logits.float())
+            ratio = (distribution.log_prob(ppo_actions) - old_logprobs).exp()
+            policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(0.9, 1.1)).mean()
+            value_loss = 0.5 * ((values.float() - ppo_returns) ** 2).mean()
+            loss = policy_loss - 0.01 * distribution.entropy().mean() + 0.5 * value_loss
+            ppo_optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(actor_critic.parameters(), 0.5)
+            ppo_optimizer.step()
+            return loss
+
+        return call
+
+    cases["ppo minibatch step (256), bf16"] = ppo_minibatch_step(False)
+    cases["ppo minibatch step (256), bf16, fp32 input"] = ppo_minibatch_step(True)
     cases["beside a learner: forward 1, fp32"] = forward(1, False)
     cases["beside a learner: forward 1, bf16 copy"] = forward(1, True, actor)
     cases[LEARNER_THREAD] = gradient_step(True, target_copy)  # see main()
@@ -127,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     samples: dict[str, list[float]] = {name: [] for name in [*alone, *beside, LEARNER_THREAD]}
     for _ in range(args.rounds):
         for name, call in alone.items():
-            samples[name].append(milliseconds(call, 20 if "step (32)" in name else 100))
+            repeats = 5 if "(256)" in name else 20 if "step (32)" in name else 100
+            samples[name].append(milliseconds(call, repeats))
         stop, steps = threading.Event(), []
         learner = threading.Thread(target=keep_learning, args=(learner_step, stop, steps))
         learner.start()

@@ -58,8 +58,8 @@ def image_to_float(x: torch.Tensor) -> torch.Tensor:
     ``bf16(x.float() / 255)`` anyway. The numbers are the same bit for bit (0..255 are exact in bf16,
     and the division runs in fp32 before its one rounding; tests/test_nets.py checks all 256 values),
     but the pass writes 2 bytes per pixel instead of 4, reads and writes them once instead of three
-    times, and the convolution's own cast disappears. A Mario PPO update on one CPU thread (16
-    minibatches of 256 frame stacks) took 1.49 s instead of 1.82 (benchmarks/RESULTS.md, session 10).
+    times, and the convolution's own cast disappears. A Mario PPO minibatch step on 256 frame stacks,
+    one CPU thread, takes 91 ms instead of 117 (``python -m benchmarks.learner_parts``).
 
     Args:
         x: Images of any shape; uint8 pixels are scaled by 1/255.

@@ -170,3 +170,40 @@ def test_the_recorded_command_is_the_one_that_was_typed(monkeypatch, argv, expec
 
     monkeypatch.setattr(sys, "argv", argv)
     assert _command("benchmarks.train_throughput") == expected
+
+
+# ---- benchmarks/cpu_accounting.py -------------------------------------------------------------
+
+
+def test_cpu_accounting_splits_the_window_by_role():
+    from benchmarks import cpu_accounting
+
+    root, worker = 100, 200
+
+    def sample(at, main, learner, work):
+        return (at, {(root, root): main, (root, 101): learner, (worker, worker): work})
+
+    samples = [
+        sample(0, 0.0, 0.0, 0.0),
+        sample(10, 1.0, 5.0, 8.0),
+        sample(20, 2.0, 9.0, 17.0),
+        sample(30, 9.0, 9.0, 17.0),
+    ]
+    # Skip the first 5 s and the last 5 s: from the sample at 10 s to the one at 20 s.
+    accounted = cpu_accounting.account(samples, root, skip=5, tail=5)
+    assert accounted["window_seconds"] == 10
+    assert accounted["cpu_seconds"] == {"main thread": 1.0, "other threads": 4.0, "worker processes": 9.0}
+    with pytest.raises(ValueError, match="too short"):
+        cpu_accounting.account(samples, root, skip=25, tail=10)
+
+
+def test_cpu_accounting_reads_this_process_threads_and_rejects_bad_systems(capsys):
+    from benchmarks import cpu_accounting
+
+    sum(i * i for i in range(200_000))  # some CPU time on the main thread
+    seconds = cpu_accounting.thread_cpu_seconds(os.getpid())
+    assert seconds[(os.getpid(), os.getpid())] > 0
+    with pytest.raises(SystemExit) as stop:
+        cpu_accounting.main(["--systems", "ppo-bogus"])
+    assert stop.value.code == 2
+    assert "unknown system 'ppo-bogus'" in capsys.readouterr().err

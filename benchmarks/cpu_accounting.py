@@ -1,0 +1,170 @@
+"""Where a training system's CPU time goes: one ``train_throughput`` child at a time, with the CPU time
+of its process tree read from /proc every second, split by role (the trainer process's main thread,
+its other threads, such as PPO's learner thread, and its worker processes), over a steady window that
+leaves out start-up and the end (a last update with no rollout to hide behind, the final eval).
+
+    python -m benchmarks.cpu_accounting --systems ppo-ours-overlap,ppo-sb3 --updates 16
+
+For each system it reports agent steps/s (the child's own timing, as in ``train_throughput``), how
+many cores the tree kept busy, the CPU-seconds each role spent per 1024 agent steps, and the rate the
+system would reach if that work kept every core busy (``ceiling``): the most that a better schedule
+of the same work could give. Ratios of one system's ceiling to another's measured rate bound what
+scheduling alone could still win. Linux only (/proc); the numbers are user + system time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import train_throughput
+
+STEPS_PER_ROLE = 1024  # CPU time is reported per this many agent steps (one rollout of the benchmark)
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
+    """User + system CPU seconds of every thread of ``pid`` and of its descendants, by (pid, tid)."""
+    seconds = {}
+    for process in train_throughput._descendants(pid):
+        try:
+            tids = os.listdir(f"/proc/{process}/task")
+        except OSError:
+            continue  # the process ended between listing and reading
+        for tid in tids:
+            try:
+                with open(f"/proc/{process}/task/{tid}/stat") as stat:
+                    fields = stat.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            seconds[(process, int(tid))] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return seconds
+
+
+def account(
+    samples: list[tuple[float, dict[tuple[int, int], float]]], root: int, skip: float, tail: float
+) -> dict[str, Any]:
+    """The CPU seconds of each role between the first sample ``skip`` s after the start and the last
+    one ``tail`` s before the end. ValueError when the run was too short for that window."""
+    start, end = samples[0][0] + skip, samples[-1][0] - tail
+    window = [sample for sample in samples if start <= sample[0] <= end]
+    if len(window) < 2:
+        raise ValueError(
+            f"the run lasted {samples[-1][0] - samples[0][0]:.0f} s: too short for --skip and --tail"
+        )
+    (first_time, first), (last_time, last) = window[0], window[-1]
+    roles = {"main thread": 0.0, "other threads": 0.0, "worker processes": 0.0}
+    for (process, tid), seconds in last.items():
+        spent = seconds - first.get((process, tid), 0.0)
+        if process != root:
+            roles["worker processes"] += spent
+        elif tid == root:
+            roles["main thread"] += spent
+        else:
+            roles["other threads"] += spent
+    return {"window_seconds": last_time - first_time, "cpu_seconds": roles}
+
+
+def measure(system: str, settings: dict[str, Any], skip: float, tail: float) -> dict[str, Any]:
+    """Runs ``system`` as a train_throughput child and accounts for its CPU time."""
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.train_throughput",
+        "--child",
+        system,
+        "--settings",
+        json.dumps(settings),
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    samples = []
+    while process.poll() is None:
+        samples.append((time.monotonic(), thread_cpu_seconds(process.pid)))
+        time.sleep(1.0)
+    stdout = process.stdout.read() if process.stdout else ""
+    if process.returncode != 0:
+        raise RuntimeError(f"benchmark child {system} failed with exit status {process.returncode}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    rate = result["steps"] / result["seconds"]
+    accounted = account(samples, process.pid, skip, tail)
+    window, cpu = accounted["window_seconds"], accounted["cpu_seconds"]
+    cores = os.cpu_count() or 1
+    per_steps = {role: seconds / window * STEPS_PER_ROLE / rate for role, seconds in cpu.items()}
+    total = sum(per_steps.values())
+    return {
+        "rate": rate,
+        "window_seconds": window,
+        "cores_busy": sum(cpu.values()) / window,
+        f"cpu_seconds_per_{STEPS_PER_ROLE}_steps": per_steps,
+        "total_cpu_seconds": total,
+        "ceiling": STEPS_PER_ROLE / (total / cores),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--systems",
+        default="ppo-ours-overlap,ppo-sb3",
+        help=f"comma-separated train_throughput systems (choose from {', '.join(train_throughput.ALL_SYSTEMS)})",
+    )
+    parser.add_argument("--updates", type=int, default=16, help="PPO updates per run (default 16)")
+    parser.add_argument("--dqn-steps", type=int, default=6000, help="DQN agent steps per run (default 6000)")
+    parser.add_argument("--skip", type=float, default=15.0, help="seconds left out at the start (default 15)")
+    parser.add_argument("--tail", type=float, default=10.0, help="seconds left out at the end (default 10)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON to PATH")
+    args = parser.parse_args(argv)
+    base = train_throughput.build_parser().parse_args(
+        [
+            f"--systems={args.systems}",
+            f"--updates={args.updates}",
+            f"--dqn-steps={args.dqn_steps}",
+            f"--device={args.device}",
+        ]
+    )
+    try:
+        systems, settings = train_throughput.settings_from_args(base)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.skip < 0 or args.tail < 0:
+        parser.error("--skip and --tail must not be negative")
+    results = {}
+    for system in systems:
+        try:
+            results[system] = entry = measure(system, settings, args.skip, args.tail)
+        except RuntimeError as error:
+            print(f"{system}: {error}", file=sys.stderr)
+            return 1
+        except ValueError as error:  # a window longer than the run: the arguments' fault
+            print(f"{system}: {error}", file=sys.stderr)
+            return 2
+        roles = ", ".join(
+            f"{role} {seconds:.2f}"
+            for role, seconds in entry[f"cpu_seconds_per_{STEPS_PER_ROLE}_steps"].items()
+        )
+        print(
+            f"{system:<22} {entry['rate']:7.1f} {'images' if system.startswith('digits') else 'steps'}/s  {entry['cores_busy']:.2f} cores busy  "
+            f"CPU-s per {STEPS_PER_ROLE} steps {entry['total_cpu_seconds']:.2f} ({roles})  "
+            f"ceiling {entry['ceiling']:.0f} steps/s",
+            flush=True,
+        )
+    if "ppo-ours-overlap" in results and "ppo-sb3" in results:
+        bound = results["ppo-ours-overlap"]["ceiling"] / results["ppo-sb3"]["rate"]
+        print(f"ppo-ours-overlap ceiling / ppo-sb3 rate: {bound:.2f}")
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"command": " ".join(sys.argv), "settings": settings, "systems": results}, indent=2)
+            + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
