@@ -55,11 +55,12 @@ def image_to_float(x: torch.Tensor) -> torch.Tensor:
 
     Under bf16 autocast on ``x``'s device the pixels become bf16 directly, not fp32: the next layer of
     every encoder here is a convolution (after a zero pad in the ViT), which autocast would feed
-    ``bf16(x.float() / 255)`` anyway. The numbers are the same bit for bit (0..255 are exact in bf16,
-    and the division runs in fp32 before its one rounding; tests/test_nets.py checks all 256 values),
-    but the pass writes 2 bytes per pixel instead of 4, reads and writes them once instead of three
-    times, and the convolution's own cast disappears. A Mario PPO minibatch step on 256 frame stacks,
-    one CPU thread, takes 91 ms instead of 117 (``python -m benchmarks.learner_parts``).
+    ``bf16(x.float() / 255)`` anyway. The numbers are the same bit for bit: 0..255 are exact in bf16,
+    and torch divides bf16 tensors with fp32 arithmetic, the same as for fp32 ones, rounding once at
+    the end (tests/test_nets.py checks all 256 values on the CPU; not yet checked on CUDA). But the
+    pass writes 2 bytes per pixel instead of 4, reads and writes them once instead of three times,
+    and the convolution's own cast disappears. A Mario PPO minibatch step on 256 frame stacks, one
+    CPU thread, takes 91 ms instead of 117 (``python -m benchmarks.learner_parts``).
 
     Args:
         x: Images of any shape; uint8 pixels are scaled by 1/255.
