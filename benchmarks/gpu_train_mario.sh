@@ -16,6 +16,17 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nproc; nvidia-smi 2>/dev/null --query-gpu=name,memory.used,memory.total --format=csv,noheader
+if [ "${DEVICE:-cuda}" = cuda ]; then  # nets/layers.py:image_to_float's bf16 pixels, so far checked on the CPU only
+  python3 - <<'PY' 2>&1 | tee "$OUT/bf16_pixels_check.txt"
+import torch
+from nets.layers import image_to_float
+pixels = torch.arange(256, dtype=torch.uint8, device="cuda")
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    fast = image_to_float(pixels)
+expected = (pixels.float() / 255.0).to(torch.bfloat16)
+print("bf16 pixels equal bit for bit on CUDA:", fast.dtype == torch.bfloat16 and torch.equal(fast.view(torch.int16), expected.view(torch.int16)))
+PY
+fi
 if [ "${BENCH_REPEATS:-0}" != 0 ]; then  # the side-by-side training benchmark first (issue 6), preset sizes
   # The systems the issue's targets name (all 19 with 2 repeats would not fit BENCH_SECONDS); a
   # system whose child fails is reported and the others still run.
