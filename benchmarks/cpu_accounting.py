@@ -29,26 +29,34 @@ STEPS_PER_ROLE = 1024  # CPU time is reported per this many agent steps (one rol
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def thread_cpu_seconds(pid: int) -> dict[tuple[int, int], float]:
-    """User + system CPU seconds of every thread of ``pid`` and of its descendants, by (pid, tid)."""
+def _cpu_seconds(stat_path: str) -> float:
+    """User + system CPU seconds from a /proc stat file (fields 14 and 15)."""
+    with open(stat_path) as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def process_cpu_seconds(pid: int) -> dict[int, tuple[float, float]]:
+    """For ``pid`` and each of its descendants: (CPU seconds of the whole process, of its main thread).
+
+    The whole-process figure includes threads that have already ended (a learner thread started
+    per update would otherwise drop out of the count), so a process's other threads are the
+    difference of the two.
+    """
     seconds = {}
     for process in train_throughput._descendants(pid):
         try:
-            tids = os.listdir(f"/proc/{process}/task")
+            seconds[process] = (
+                _cpu_seconds(f"/proc/{process}/stat"),
+                _cpu_seconds(f"/proc/{process}/task/{process}/stat"),
+            )
         except OSError:
             continue  # the process ended between listing and reading
-        for tid in tids:
-            try:
-                with open(f"/proc/{process}/task/{tid}/stat") as stat:
-                    fields = stat.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            seconds[(process, int(tid))] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
     return seconds
 
 
 def account(
-    samples: list[tuple[float, dict[tuple[int, int], float]]], root: int, skip: float, tail: float
+    samples: list[tuple[float, dict[int, tuple[float, float]]]], root: int, skip: float, tail: float
 ) -> dict[str, Any]:
     """The CPU seconds of each role between the first sample ``skip`` s after the start and the last
     one ``tail`` s before the end. ValueError when the run was too short for that window."""
@@ -60,14 +68,13 @@ def account(
         )
     (first_time, first), (last_time, last) = window[0], window[-1]
     roles = {"main thread": 0.0, "other threads": 0.0, "worker processes": 0.0}
-    for (process, tid), seconds in last.items():
-        spent = seconds - first.get((process, tid), 0.0)
+    for process, (total, main) in last.items():
+        total_before, main_before = first.get(process, (0.0, 0.0))
         if process != root:
-            roles["worker processes"] += spent
-        elif tid == root:
-            roles["main thread"] += spent
+            roles["worker processes"] += total - total_before
         else:
-            roles["other threads"] += spent
+            roles["main thread"] += main - main_before
+            roles["other threads"] += (total - main) - (total_before - main_before)
     return {"window_seconds": last_time - first_time, "cpu_seconds": roles}
 
 
@@ -85,7 +92,7 @@ def measure(system: str, settings: dict[str, Any], skip: float, tail: float) -> 
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     samples = []
     while process.poll() is None:
-        samples.append((time.monotonic(), thread_cpu_seconds(process.pid)))
+        samples.append((time.monotonic(), process_cpu_seconds(process.pid)))
         time.sleep(1.0)
     stdout = process.stdout.read() if process.stdout else ""
     if process.returncode != 0:

@@ -180,15 +180,10 @@ def test_cpu_accounting_splits_the_window_by_role():
 
     root, worker = 100, 200
 
-    def sample(at, main, learner, work):
-        return (at, {(root, root): main, (root, 101): learner, (worker, worker): work})
+    def sample(at, main, other, work):  # (process total, main thread) per process
+        return (at, {root: (main + other, main), worker: (work, work)})
 
-    samples = [
-        sample(0, 0.0, 0.0, 0.0),
-        sample(10, 1.0, 5.0, 8.0),
-        sample(20, 2.0, 9.0, 17.0),
-        sample(30, 9.0, 9.0, 17.0),
-    ]
+    samples = [sample(0, 0, 0, 0), sample(10, 1, 5, 8), sample(20, 2, 9, 17), sample(30, 9, 9, 17)]
     # Skip the first 5 s and the last 5 s: from the sample at 10 s to the one at 20 s.
     accounted = cpu_accounting.account(samples, root, skip=5, tail=5)
     assert accounted["window_seconds"] == 10
@@ -197,12 +192,17 @@ def test_cpu_accounting_splits_the_window_by_role():
         cpu_accounting.account(samples, root, skip=25, tail=10)
 
 
-def test_cpu_accounting_reads_this_process_threads_and_rejects_bad_systems(capsys):
+def test_cpu_accounting_counts_threads_that_have_ended(capsys):
+    import threading
+
     from benchmarks import cpu_accounting
 
-    sum(i * i for i in range(200_000))  # some CPU time on the main thread
-    seconds = cpu_accounting.thread_cpu_seconds(os.getpid())
-    assert seconds[(os.getpid(), os.getpid())] > 0
+    before = cpu_accounting.process_cpu_seconds(os.getpid())[os.getpid()]
+    worker = threading.Thread(target=lambda: sum(i * i for i in range(2_000_000)))
+    worker.start()
+    worker.join()  # its CPU time now lives only in the process's total
+    total, main = cpu_accounting.process_cpu_seconds(os.getpid())[os.getpid()]
+    assert (total - main) - (before[0] - before[1]) > 0.02
     with pytest.raises(SystemExit) as stop:
         cpu_accounting.main(["--systems", "ppo-bogus"])
     assert stop.value.code == 2
