@@ -42,6 +42,17 @@ def milliseconds(call: Callable[[], object], repeats: int) -> float:
     return 1000 * (time.perf_counter() - start) / repeats
 
 
+def backward_and_step(
+    loss: torch.Tensor, network: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float
+) -> torch.Tensor:
+    """The end of both agents' gradient steps: backward, gradient-norm clipping, optimizer step."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(network.parameters(), max_norm)
+    optimizer.step()
+    return loss
+
+
 def build_cases() -> dict[str, Callable[[], object]]:
     config = dqn.config_from_dict({**PRESETS["mario-1-1"].dqn, "env": "mario-1-1", "dueling": False})
     q_network = dqn.QNetwork(config, OBS_SHAPE, NUM_ACTIONS)
@@ -91,12 +102,7 @@ def build_cases() -> dict[str, Callable[[], object]]:
                 target_q = returns + 0.9 * target(pixels(32, fp32_input)).float().max(dim=1).values
             with autocast:
                 q_taken = q_network(pixels(32, fp32_input)).float().gather(1, actions[:, None]).squeeze(1)
-            loss = F.smooth_l1_loss(q_taken, target_q)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(q_network.parameters(), 10.0)
-            optimizer.step()
-            return loss
+            return backward_and_step(F.smooth_l1_loss(q_taken, target_q), q_network, optimizer, 10.0)
 
         return call
 
@@ -121,11 +127,7 @@ def build_cases() -> dict[str, Callable[[], object]]:
             policy_loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(0.9, 1.1)).mean()
             value_loss = 0.5 * ((values.float() - ppo_returns) ** 2).mean()
             loss = policy_loss - 0.01 * distribution.entropy().mean() + 0.5 * value_loss
-            ppo_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(actor_critic.parameters(), 0.5)
-            ppo_optimizer.step()
-            return loss
+            return backward_and_step(loss, actor_critic, ppo_optimizer, 0.5)
 
         return call
 
