@@ -25,7 +25,7 @@ from typing import Any
 
 from benchmarks import train_throughput
 
-STEPS_PER_ROLE = 1024  # CPU time is reported per this many agent steps (one rollout of the benchmark)
+REPORT_STEPS = 1024  # CPU time is reported per this many agent steps (one rollout of the benchmark)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -101,16 +101,16 @@ def measure(system: str, settings: dict[str, Any], skip: float, tail: float) -> 
     rate = result["steps"] / result["seconds"]
     accounted = account(samples, process.pid, skip, tail)
     window, cpu = accounted["window_seconds"], accounted["cpu_seconds"]
-    cores = os.cpu_count() or 1
-    per_steps = {role: seconds / window * STEPS_PER_ROLE / rate for role, seconds in cpu.items()}
+    cores = len(os.sched_getaffinity(0))  # the cores this process may use, as the children do
+    per_steps = {role: seconds / window * REPORT_STEPS / rate for role, seconds in cpu.items()}
     total = sum(per_steps.values())
     return {
         "rate": rate,
         "window_seconds": window,
         "cores_busy": sum(cpu.values()) / window,
-        f"cpu_seconds_per_{STEPS_PER_ROLE}_steps": per_steps,
+        f"cpu_seconds_per_{REPORT_STEPS}_steps": per_steps,
         "total_cpu_seconds": total,
-        "ceiling": STEPS_PER_ROLE / (total / cores),
+        "ceiling": REPORT_STEPS / (total / cores),
     }
 
 
@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     if args.skip < 0 or args.tail < 0:
         parser.error("--skip and --tail must not be negative")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json: folder {Path(args.json).resolve().parent} does not exist")
     results = {}
     for system in systems:
         try:
@@ -154,22 +156,23 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         roles = ", ".join(
             f"{role} {seconds:.2f}"
-            for role, seconds in entry[f"cpu_seconds_per_{STEPS_PER_ROLE}_steps"].items()
+            for role, seconds in entry[f"cpu_seconds_per_{REPORT_STEPS}_steps"].items()
         )
         print(
             f"{system:<22} {entry['rate']:7.1f} {'images' if system.startswith('digits') else 'steps'}/s  {entry['cores_busy']:.2f} cores busy  "
-            f"CPU-s per {STEPS_PER_ROLE} steps {entry['total_cpu_seconds']:.2f} ({roles})  "
+            f"CPU-s per {REPORT_STEPS} steps {entry['total_cpu_seconds']:.2f} ({roles})  "
             f"ceiling {entry['ceiling']:.0f} steps/s",
             flush=True,
         )
     if "ppo-ours-overlap" in results and "ppo-sb3" in results:
         bound = results["ppo-ours-overlap"]["ceiling"] / results["ppo-sb3"]["rate"]
         print(f"ppo-ours-overlap ceiling / ppo-sb3 rate: {bound:.2f}")
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps({"command": " ".join(sys.argv), "settings": settings, "systems": results}, indent=2)
-            + "\n"
-        )
+    if args.json:  # written whole or not at all: a temporary file renamed over the target
+        path = Path(args.json)
+        partial = path.with_name(path.name + ".partial")
+        report = {"command": " ".join(sys.argv), "settings": settings, "systems": results}
+        partial.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(partial, path)
     return 0
 
 
