@@ -15,9 +15,9 @@ scheduling alone could still win. Linux only (/proc); the numbers are user + sys
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -60,12 +60,10 @@ def account(
 ) -> dict[str, Any]:
     """The CPU seconds of each role between the first sample ``skip`` s after the start and the last
     one ``tail`` s before the end. ValueError when the run was too short for that window."""
-    start, end = samples[0][0] + skip, samples[-1][0] - tail
-    window = [sample for sample in samples if start <= sample[0] <= end]
+    window = [sample for sample in samples if samples[0][0] + skip <= sample[0] <= samples[-1][0] - tail]
+    lasted = samples[-1][0] - samples[0][0] if samples else 0.0
     if len(window) < 2:
-        raise ValueError(
-            f"the run lasted {samples[-1][0] - samples[0][0]:.0f} s: too short for --skip and --tail"
-        )
+        raise ValueError(f"the run lasted {lasted:.0f} s: too short for --skip and --tail")
     (first_time, first), (last_time, last) = window[0], window[-1]
     roles = {"main thread": 0.0, "other threads": 0.0, "worker processes": 0.0}
     for process, (total, main) in last.items():
@@ -80,26 +78,20 @@ def account(
 
 def measure(system: str, settings: dict[str, Any], skip: float, tail: float) -> dict[str, Any]:
     """Runs ``system`` as a train_throughput child and accounts for its CPU time."""
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.train_throughput",
-        "--child",
-        system,
-        "--settings",
-        json.dumps(settings),
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    samples = []
-    while process.poll() is None:
-        samples.append((time.monotonic(), process_cpu_seconds(process.pid)))
-        time.sleep(1.0)
-    stdout = process.stdout.read() if process.stdout else ""
-    if process.returncode != 0:
-        raise RuntimeError(f"benchmark child {system} failed with exit status {process.returncode}")
-    result = json.loads(stdout.strip().splitlines()[-1])
-    rate = result["steps"] / result["seconds"]
-    accounted = account(samples, process.pid, skip, tail)
+    samples: list[tuple[float, dict[int, tuple[float, float]]]] = []
+    root = 0  # the child's pid, once it is sampled
+
+    def sample(pid: int) -> None:
+        nonlocal root
+        root = pid
+        samples.append((time.monotonic(), process_cpu_seconds(pid)))
+
+    # At once, then every second.
+    result = train_throughput.run_child_process(
+        system, settings, sample, itertools.chain([0.0], itertools.repeat(1.0))
+    )
+    rate = result["rate"]
+    accounted = account(samples, root, skip, tail)
     window, cpu = accounted["window_seconds"], accounted["cpu_seconds"]
     cores = len(os.sched_getaffinity(0))  # the cores this process may use, as the children do
     per_steps = {role: seconds / window * REPORT_STEPS / rate for role, seconds in cpu.items()}
@@ -159,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             for role, seconds in entry[f"cpu_seconds_per_{REPORT_STEPS}_steps"].items()
         )
         print(
-            f"{system:<22} {entry['rate']:7.1f} {'images' if system.startswith('digits') else 'steps'}/s  {entry['cores_busy']:.2f} cores busy  "
+            f"{system:<22} {entry['rate']:7.1f} {train_throughput.rate_unit(system)}  {entry['cores_busy']:.2f} cores busy  "
             f"CPU-s per {REPORT_STEPS} steps {entry['total_cpu_seconds']:.2f} ({roles})  "
             f"ceiling {entry['ceiling']:.0f} steps/s",
             flush=True,

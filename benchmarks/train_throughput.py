@@ -72,6 +72,7 @@ dqn-sb3-kept                  dqn-sb3 after ``agents.common.keep_freed_memory()`
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -81,6 +82,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -529,8 +531,15 @@ def _pss_mb(pids: list[int]) -> float:
 PSS_INTERVAL = 10.0
 
 
-def measure(name: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Runs one system in a child process; its result plus the peak PSS of its process tree."""
+def run_child_process(
+    name: str, settings: dict[str, Any], sample: Callable[[int], None], intervals: Iterator[float]
+) -> dict[str, Any]:
+    """Runs one system in a child process and returns its result, with ``rate`` (steps per second).
+
+    While the child runs, ``sample(child_pid)`` is called after each of ``intervals`` (seconds) from a
+    thread, so that the child's output is read meanwhile and a full pipe cannot stall it. RuntimeError
+    when the child fails.
+    """
     command = [
         sys.executable,
         "-m",
@@ -541,17 +550,13 @@ def measure(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         json.dumps(settings),
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    peak = 0.0
     done = threading.Event()
 
-    def sample() -> None:
-        nonlocal peak
-        interval = 0.5  # then 1.5, 4.5, ... up to PSS_INTERVAL: short children get samples too
-        while not done.wait(interval):
-            peak = max(peak, _pss_mb(_descendants(process.pid)))
-            interval = min(interval * 3, PSS_INTERVAL)
+    def sample_until_done() -> None:
+        while not done.wait(next(intervals)):
+            sample(process.pid)
 
-    sampler = threading.Thread(target=sample, daemon=True)
+    sampler = threading.Thread(target=sample_until_done, daemon=True)
     sampler.start()
     stdout, _ = process.communicate()
     done.set()
@@ -559,8 +564,27 @@ def measure(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     if process.returncode != 0:
         raise RuntimeError(f"benchmark child {name} failed with exit status {process.returncode}")
     result = json.loads(stdout.strip().splitlines()[-1])
-    result["peak_pss_mb"] = round(peak, 1)
     result["rate"] = result["steps"] / result["seconds"]
+    return result
+
+
+def rate_unit(system: str) -> str:
+    """What a system's rate counts: images for the digits lines, agent steps for the rest."""
+    return "images/s" if system.startswith("digits") else "steps/s"
+
+
+def measure(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Runs one system in a child process; its result plus the peak PSS of its process tree."""
+    peak = 0.0
+
+    def sample(pid: int) -> None:
+        nonlocal peak
+        peak = max(peak, _pss_mb(_descendants(pid)))
+
+    # After 0.5, 1.5, 4.5, ... s up to PSS_INTERVAL: short children get samples too.
+    intervals = itertools.chain((0.5 * 3**k for k in range(3)), itertools.repeat(PSS_INTERVAL))
+    result = run_child_process(name, settings, sample, intervals)
+    result["peak_pss_mb"] = round(peak, 1)
     return result
 
 
@@ -583,9 +607,8 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
                 )
                 continue
             samples[system].append({**result, "repeat": repeat})
-            unit = "images/s" if system.startswith("digits") else "steps/s"
             print(
-                f"  repeat {repeat + 1}/{repeats}  {system:<22} {result['rate']:8.1f} {unit}"
+                f"  repeat {repeat + 1}/{repeats}  {system:<22} {result['rate']:8.1f} {rate_unit(system)}"
                 f"  peak {result['peak_pss_mb']:7.0f} MB  load {os.getloadavg()[0]:.1f}"
                 f"  page faults {result.get('minor_faults', 0) / 1e6:.2f}M",
                 file=sys.stderr,
