@@ -179,6 +179,24 @@ def seed_everything(seed: int, deterministic: bool = True) -> np.random.Generato
     return np.random.default_rng(seed)
 
 
+def train_env_overrides(config: Any) -> dict[str, Any]:
+    """``envs.make_vec`` options that a training config sets: sticky actions (Mario presets only)."""
+    if not config.sticky:
+        return {}
+    import envs
+
+    if envs.resolve(config.env).kind != "mario":
+        raise ValueError(f"sticky applies to Mario presets only; this run trains {config.env!r}")
+    return {"sticky_prob": config.sticky}
+
+
+def eval_env_overrides(config: Any) -> dict[str, Any]:
+    """Options of the periodic evaluation's envs: the preset's protocol plus the training's sticky actions."""
+    import envs
+
+    return {**envs.eval_overrides(config.env), **train_env_overrides(config)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Run directories
 # ---------------------------------------------------------------------------------------------
@@ -265,11 +283,23 @@ def load_training_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, A
 # ---------------------------------------------------------------------------------------------
 
 
+#: The info keys of a finished episode that its statistics keep (Mario's progress and stage).
+EPISODE_INFO_KEYS = ("x_pos_max", "flag_get", "world", "stage")
+
+
+def stage_label(stats: dict[str, float]) -> str | None:
+    """``"1-3"`` for an episode of Mario's world 1, stage 3; None when the env reports no stage."""
+    if "world" not in stats or "stage" not in stats:
+        return None
+    return f"{int(stats['world'])}-{int(stats['stage'])}"
+
+
 def finished_episodes(infos: dict[str, Any]) -> Iterator[tuple[int, dict[str, float]]]:
     """Yields ``(env_index, stats)`` for every episode that ended at this vector step.
 
-    ``stats`` has ``return`` and ``length`` and, where the env reports them, ``x_pos_max`` and
-    ``flag_get`` (Mario). Reads Gymnasium's dict-of-arrays ``final_info`` with its ``_key`` masks.
+    ``stats`` has ``return`` and ``length`` and, where the env reports them, ``x_pos_max``,
+    ``flag_get``, ``world`` and ``stage`` (Mario). Reads Gymnasium's dict-of-arrays ``final_info``
+    with its ``_key`` masks.
     """
     final_info = infos.get("final_info")
     if not final_info or "_final_info" not in infos:
@@ -281,35 +311,73 @@ def finished_episodes(infos: dict[str, Any]) -> Iterator[tuple[int, dict[str, fl
         if "_episode" in final_info and not final_info["_episode"][index]:
             continue
         stats = {"return": float(episode["r"][index]), "length": float(episode["l"][index])}
-        for key in ("x_pos_max", "flag_get"):
+        for key in EPISODE_INFO_KEYS:
             if key in final_info and final_info.get(f"_{key}", np.ones(index + 1, bool))[index]:
                 stats[key] = float(final_info[key][index])
         yield int(index), stats
 
 
 class EpisodeTracker:
-    """Recent-episode window for the progress bar and TensorBoard ``charts/``."""
+    """Recent-episode windows for the progress bar and TensorBoard ``charts/``: one over all
+    episodes, and one per stage for multi-stage Mario presets (so a rare stage keeps its own 100)."""
 
     def __init__(self, window: int = 100) -> None:
+        self.window = window
         self.recent: deque[dict[str, float]] = deque(maxlen=window)
+        self.by_stage: dict[str, deque[dict[str, float]]] = {}
         self.count = 0
 
     def add(self, stats: dict[str, float]) -> None:
         self.recent.append(stats)
         self.count += 1
+        label = stage_label(stats)
+        if label is not None:
+            self.by_stage.setdefault(label, deque(maxlen=self.window)).append(stats)
 
-    def mean(self, key: str) -> float:
-        values = [s[key] for s in self.recent if key in s]
+    def mean(self, key: str, stage: str | None = None) -> float:
+        """Mean of ``key`` over the recent episodes (of ``stage`` only, when given)."""
+        episodes = self.recent if stage is None else self.by_stage.get(stage, ())
+        values = [s[key] for s in episodes if key in s]
         return float(np.mean(values)) if values else math.nan
+
+    def stage_means(self) -> dict[str, dict[str, float]]:
+        """``{stage: {"clear_rate", "x_pos_max_mean", "episodes"}}`` when episodes span several stages."""
+        if len(self.by_stage) < 2:
+            return {}
+        return {
+            label: {
+                "clear_rate": self.mean("flag_get", label),
+                "x_pos_max_mean": self.mean("x_pos_max", label),
+                "episodes": float(len(self.by_stage[label])),
+            }
+            for label in sorted(self.by_stage)
+        }
 
     def state(self) -> dict[str, Any]:
         """For checkpoints: the count and the window, so that a resumed run's curves carry on."""
-        return {"episodes": self.count, "recent_episodes": list(self.recent)}
+        return {
+            "episodes": self.count,
+            "recent_episodes": list(self.recent),
+            "recent_by_stage": {label: list(window) for label, window in self.by_stage.items()},
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.count = int(state.get("episodes", 0))
         self.recent.clear()
         self.recent.extend(dict(stats) for stats in state.get("recent_episodes", []))
+        self.by_stage = {
+            label: deque((dict(stats) for stats in window), maxlen=self.window)
+            for label, window in state.get("recent_by_stage", {}).items()
+        }
+
+
+def stage_scalars(episodes: EpisodeTracker) -> dict[str, float]:
+    """``stages/<W-S>/clear_rate`` and ``stages/<W-S>/x_pos_max`` for multi-stage runs, else ``{}``."""
+    scalars = {}
+    for label, means in episodes.stage_means().items():
+        scalars[f"stages/{label}/clear_rate"] = means["clear_rate"]
+        scalars[f"stages/{label}/x_pos_max"] = means["x_pos_max_mean"]
+    return scalars
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,6 +488,16 @@ def summarize_episodes(results: list[dict[str, float]]) -> dict[str, Any]:
     if results and "flag_get" in results[0]:
         summary["clear_rate"] = float(np.mean([r.get("flag_get", 0.0) for r in results]))
         summary["x_pos_mean"] = float(np.mean([r.get("x_pos_max", 0.0) for r in results]))
+    labels = sorted({label for label in map(stage_label, results) if label is not None})
+    if len(labels) > 1:
+        summary["stages"] = {}
+        for label in labels:
+            played = [r for r in results if stage_label(r) == label]
+            summary["stages"][label] = {
+                "episodes": len(played),
+                "clear_rate": float(np.mean([r.get("flag_get", 0.0) for r in played])),
+                "x_pos_mean": float(np.mean([r.get("x_pos_max", 0.0) for r in played])),
+            }
     summary["per_episode"] = results
     return summary
 

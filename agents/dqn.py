@@ -74,6 +74,11 @@ class DQNConfig:
     total_steps: int = field(default=50_000, metadata={"help": "agent steps over the whole run", "min": 1})
     num_envs: int = field(default=1, metadata={"help": "parallel envs", "min": 1, "max": 1024})
     env_backend: Literal["sync", "async"] = field(default="sync", metadata={"help": "vector env back-end"})
+    sticky: float = field(
+        default=0.0,
+        metadata={"help": "Mario: repeat the previous action on each frame with this probability", "min": 0.0,
+                  "max": 0.99},
+    )  # fmt: skip
     buffer_size: int = field(default=100_000, metadata={"help": "replay memory in transitions", "min": 1})
     learning_rate: float = field(default=2.3e-3, metadata={"help": "Adam learning rate", "min": 0.0})
     anneal_lr: bool = field(default=True, metadata={"help": "linearly anneal the learning rate to 0"})
@@ -286,7 +291,11 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
     schedule_steps = int(saved.get("schedule_steps", config.total_steps))
 
     vec_env = envs.make_vec(
-        config.env, config.num_envs, seed=config.seed + global_step, backend=config.env_backend
+        config.env,
+        config.num_envs,
+        seed=config.seed + global_step,
+        backend=config.env_backend,
+        **common.train_env_overrides(config),
     )
     obs_space = vec_env.single_observation_space
     obs_shape = tuple(obs_space.shape)
@@ -561,6 +570,8 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                     "x_pos_max_mean": episodes.mean("x_pos_max"),
                     "clear_rate": episodes.mean("flag_get"),
                 }
+                if episodes.stage_means():
+                    record["stages"] = episodes.stage_means()
                 history.append(record)
                 logger.scalars(
                     {
@@ -578,6 +589,7 @@ def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool
                         "losses/td_loss": record["td_loss"],
                         "losses/q_values": record["q_values"],
                         **common.worker_scalars(vec_env),
+                        **common.stage_scalars(episodes),
                     },
                     global_step,
                 )
@@ -690,7 +702,7 @@ def run_eval(q_network: QNetwork, config: DQNConfig, device: torch.device, seed:
     policy = DQNPolicy(q_network, device)
     return common.evaluate(
         policy,
-        lambda n: envs.make_vec(config.env, n, seed=seed, **envs.eval_overrides(config.env)),
+        lambda n: envs.make_vec(config.env, n, seed=seed, **common.eval_env_overrides(config)),
         config.eval_episodes,
         seed,
     )

@@ -57,6 +57,11 @@ class PPOConfig:
     num_envs: int = field(default=8, metadata={"help": "parallel envs", "min": 1, "max": 1024})
     num_steps: int = field(default=128, metadata={"help": "rollout length per env per update", "min": 1})
     env_backend: Literal["sync", "async"] = field(default="sync", metadata={"help": "vector env back-end"})
+    sticky: float = field(
+        default=0.0,
+        metadata={"help": "Mario: repeat the previous action on each frame with this probability", "min": 0.0,
+                  "max": 0.99},
+    )  # fmt: skip
     learning_rate: float = field(default=2.5e-4, metadata={"help": "Adam learning rate", "min": 0.0})
     anneal_lr: bool = field(default=True, metadata={"help": "linearly anneal the learning rate to 0"})
     gamma: float = field(default=0.99, metadata={"help": "discount", "min": 0.0, "max": 1.0})
@@ -357,7 +362,11 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
     groups = [slice(g * group_size, (g + 1) * group_size) for g in range(config.env_groups)]
     vec_envs = [
         envs.make_vec(
-            config.env, group_size, seed=config.seed + global_step + part.start, backend=config.env_backend
+            config.env,
+            group_size,
+            seed=config.seed + global_step + part.start,
+            backend=config.env_backend,
+            **common.train_env_overrides(config),
         )
         for part in groups
     ]
@@ -529,6 +538,8 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
             "x_pos_max_mean": episodes.mean("x_pos_max"),
             "clear_rate": episodes.mean("flag_get"),
         }
+        if episodes.stage_means():
+            record["stages"] = episodes.stage_means()
         history.append(record)
         logger.scalars(
             {
@@ -547,6 +558,7 @@ def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool
                 "losses/clipfrac": float(stats["clipfrac"]),
                 "losses/explained_variance": explained_variance,
                 **common.worker_scalars(*vec_envs),
+                **common.stage_scalars(episodes),
             },
             step,
         )
@@ -791,7 +803,7 @@ def run_eval(agent: ActorCritic, config: PPOConfig, device: torch.device, seed: 
     policy = PPOPolicy(agent, device)
     return common.evaluate(
         policy,
-        lambda n: envs.make_vec(config.env, n, seed=seed, **envs.eval_overrides(config.env)),
+        lambda n: envs.make_vec(config.env, n, seed=seed, **common.eval_env_overrides(config)),
         config.eval_episodes,
         seed,
     )

@@ -7,6 +7,7 @@ The stack, innermost first (per-frame wrappers below the frame skip, per-agent-s
     StickyAction             optional, Gymnasium's, ALE-style           (per frame)
     MaxAndSkipNESObservation repeat k frames, max of the last 2, native grayscale screen copy
     FilterInfo               keep the info keys training reads (a vector env pays per key)
+    RandomStage              optional: one stack above per stage, a stage drawn per episode
     RecordMarioProgress      info["x_pos_max"] furthest x this episode, info["stages_cleared"]
     CropObservation          optional (e.g. the score bar)
     ResizeObservation        Gymnasium's, cv2 INTER_AREA -> (84, 84)
@@ -251,6 +252,102 @@ class RecordMarioProgress(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return obs, reward, terminated, truncated, self._record(info)
 
 
+class RandomStage(gym.Env):
+    """Each episode plays a stage drawn at random from a list, each stage its own emulator.
+
+    gym-super-mario-bros 9.x has no random-stages env, and one emulator cannot jump between stages
+    without replaying the start-up sequence, so this holds one per-frame stack (emulator, action
+    mapping, sticky actions, frame skip, info filter) per stage and forwards to the one drawn at
+    ``reset``. The draw uses this env's ``np_random``, so a seeded env replays the same stages.
+    ``info["world"]`` and ``info["stage"]`` say which stage is playing.
+
+    Args:
+        stacks: one env per stage, all with the same spaces (built by :func:`make_mario`).
+        labels: the stages' names, e.g. ``("1-1", "1-2")``, for ``stage_label``.
+    """
+
+    def __init__(self, stacks: Sequence[gym.Env], labels: Sequence[str]):
+        if not stacks or len(stacks) != len(labels):
+            raise ValueError("RandomStage needs one env per stage label")
+        self.stacks = list(stacks)
+        self.labels = tuple(labels)
+        self.current = 0
+        self.observation_space = stacks[0].observation_space
+        self.action_space = stacks[0].action_space
+        self.metadata = dict(stacks[0].metadata)
+        self.render_mode = stacks[0].render_mode
+        self._seeded = False
+
+    @property
+    def stage_label(self) -> str:
+        """The stage being played, e.g. ``"1-3"``."""
+        return self.labels[self.current]
+
+    @property
+    def action_names(self) -> list[str]:
+        return self.stacks[0].get_wrapper_attr("action_names")
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        super().reset(seed=seed)
+        if seed is not None or not self._seeded:
+            # Each stage's stack gets its own seed (sticky actions draw from it), derived from ours.
+            seeds = self.np_random.integers(0, 2**31 - 1, size=len(self.stacks))
+            for stack, stack_seed in zip(self.stacks, seeds, strict=True):
+                stack.reset(seed=int(stack_seed))
+            self._seeded = True
+        self.current = int(self.np_random.integers(len(self.stacks)))
+        return self.stacks[self.current].reset(options=options)
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        return self.stacks[self.current].step(action)
+
+    def render(self) -> Any:
+        return self.stacks[self.current].render()
+
+    def get_action_meanings(self) -> list[str]:
+        return list(self.action_names)
+
+    def close(self) -> None:
+        for stack in self.stacks:
+            stack.close()
+
+
+def parse_stages(stages: Sequence[str]) -> list[tuple[int, int]]:
+    """``["1-1", "1-4"]`` -> ``[(1, 1), (1, 4)]``; ValueError naming the bad entry otherwise."""
+    parsed = []
+    for label in stages:
+        parts = str(label).split("-")
+        if len(parts) != 2 or not all(part.isdigit() for part in parts):
+            raise ValueError(f"stage {label!r} is not of the form W-S, e.g. 1-2")
+        world, stage = int(parts[0]), int(parts[1])
+        if not (1 <= world <= 8 and 1 <= stage <= 4):
+            raise ValueError(f"stage {label!r} does not exist; worlds are 1-8 and stages 1-4")
+        parsed.append((world, stage))
+    if not parsed:
+        raise ValueError("stages must name at least one stage, e.g. 1-1")
+    return parsed
+
+
+def _per_frame_stack(
+    env_id: str,
+    actions: str | Sequence[Sequence[str]],
+    sticky_prob: float,
+    frame_skip: int,
+    grayscale: bool,
+    info_keys: Sequence[str] | None,
+    render_mode: str | None,
+) -> gym.Env:
+    """The emulator and the wrappers that act per frame, up to the frame skip and the info filter."""
+    env = gym.make(env_id, render_mode=render_mode)
+    env = MapJoypadAction(env, actions)
+    if sticky_prob > 0:
+        env = StickyAction(env, repeat_action_probability=float(sticky_prob))
+    env = MaxAndSkipNESObservation(env, skip=frame_skip, grayscale=grayscale)
+    if info_keys is not None and isinstance(env.unwrapped, SuperMarioBrosEnv):
+        env = FilterInfo(env, keys=tuple(info_keys))
+    return env
+
+
 class TerminateOnLifeLoss(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Episodic life for whole-game Mario: losing a life ends the episode for the learner.
 
@@ -303,6 +400,7 @@ def make_mario(
     sticky_prob: float = 0.0,
     info_keys: Sequence[str] | None = INFO_KEYS,
     render_mode: str | None = None,
+    stages: Sequence[str] | None = None,
 ) -> gym.Env:
     """Builds a preprocessed Super Mario Bros environment.
 
@@ -329,6 +427,9 @@ def make_mario(
         sticky_prob: per-frame probability of repeating the previous action (ALE v5 uses 0.25).
         info_keys: info keys to keep (None keeps gym-super-mario-bros' full info).
         render_mode: None, ``"rgb_array"`` (full-resolution RGB frames for videos) or ``"human"``.
+        stages: play a stage drawn at random from this list at every episode, e.g.
+            ``("1-1", "1-2", "1-3", "1-4")`` (:class:`RandomStage`); ``env_id`` then only says which
+            game (Super Mario Bros.). None plays ``env_id``.
 
     Returns:
         The wrapped env; observation ``Box(0, 255, (frame_stack, 84, 84), uint8)`` by default.
@@ -341,13 +442,24 @@ def make_mario(
     if max_episode_steps is not None:
         max_episode_steps = _require_int("max_episode_steps", max_episode_steps, 1)
 
-    env = gym.make(env_id, render_mode=render_mode)
-    env = MapJoypadAction(env, actions)
-    if sticky_prob > 0:
-        env = StickyAction(env, repeat_action_probability=float(sticky_prob))
-    env = MaxAndSkipNESObservation(env, skip=frame_skip, grayscale=grayscale)
-    if info_keys is not None and isinstance(env.unwrapped, SuperMarioBrosEnv):
-        env = FilterInfo(env, keys=tuple(info_keys))
+    if stages is None:
+        env = _per_frame_stack(env_id, actions, sticky_prob, frame_skip, grayscale, info_keys, render_mode)
+    else:
+        if not env_id.startswith("SuperMarioBros-"):
+            raise ValueError(f"stages work with Super Mario Bros. ids only, got {env_id!r}")
+        stacks = [
+            _per_frame_stack(
+                f"SuperMarioBros-{world}-{stage}-v0",
+                actions,
+                sticky_prob,
+                frame_skip,
+                grayscale,
+                info_keys,
+                render_mode,
+            )
+            for world, stage in parse_stages(stages)
+        ]
+        env = RandomStage(stacks, [str(label) for label in stages])
     env = RecordMarioProgress(env)
     if crop_top:
         env = CropObservation(env, top=crop_top)

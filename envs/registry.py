@@ -170,6 +170,7 @@ DQN_IMAGE = {**DQN_MARIO, "gamma": 0.99}
 # ---------------------------------------------------------------------------------------------
 
 MARIO_EVAL = {"noop_max": 30}
+WORLD_1_STAGES = ("1-1", "1-2", "1-3", "1-4")
 
 
 def _mario(name: str, env_id: str, description: str, **env_kwargs: Any) -> Preset:
@@ -201,6 +202,14 @@ def _build_presets() -> dict[str, Preset]:
                     f"Super Mario Bros. world {world}-{stage}; simple actions, (4, 84, 84) gray stack",
                 )
             )
+    presets.append(
+        _mario(
+            "mario-world-1",
+            "SuperMarioBros-v0",
+            "Super Mario Bros. world 1: each episode a stage drawn from 1-1..1-4",
+            stages=WORLD_1_STAGES,
+        )
+    )
     presets.append(
         _mario(
             "mario",
