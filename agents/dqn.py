@@ -1,6 +1,6 @@
 """Deep Q-Network (Mnih et al. 2015), one readable file in the style of CleanRL's dqn.py / dqn_atari.py.
 
-The loop is flat: every vector step, act epsilon-greedily in all envs at once and store the
+Every vector step, act epsilon-greedily in all envs at once and store the
 transitions in replay memory; every ``train_frequency`` agent steps, take ``gradient_steps``
 minibatch steps on the (importance-weighted) Huber or squared TD error
 
@@ -20,15 +20,12 @@ reset observation is ever a next observation and no "reset transition" exists to
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import sys
-import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -37,18 +34,15 @@ import torch.nn.functional as F
 
 import envs
 import nets
-from agents import common
 from agents.buffers import ReplayBuffer
-from agents.checkpoint import config_from_dict as rebuild_config
-from agents.checkpoint import is_storage_error, rng_state, set_rng_state
-from envs.vector import SubprocVectorEnv
+from agents.engine import AsyncLearner, TrainingRun
+from core.checkpoint import load_checkpoint
+from core.compute import adam_kernel, bf16_autocast, forward_copy, keep_freed_memory
+from core.config import config_from_dict as rebuild_config
+from core.config import option
 
 ALGO = "dqn"
 BUFFER_FILE = "replay_buffer.npz"  # in checkpoints/, next to the newest checkpoint (save_buffer)
-# Gradient steps in a row with a non-finite loss or gradient before training stops (PPO counts whole
-# updates, common.MAX_BAD_UPDATES). Replay draws one poisoned transition again and again, so a few
-# bad steps are survivable; this many mean the data or the weights are broken for good.
-MAX_BAD_STEPS = 100
 
 
 @dataclass
@@ -61,100 +55,65 @@ class DQNConfig:
     periodic greedy evals kept at the end.
     """
 
-    env: str = field(default="cartpole", metadata={"help": "preset name or Gymnasium id"})
-    net: str = field(default="auto", metadata={"help": "encoder from nets/ (auto: by observation type)"})
-    hidden: tuple[int, ...] = field(
-        default=(256, 256), metadata={"help": "MLP widths for vector observations"}
+    env: str = option("cartpole", "preset name or Gymnasium id")
+    net: str = option("auto", "encoder from nets/ (auto: by observation type)")
+    hidden: tuple[int, ...] = option((256, 256), "MLP widths for vector observations")
+    head_hidden: int = option(0, "hidden layer per Q stream (0: one Linear)", min=0)
+    seed: int = option(1, "seed of torch, numpy and the envs", min=0)
+    device: str = option("auto", "auto, cpu or cuda")
+    total_steps: int = option(50_000, "agent steps over the whole run", min=1)
+    num_envs: int = option(1, "parallel envs", min=1, max=1024)
+    env_backend: Literal["sync", "async", "ray"] = option(
+        "sync", "vector env back-end: sync (in process), async (worker processes), ray (Ray actors)"
     )
-    head_hidden: int = field(
-        default=0, metadata={"help": "hidden layer per Q stream (0: one Linear)", "min": 0}
+    ray_address: str | None = option(
+        None, "env_backend=ray: None starts a local Ray; auto or HOST:PORT joins a running cluster"
     )
-    seed: int = field(default=1, metadata={"help": "seed of torch, numpy and the envs", "min": 0})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    total_steps: int = field(default=50_000, metadata={"help": "agent steps over the whole run", "min": 1})
-    num_envs: int = field(default=1, metadata={"help": "parallel envs", "min": 1, "max": 1024})
-    env_backend: Literal["sync", "async"] = field(default="sync", metadata={"help": "vector env back-end"})
-    sticky: float = field(
-        default=0.0,
-        metadata={"help": "Mario: repeat the previous action on each frame with this probability", "min": 0.0,
-                  "max": 0.99},
-    )  # fmt: skip
-    buffer_size: int = field(default=100_000, metadata={"help": "replay memory in transitions", "min": 1})
-    learning_rate: float = field(default=2.3e-3, metadata={"help": "Adam learning rate", "min": 0.0})
-    anneal_lr: bool = field(default=True, metadata={"help": "linearly anneal the learning rate to 0"})
-    gamma: float = field(default=0.99, metadata={"help": "discount", "min": 0.0, "max": 1.0})
-    batch_size: int = field(default=64, metadata={"help": "transitions per gradient step", "min": 1})
-    learning_starts: int = field(
-        default=1_000, metadata={"help": "transitions stored before learning", "min": 0}
+    sticky: float = option(0.0, "Mario: repeat the previous action on each frame with this probability", min=0.0, max=0.99)  # fmt: skip
+    buffer_size: int = option(100_000, "replay memory in transitions", min=1)
+    learning_rate: float = option(2.3e-3, "Adam learning rate", min=0.0)
+    anneal_lr: bool = option(True, "linearly anneal the learning rate to 0")
+    gamma: float = option(0.99, "discount", min=0.0, max=1.0)
+    batch_size: int = option(64, "transitions per gradient step", min=1)
+    learning_starts: int = option(1_000, "transitions stored before learning", min=0)
+    train_frequency: int = option(2, "agent steps between training phases", min=1)
+    gradient_steps: int = option(1, "gradient steps per training phase", min=1)
+    target_network_frequency: int = option(256, "agent steps between target-net updates", min=1)
+    tau: float = option(1.0, "target update rate (1: hard copy, <1: Polyak)", min=0.0, max=1.0)
+    exploration_fraction: float = option(
+        0.16, "fraction of total_steps over which epsilon decays", min=0.0, max=1.0
     )
-    train_frequency: int = field(
-        default=2, metadata={"help": "agent steps between training phases", "min": 1}
+    start_e: float = option(1.0, "initial epsilon", min=0.0, max=1.0)
+    end_e: float = option(0.04, "final epsilon", min=0.0, max=1.0)
+    n_step: int = option(3, "steps in the bootstrapped return", min=1)
+    double: bool = option(True, "double-DQN targets")
+    dueling: bool = option(False, "dueling Q head: V + A - mean(A)")
+    prioritized: bool = option(False, "prioritized replay (proportional)")
+    prioritized_alpha: float = option(0.6, "priority exponent", min=0.0)
+    prioritized_beta0: float = option(0.4, "initial importance exponent, annealed to 1", min=0.0, max=1.0)
+    loss: Literal["huber", "mse"] = option("huber", "TD loss")
+    max_grad_norm: float = option(10.0, "gradient clipping norm (0: none)", min=0.0)
+    threads: int = option(1, "CPU threads of the learner (0: torch's default, one per core)", min=0, max=1024)
+    compile: bool = option(False, "torch.compile the network")
+    bf16: bool = option(False, "bf16 autocast (CUDA, or a CPU with native bf16)")
+    keep_freed_memory: bool = option(
+        True,
+        "keep memory freed between gradient steps in the process (glibc malloc thresholds) "
+        "instead of page-faulting it back in at every step",
     )
-    gradient_steps: int = field(default=1, metadata={"help": "gradient steps per training phase", "min": 1})
-    target_network_frequency: int = field(
-        default=256, metadata={"help": "agent steps between target-net updates", "min": 1}
+    overlap: bool = option(
+        False,
+        "run each training phase's gradient steps in a thread while the next "
+        "train_frequency agent steps are collected (acting lags one phase); fastest with the "
+        "env in this process (env_backend=sync)",
     )
-    tau: float = field(
-        default=1.0,
-        metadata={"help": "target update rate (1: hard copy, <1: Polyak)", "min": 0.0, "max": 1.0},
-    )
-    exploration_fraction: float = field(
-        default=0.16,
-        metadata={"help": "fraction of total_steps over which epsilon decays", "min": 0.0, "max": 1.0},
-    )
-    start_e: float = field(default=1.0, metadata={"help": "initial epsilon", "min": 0.0, "max": 1.0})
-    end_e: float = field(default=0.04, metadata={"help": "final epsilon", "min": 0.0, "max": 1.0})
-    n_step: int = field(default=3, metadata={"help": "steps in the bootstrapped return", "min": 1})
-    double: bool = field(default=True, metadata={"help": "double-DQN targets"})
-    dueling: bool = field(default=False, metadata={"help": "dueling Q head: V + A - mean(A)"})
-    prioritized: bool = field(default=False, metadata={"help": "prioritized replay (proportional)"})
-    prioritized_alpha: float = field(default=0.6, metadata={"help": "priority exponent", "min": 0.0})
-    prioritized_beta0: float = field(
-        default=0.4, metadata={"help": "initial importance exponent, annealed to 1", "min": 0.0, "max": 1.0}
-    )
-    loss: Literal["huber", "mse"] = field(default="huber", metadata={"help": "TD loss"})
-    max_grad_norm: float = field(
-        default=10.0, metadata={"help": "gradient clipping norm (0: none)", "min": 0.0}
-    )
-    threads: int = field(
-        default=1,
-        metadata={
-            "help": "CPU threads of the learner (0: torch's default, one per core)",
-            "min": 0,
-            "max": 1024,
-        },
-    )
-    compile: bool = field(default=False, metadata={"help": "torch.compile the network"})
-    bf16: bool = field(default=False, metadata={"help": "bf16 autocast (CUDA, or a CPU with native bf16)"})
-    keep_freed_memory: bool = field(
-        default=True,
-        metadata={
-            "help": "keep memory freed between gradient steps in the process (glibc malloc thresholds) "
-            "instead of page-faulting it back in at every step"
-        },
-    )
-    overlap: bool = field(
-        default=False,
-        metadata={
-            "help": "run each training phase's gradient steps in a thread while the next "
-            "train_frequency agent steps are collected (acting lags one phase); fastest with the "
-            "env in this process (env_backend=sync)"
-        },
-    )
-    log_every: int = field(default=1_000, metadata={"help": "agent steps between log records", "min": 1})
-    eval_every: int = field(
-        default=2_500, metadata={"help": "agent steps between greedy evals (0: at end)", "min": 0}
-    )
-    eval_episodes: int = field(default=10, metadata={"help": "episodes per greedy eval", "min": 1})
-    keep_best: bool = field(
-        default=True,
-        metadata={"help": "end with the weights of the best periodic greedy eval (needs eval_every)"},
-    )
-    checkpoint_every: int = field(
-        default=50_000, metadata={"help": "agent steps between checkpoints", "min": 1}
-    )
-    keep_checkpoints: int = field(default=2, metadata={"help": "checkpoints kept on disk", "min": 1})
-    save_buffer: bool = field(default=False, metadata={"help": "checkpoint the replay memory too (large)"})
+    log_every: int = option(1_000, "agent steps between log records", min=1)
+    eval_every: int = option(2_500, "agent steps between greedy evals (0: at end)", min=0)
+    eval_episodes: int = option(10, "episodes per greedy eval", min=1)
+    keep_best: bool = option(True, "end with the weights of the best periodic greedy eval (needs eval_every)")
+    checkpoint_every: int = option(50_000, "agent steps between checkpoints", min=1)
+    keep_checkpoints: int = option(2, "checkpoints kept on disk", min=1)
+    save_buffer: bool = option(False, "checkpoint the replay memory too (large)")
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
@@ -164,6 +123,8 @@ class DQNConfig:
             # The learner would update the sum tree while the main thread adds to it.
             raise ValueError("overlap=true does not combine with prioritized=true; set one of them false")
 
+
+CONFIG = DQNConfig
 
 # ---------------------------------------------------------------------------------------------
 # The network: encoder -> Q head
@@ -241,8 +202,6 @@ class DQNPolicy:
 
 def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> DQNPolicy:
     """Rebuilds the greedy policy of a DQN checkpoint."""
-    from agents.checkpoint import load_checkpoint
-
     state, _ = load_checkpoint(sidecar)
     config = config_from_dict(meta["config"])
     q_network = QNetwork(config, tuple(meta["obs_shape"]), int(meta["num_actions"])).to(device)
@@ -252,8 +211,9 @@ def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> DQ
     return policy
 
 
-def config_from_dict(values: dict[str, Any]) -> DQNConfig:
-    return rebuild_config(DQNConfig, values)
+def config_from_dict(values: dict[str, Any], source: str = "") -> DQNConfig:
+    """A DQNConfig from a preset's or a run's dictionary; an unknown key raises ConfigError."""
+    return rebuild_config(DQNConfig, values, source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,417 +228,356 @@ def linear_schedule(start: float, end: float, duration: int, step: int) -> float
     return start + (end - start) * min(1.0, step / duration)
 
 
+class PhaseStats(NamedTuple):
+    """One training phase (``gradient_steps`` minibatch steps): its newest step's numbers and counts."""
+
+    loss: torch.Tensor  # the last step's TD loss
+    q_taken: torch.Tensor  # (B,) Q(s_t, a_t) of the last step's batch
+    applied: int  # steps whose loss and gradient were finite
+    skipped: int  # steps skipped for a non-finite loss or gradient
+    trailing_bad: int  # skipped steps after the last applied one (the end of a NaN streak)
+
+
+# Gradient steps in a row with a non-finite loss or gradient before training stops (PPO counts whole
+# updates). Replay draws one poisoned transition again and again, so a few bad steps are survivable;
+# this many mean the data or the weights are broken for good.
+MAX_BAD_STEPS = 100
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: the loop
+# ---------------------------------------------------------------------------------------------
+
+
 def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Trains DQN, writing TensorBoard events, checkpoints and metrics.json into ``run_dir``.
 
     Returns:
-        The summary of DESIGN.md's ``lab train --json``: run_dir, steps, sps, episodes,
-        eval_return_mean (and eval_clear_rate for Mario).
+        The ``lab train --json`` summary (:meth:`agents.engine.TrainingRun.finish`), with the step
+        and return of the best periodic eval when ``keep_best`` is on.
     """
-    device = common.resolve_device(config.device)
-    common.set_learner_threads(config.threads)
-    if config.keep_freed_memory:
-        common.keep_freed_memory()
-    np_rng = common.seed_everything(config.seed)
-    config.check()
+    run = TrainingRun(ALGO, config, run_dir, resume, progress)
+    trainer = DQNTrainer(config, run)
+    with run.guard(trainer):
+        while run.global_step < config.total_steps:
+            previous_step = run.global_step
+            pending = send_actions(trainer)  # advances run.global_step by num_envs
+            if trainer.buffer.added >= config.learning_starts and len(trainer.buffer) >= config.batch_size:
+                train_phases(trainer, previous_step)
+                run.check_health(MAX_BAD_STEPS, "gradient steps")
+                update_target(trainer, previous_step)
+            store_transitions(trainer, pending)
+            trainer.wrap_up(previous_step)  # log, eval and checkpoint when due
+        trainer.learner.finish(trainer.book)
+        trainer.keep_best_weights()
+        trainer.save()
+    best = trainer.best
+    extra = {"best_eval_step": int(best["step"]), "best_eval_return": float(best["return"])} if best else {}
+    return run.finish(DQNPolicy(trainer.q_network, run.device), extra)
 
-    # Resume: networks, optimizer, counters and RNG states come from the newest good checkpoint.
-    checkpoint = common.load_training_checkpoint(run_dir) if resume else None
-    saved = checkpoint[0] if checkpoint is not None else {}
-    global_step = int(saved.get("global_step", 0))
-    # The epsilon, beta and learning-rate schedules run over the total of the run's first start, so raising
-    # --steps on resume continues them instead of re-opening exploration.
-    schedule_steps = int(saved.get("schedule_steps", config.total_steps))
 
-    vec_env = envs.make_vec(
-        config.env,
-        config.num_envs,
-        seed=config.seed + global_step,
-        backend=config.env_backend,
-        **common.train_env_overrides(config),
-    )
-    obs_space = vec_env.single_observation_space
-    obs_shape = tuple(obs_space.shape)
-    num_actions = int(vec_env.single_action_space.n)
-    q_network = QNetwork(config, obs_shape, num_actions).to(device)
-    target_network = QNetwork(config, obs_shape, num_actions).to(device)
-    target_network.load_state_dict(q_network.state_dict())
-    optimizer = torch.optim.Adam(
-        q_network.parameters(), lr=config.learning_rate, **common.adam_kernel(device)
-    )
+class DQNTrainer:
+    """DQN's state during training: the env, the networks, the optimizer, replay memory, counters.
 
-    frame_stack = frame_stack_of(config.env, obs_shape, obs_space.dtype)
+    With ``config.overlap`` each training phase's gradient steps run in a learner thread while the
+    next ``train_frequency`` agent steps are collected; acting then lags one phase behind.
+    """
 
-    def new_buffer() -> ReplayBuffer:
-        return ReplayBuffer(
-            config.buffer_size,
-            config.num_envs,
-            obs_shape,
-            obs_space.dtype,
-            frame_stack=frame_stack,
-            n_step=config.n_step,
-            gamma=config.gamma,
-            prioritized=config.prioritized,
-            alpha=config.prioritized_alpha,
+    def __init__(self, config: DQNConfig, run: TrainingRun) -> None:
+        self.config, self.run = config, run
+        device, saved = run.device, run.saved
+        if config.keep_freed_memory:
+            keep_freed_memory()
+        # The epsilon, beta and learning-rate schedules run over the total of the run's first start, so
+        # raising --steps on resume continues them instead of re-opening exploration.
+        self.schedule_steps = int(saved.get("schedule_steps", config.total_steps))
+        self.vec_env = run.make_vec_env(config.num_envs, seed=config.seed + run.global_step)
+        space = self.vec_env.single_observation_space
+        obs_shape, self.num_actions = tuple(space.shape), int(self.vec_env.single_action_space.n)
+        self.q_network = QNetwork(config, obs_shape, self.num_actions).to(device)
+        self.target_network = QNetwork(config, obs_shape, self.num_actions).to(device)
+        self.target_network.load_state_dict(self.q_network.state_dict())
+        self.optimizer = torch.optim.Adam(
+            self.q_network.parameters(), lr=config.learning_rate, **adam_kernel(device)
         )
+        self.frame_stack = frame_stack_of(config.env, obs_shape, space.dtype)
+        self.buffer = self.new_buffer(obs_shape, space.dtype)
+        self.gradient_updates = int(saved.get("gradient_updates", 0))
+        self.best: dict[str, Any] = saved.get("best", {})  # keep_best: {"return", "step", "model"}
+        if "model" in saved:
+            self.q_network.load_state_dict(saved["model"])
+            self.target_network.load_state_dict(saved.get("target", saved["model"]))
+            if "optimizer" in saved:
+                self.optimizer.load_state_dict(saved["optimizer"])
+        run.start(obs_shape, self.num_actions, config.total_steps)
+        if run.resumed:
+            self.restore_buffer()
+        self.forward = torch.compile(self.q_network) if config.compile else self.q_network
+        # Target values come from a forward copy of the target network: with bf16 its Linear/Conv weights
+        # are stored in bf16, the numbers autocast would round them to at every gradient step.
+        # target_network itself stays fp32: it is what checkpoints hold and what Polyak averaging moves.
+        self.target_copy = forward_copy(self.target_network, device, config.bf16)
+        self.target_forward = torch.compile(self.target_copy) if config.compile else self.target_copy
+        # The acting network: the learner's own one, or with overlap a forward copy refreshed at each
+        # hand-over of a training phase to the learner thread (which changes q_network meanwhile).
+        self.actor = forward_copy(self.q_network, device, config.bf16) if config.overlap else self.q_network
+        self.actor_forward = (
+            (torch.compile(self.actor) if config.compile else self.actor) if config.overlap else self.forward
+        )
+        # Acting on one frame stack in fp32 without overlap on the CPU: autocast would re-cast the fp32
+        # weights to bf16 at every call. The overlap actor copy already holds bf16 weights.
+        self.act_autocast = bf16_autocast(device, config.bf16 and (config.overlap or device.type != "cpu"))
+        self.obs, _ = self.vec_env.reset(seed=config.seed + run.global_step)
+        self.env_steps_in_workers = config.env_backend != "sync"
+        self.exploration_steps = int(config.exploration_fraction * self.schedule_steps)
+        self.epsilon = linear_schedule(config.start_e, config.end_e, self.exploration_steps, run.global_step)
+        self.actions = np.zeros(config.num_envs, dtype=np.int64)  # the actions of the step in flight
+        self.last = PhaseStats(torch.full((), float("nan")), torch.full((), float("nan")), 0, 0, 0)
+        self.learner: AsyncLearner[PhaseStats] = AsyncLearner(config.overlap, "dqn-learner")
 
-    buffer = new_buffer()
-    buffer_path = run_dir / "checkpoints" / BUFFER_FILE
-    episodes = common.EpisodeTracker()
-    history: list[dict[str, float]] = []
-    skipped_updates = gradient_updates = 0
-    bad_steps_in_a_row = 0  # reset by every applied step; MAX_BAD_STEPS of them stop training
-    best: dict[str, Any] = {}  # keep_best: {"return", "step", "model"} of the best periodic greedy eval
-    if checkpoint is not None:
-        q_network.load_state_dict(saved["model"])
-        target_network.load_state_dict(saved["target"])
-        optimizer.load_state_dict(saved["optimizer"])
-        set_rng_state(saved["rng"], np_rng)
-        episodes.restore(saved)
-        history = list(saved.get("history", []))
-        skipped_updates, gradient_updates = int(saved["skipped_updates"]), int(saved["gradient_updates"])
-        best = saved.get("best", best)
-        if config.save_buffer and buffer_path.exists():
-            # The memory is used only when it was saved with this checkpoint (same step); else refilled.
+    def new_buffer(self, obs_shape: tuple[int, ...], dtype: np.dtype) -> ReplayBuffer:
+        config = self.config
+        return ReplayBuffer(
+            config.buffer_size, config.num_envs, obs_shape, dtype, frame_stack=self.frame_stack,
+            n_step=config.n_step, gamma=config.gamma, prioritized=config.prioritized,
+            alpha=config.prioritized_alpha,
+        )  # fmt: skip
+
+    def refresh_actor(self) -> None:
+        """The acting copy takes the weights of the phase just booked (overlap only)."""
+        self.actor.load_state_dict(self.q_network.state_dict())
+
+    def restore_buffer(self) -> None:
+        """The saved replay memory is used only when it was saved with this checkpoint (same step)."""
+        path = self.run.run_dir / "checkpoints" / BUFFER_FILE
+        if self.config.save_buffer and path.exists():
             try:
-                buffer_step = buffer.load(buffer_path)
-                problem = f"it is from step {buffer_step}, the checkpoint from {global_step}"
+                buffer_step = self.buffer.load(path)
+                problem = f"it is from step {buffer_step}, the checkpoint from {self.run.global_step}"
             except ValueError as error:
                 buffer_step, problem = None, str(error)
-            if buffer_step != global_step:
-                print(
-                    f"warning: not using {buffer_path} ({problem}); refilling the replay memory",
-                    file=sys.stderr,
-                )
-                buffer = new_buffer()
-        buffer.break_episodes()  # the envs restart with fresh episodes
-    forward = torch.compile(q_network) if config.compile else q_network
-    # Target values come from a forward copy of the target network: with bf16 its Linear/Conv weights
-    # are stored in bf16, the same numbers autocast would round them to at every gradient step
-    # (common.forward_copy). target_network itself stays fp32: it is what checkpoints hold and what
-    # Polyak averaging moves; the copy is refreshed from it at every target update.
-    target_copy = common.forward_copy(target_network, device, config.bf16)
-    target_forward = torch.compile(target_copy) if config.compile else target_copy
-    # The acting network: the learner's own one, or with overlap a forward copy refreshed at each
-    # hand-over of a training phase to the learner thread (which changes q_network meanwhile).
-    actor = common.forward_copy(q_network, device, config.bf16) if config.overlap else q_network
-    actor_forward = (torch.compile(actor) if config.compile else actor) if config.overlap else forward
-    # Acting is a forward pass on num_envs observations (one in the Mario preset). Without overlap on
-    # the CPU it runs in fp32: autocast would re-cast the fp32 weights to bf16 at every call (one Mario
-    # frame stack: 0.80 ms with bf16 autocast, 0.57 ms in fp32 on the EPYC of benchmarks/RESULTS.md,
-    # benchmarks/learner_parts.py). With overlap the actor copy holds bf16 weights, so autocast casts
-    # nothing: as fast as fp32 alone, and faster beside the learner thread, which competes for the
-    # caches (half the bytes to read). Learning keeps config.bf16 (a gradient step on 32: 20 vs 36 ms).
-    act_autocast = common.bf16_autocast(device, config.bf16 and (config.overlap or device.type != "cpu"))
-    meta = {
-        "algo": ALGO,
-        "config": dataclasses.asdict(config),
-        "obs_shape": list(obs_shape),
-        "num_actions": num_actions,
-    }
+            if buffer_step != self.run.global_step:
+                print(f"warning: not using {path} ({problem}); refilling the replay memory", file=sys.stderr)
+                self.buffer = self.new_buffer(self.buffer.obs_shape, self.buffer.obs_dtype)
+        self.buffer.break_episodes()  # the envs restart with fresh episodes
 
-    obs, _ = vec_env.reset(seed=config.seed + global_step)
-    env_steps_in_workers = isinstance(vec_env, SubprocVectorEnv)
-    logger = common.RunLogger(run_dir, config.total_steps, global_step, progress, config)
-    run_start, run_start_step = time.time(), global_step
-    last_checkpoint_step, last_eval_step = global_step, global_step
-    exploration_steps = int(config.exploration_fraction * schedule_steps)
-    epsilon = linear_schedule(config.start_e, config.end_e, exploration_steps, global_step)
-    loss = q_taken = torch.full((), float("nan"))
+    def book(self, tag: int, stats: PhaseStats) -> None:
+        """Counts a finished training phase (serial: at once; overlap: when the thread is done)."""
+        run = self.run
+        self.gradient_updates += stats.applied
+        run.skipped_updates += stats.skipped
+        run.bad_in_a_row = stats.trailing_bad if stats.applied else run.bad_in_a_row + stats.trailing_bad
+        self.last = stats
 
-    def save() -> None:
+    def wrap_up(self, previous_step: int) -> None:
+        """Every ``log_every`` agent steps a log record; eval and checkpoint when due."""
+        config, run, step = self.config, self.run, self.run.global_step
+        if step // config.log_every > previous_step // config.log_every:
+            self.learner.finish(self.book)  # the losses logged are those of the newest phase
+            td_loss, q_values = float(self.last.loss.detach()), float(self.last.q_taken.detach().mean())
+            run.log(step, {"td_loss": td_loss, "q_values": q_values, "epsilon": self.epsilon}, {
+                "charts/epsilon": self.epsilon, "charts/learning_rate": self.optimizer.param_groups[0]["lr"],
+                "charts/replay_size": len(self.buffer), "charts/gradient_updates": self.gradient_updates,
+                "losses/td_loss": td_loss, "losses/q_values": q_values,
+            })  # fmt: skip
+        if run.eval_due(step):
+            self.learner.finish(self.book)
+            self.periodic_eval()
+        if run.checkpoint_due(step):
+            self.learner.finish(self.book)
+            self.save()
+
+    def periodic_eval(self) -> None:
+        """Greedy eval during training; with ``keep_best`` it remembers the best weights so far."""
+        step = self.run.global_step
+        summary = self.run.evaluate(
+            DQNPolicy(self.q_network, self.run.device), self.config.seed + 10_000 + step, step
+        )
+        self.q_network.train()
+        # >= prefers the later of equally good policies: they have trained on more data.
+        if self.config.keep_best and summary["return_mean"] >= self.best.get("return", -math.inf):
+            weights = {key: value.detach().clone() for key, value in self.q_network.state_dict().items()}
+            self.best = {"return": summary["return_mean"], "step": step, "model": weights}
+            self.run.logger.scalars({"eval/best_return": self.best["return"]}, step)
+
+    def keep_best_weights(self) -> None:
+        """DQN's greedy policy can oscillate late in training: the final weights compete with the best
+        periodic eval's, and the run ends with the winner (the final eval then uses new episodes)."""
+        if not (self.config.keep_best and self.best):
+            return
+        if self.run.last_eval_step != self.run.global_step:
+            self.periodic_eval()
+        if self.best["step"] != self.run.global_step:
+            self.q_network.load_state_dict(self.best["model"])
+            self.target_network.load_state_dict(self.best["model"])
+
+    def save(self) -> None:
+        step = self.run.global_step
         state = {
-            "model": q_network.state_dict(),
-            "target": target_network.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "rng": rng_state(np_rng),
-            "global_step": global_step,
-            "schedule_steps": schedule_steps,
-            **episodes.state(),
-            "skipped_updates": skipped_updates,
-            "gradient_updates": gradient_updates,
-            "history": history,
-        }
-        if best:
-            state["best"] = best
-        if config.save_buffer:  # one file, replaced atomically; it records its step (see the resume above)
-            buffer.save(buffer_path, global_step)
-        common.save_training_checkpoint(run_dir, global_step, state, meta, config.keep_checkpoints)
+            "model": self.q_network.state_dict(), "target": self.target_network.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "global_step": step,
+            "schedule_steps": self.schedule_steps, "gradient_updates": self.gradient_updates,
+        }  # fmt: skip
+        if self.best:
+            state["best"] = self.best
+        if self.config.save_buffer:  # one file, replaced atomically; it records its step (restore_buffer)
+            self.buffer.save(self.run.run_dir / "checkpoints" / BUFFER_FILE, step)
+        self.run.save(step, state)
 
-    def learn(batches: Iterable[Any], learning_rate: float) -> None:
-        """The gradient steps of one training phase, one per batch (in the learner thread with overlap)."""
-        nonlocal loss, q_taken, gradient_updates, skipped_updates, bad_steps_in_a_row
-        # autocast keeps its previous state on the context object: one per call, never shared by threads.
-        autocast = common.bf16_autocast(device, config.bf16)
-        optimizer.param_groups[0]["lr"] = learning_rate
-        for batch in batches:
-            b_obs = torch.as_tensor(batch.obs, device=device)
-            b_next_obs = torch.as_tensor(batch.next_obs, device=device)
-            b_actions = torch.as_tensor(batch.actions, device=device)
-            b_returns = torch.as_tensor(batch.returns, device=device)
-            b_discounts = torch.as_tensor(batch.discounts, device=device)
-            b_weights = torch.as_tensor(batch.weights, device=device)
+    def settle(self) -> None:
+        self.learner.settle(self.book)
 
-            with torch.no_grad(), autocast:
-                next_q_target = target_forward(b_next_obs).float()  # (B, A)
-                if config.double:
-                    next_actions = forward(b_next_obs).argmax(dim=1, keepdim=True)  # online net picks
-                else:
-                    next_actions = next_q_target.argmax(dim=1, keepdim=True)
-                # y = R^(n) + gamma^m (1 - terminated) Q_target(s_{t+m}, a*)
-                td_target = b_returns + b_discounts * next_q_target.gather(1, next_actions).squeeze(1)
-            with autocast:
-                q_all = forward(b_obs).float()  # (B, A)
-            q_taken = q_all.gather(1, b_actions[:, None]).squeeze(1)  # Q(s_t, a_t)
-            td_error = td_target - q_taken
-            if config.loss == "huber":
-                elementwise = F.smooth_l1_loss(q_taken, td_target, reduction="none")
-            else:
-                elementwise = td_error.pow(2)
-            loss = (b_weights * elementwise).mean()  # importance weights are 1 without PER
+    def close(self) -> None:
+        self.learner.shutdown()
 
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(
-                q_network.parameters(),
-                config.max_grad_norm if config.max_grad_norm > 0 else float("inf"),
-            )
-            # A non-finite loss or gradient skips this step instead of poisoning the weights.
-            if torch.isfinite(loss) and torch.isfinite(grad_norm):
-                optimizer.step()
-                gradient_updates += 1
-                bad_steps_in_a_row = 0
-                if config.prioritized:
-                    buffer.update_priorities(batch.indices, td_error.detach().abs().cpu().numpy())
-            else:
-                skipped_updates += 1
-                bad_steps_in_a_row += 1
 
-    # With overlap: the learner thread and the training phase in flight there.
-    learner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dqn-learner") if config.overlap else None
-    pending: Future[None] | None = None
+# ---------------------------------------------------------------------------------------------
+# Training: acting and storing
+# ---------------------------------------------------------------------------------------------
 
-    def settle_learner() -> None:
-        """Waits for the phase in flight (its error, if any, is raised here)."""
-        nonlocal pending
-        if pending is not None:
-            future, pending = pending, None
-            future.result()
 
-    def stop_learner() -> None:
-        """Waits for whatever the learner thread still runs (even after a Ctrl-C cut a settle short),
-        so that no weights change while saving; its errors are not this one's to report."""
-        if learner is not None:
-            learner.shutdown(wait=True)
+def send_actions(trainer: DQNTrainer) -> Any:
+    """Acts epsilon-greedily in all envs at once (one batched forward pass) and starts the env step.
 
-    try:
-        while global_step < config.total_steps:
-            # ---- act: epsilon-greedy, batched over all envs on the device ---------------------------
-            epsilon = linear_schedule(config.start_e, config.end_e, exploration_steps, global_step)
-            with torch.no_grad(), act_autocast:
-                q_values = actor_forward(torch.as_tensor(obs, device=device))  # (N, A)
-            explore = torch.rand(config.num_envs, device=device) < epsilon
-            random_actions = torch.randint(num_actions, (config.num_envs,), device=device)
-            actions = torch.where(explore, random_actions, q_values.argmax(dim=1)).cpu().numpy()
+    Our subprocess vector env steps in its workers while the gradient steps of this agent step run
+    (on 2 cores: the emulator on one, learning on the other); learning then sees the memory as it was
+    before this step, whichever back-end. An in-process vector env steps right here; with overlap that
+    is the faster choice, as the learner thread learns meanwhile on the other core (nes-py's emulator
+    releases the GIL) without a pipe round trip per step.
 
-            # Our subprocess vector env steps in its workers while the gradient steps below run (on 2
-            # cores: the emulator on one, learning on the other); learning then sees the memory as it
-            # was before this step, whichever back-end. An in-process vector env steps right here; with
-            # overlap that is the faster choice, as the learner thread learns meanwhile on the other core
-            # (nes-py's emulator releases the GIL) without a pipe round trip per step (RESULTS.md).
-            if env_steps_in_workers:
-                vec_env.step_async(actions)
-            else:
-                step_result = vec_env.step(actions)
-            previous_step, global_step = global_step, global_step + config.num_envs
+    Returns:
+        The step's results (in-process env), or None (worker env: :func:`store_transitions` waits).
+    """
+    config, run = trainer.config, trainer.run
+    trainer.epsilon = linear_schedule(
+        config.start_e, config.end_e, trainer.exploration_steps, run.global_step
+    )
+    with torch.no_grad(), trainer.act_autocast:
+        q_values = trainer.actor_forward(torch.as_tensor(trainer.obs, device=run.device))  # (N, A)
+    explore = torch.rand(config.num_envs, device=run.device) < trainer.epsilon
+    random_actions = torch.randint(trainer.num_actions, (config.num_envs,), device=run.device)
+    trainer.actions = torch.where(explore, random_actions, q_values.argmax(dim=1)).cpu().numpy()
+    run.global_step += config.num_envs
+    if trainer.env_steps_in_workers:
+        trainer.vec_env.step_async(trainer.actions)
+        return None
+    return trainer.vec_env.step(trainer.actions)
 
-            # ---- learn: gradient_steps per train_frequency agent steps, once the memory is filled ---
-            if buffer.added >= config.learning_starts and len(buffer) >= config.batch_size:
-                phases = global_step // config.train_frequency - previous_step // config.train_frequency
-                if phases:
-                    learning_rate = (
-                        config.learning_rate * max(0.0, 1.0 - global_step / schedule_steps)
-                        if config.anneal_lr
-                        else config.learning_rate
-                    )
-                    num_gradient_steps = phases * config.gradient_steps
-                    beta = linear_schedule(config.prioritized_beta0, 1.0, schedule_steps, global_step)
-                    # Serial: each batch is drawn just before its step (prioritized replay changes the
-                    # priorities in between). Overlap: all are drawn now, before the memory changes.
-                    batches = (
-                        buffer.sample(config.batch_size, np_rng, beta) for _ in range(num_gradient_steps)
-                    )
-                    if learner is None:
-                        learn(batches, learning_rate)
-                    else:
-                        batches = list(batches)
-                        settle_learner()  # the previous phase's steps, which ran while this phase was collected
-                        actor.load_state_dict(q_network.state_dict())
-                        pending = learner.submit(learn, batches, learning_rate)
-                # Persistent non-finite losses will not heal: stop, keeping the last good checkpoint.
-                if bad_steps_in_a_row >= MAX_BAD_STEPS:
-                    raise common.TrainingStopped(
-                        f"loss or gradients were not finite for {bad_steps_in_a_row} gradient steps in a "
-                        f"row; the last good checkpoint in {run_dir / 'checkpoints'} is kept "
-                        "(try a lower learning_rate)"
-                    )
 
-                # ---- target network: hard copy, or Polyak averaging -----------------------------
-                if (
-                    global_step // config.target_network_frequency
-                    > previous_step // config.target_network_frequency
-                ):
-                    settle_learner()  # the target copies the weights after this step's phase, as in serial
-                    with torch.no_grad():
-                        if config.tau >= 1.0:
-                            target_network.load_state_dict(q_network.state_dict())
-                        else:
-                            for target_param, param in zip(
-                                target_network.parameters(), q_network.parameters(), strict=True
-                            ):
-                                target_param.lerp_(param, config.tau)  # theta' += tau (theta - theta')
-                        target_copy.load_state_dict(target_network.state_dict())
+def store_transitions(trainer: DQNTrainer, results: Any) -> None:
+    """Stores the step's transitions; a finished episode's next observation is its true last one
+    (``infos["final_obs"]``), never the reset observation the vector env already returned."""
+    next_obs, rewards, terminations, truncations, infos = (
+        results if results is not None else trainer.vec_env.step_wait()
+    )
+    real_next_obs = next_obs
+    finished = np.flatnonzero(np.logical_or(terminations, truncations))
+    if finished.size:
+        real_next_obs = next_obs.copy()
+        for index in finished:
+            real_next_obs[index] = infos["final_obs"][index]
+    trainer.buffer.add(trainer.obs, real_next_obs, trainer.actions, rewards, terminations, truncations)
+    trainer.obs = next_obs
+    trainer.run.add_episodes(infos)
 
-            # ---- remember: the transition of this step --------------------------------------------
-            if env_steps_in_workers:
-                step_result = vec_env.step_wait()
-            next_obs, rewards, terminations, truncations, infos = step_result
-            # Same-step autoreset: a finished env's next_obs already starts its next episode; the
-            # transition's true next observation is infos["final_obs"].
-            real_next_obs = next_obs
-            finished = np.flatnonzero(np.logical_or(terminations, truncations))
-            if finished.size:
-                real_next_obs = next_obs.copy()
-                for index in finished:
-                    real_next_obs[index] = infos["final_obs"][index]
-            buffer.add(obs, real_next_obs, actions, rewards, terminations, truncations)
-            obs = next_obs
-            for _, stats in common.finished_episodes(infos):
-                episodes.add(stats)
 
-            # ---- log every log_every agent steps (losses are read back to the host only here) ----
-            if global_step // config.log_every > previous_step // config.log_every:
-                settle_learner()  # the losses logged are those of the newest phase, not one in flight
-                sps = (global_step - run_start_step) / max(time.time() - run_start, 1e-9)
-                record = {
-                    "step": global_step,
-                    "sps": sps,
-                    "td_loss": float(loss.detach()),
-                    "q_values": float(q_taken.detach().mean()),
-                    "epsilon": epsilon,
-                    "return_mean": episodes.mean("return"),
-                    "x_pos_max_mean": episodes.mean("x_pos_max"),
-                    "clear_rate": episodes.mean("flag_get"),
-                }
-                if episodes.stage_means():
-                    record["stages"] = episodes.stage_means()
-                history.append(record)
-                logger.scalars(
-                    {
-                        "charts/epsilon": epsilon,
-                        "charts/learning_rate": optimizer.param_groups[0]["lr"],
-                        "charts/SPS": sps,
-                        "charts/episodic_return": record["return_mean"],
-                        "charts/episodic_length": episodes.mean("length"),
-                        "charts/x_pos_max": record["x_pos_max_mean"],
-                        "charts/clear_rate": record["clear_rate"],
-                        "charts/episodes": episodes.count,
-                        "charts/replay_size": len(buffer),
-                        "charts/gradient_updates": gradient_updates,
-                        "charts/skipped_updates": skipped_updates,
-                        "losses/td_loss": record["td_loss"],
-                        "losses/q_values": record["q_values"],
-                        **common.worker_scalars(vec_env),
-                        **common.stage_scalars(episodes),
-                    },
-                    global_step,
-                )
-                logger.progress(global_step, episodes, sps)
+# ---------------------------------------------------------------------------------------------
+# Training: learning
+# ---------------------------------------------------------------------------------------------
 
-            # On the multiples of eval_every (the first step past each), so that a resumed run evaluates
-            # at the same steps, with the same eval seeds, as one that was never interrupted.
-            if config.eval_every and global_step // config.eval_every > last_eval_step // config.eval_every:
-                last_eval_step = global_step
-                settle_learner()
-                best = periodic_eval(q_network, config, device, global_step, best, logger)
-            # Only a healthy stretch is worth a checkpoint: a NaN streak keeps the last good one.
-            if global_step - last_checkpoint_step >= config.checkpoint_every and bad_steps_in_a_row == 0:
-                last_checkpoint_step = global_step
-                settle_learner()
-                save()
-        settle_learner()
-    except KeyboardInterrupt:
-        try:
-            stop_learner()
-            save()
-        finally:
-            logger.close()
-            vec_env.close()
-        raise
-    except common.TrainingStopped:
-        stop_learner()
-        logger.close()
-        vec_env.close()
-        raise
-    except Exception as error:
-        # An env worker that keeps failing, a full disk...: keep what was learnt, then report. A disk that
-        # refused one checkpoint refuses the next: the last good one stays the newest.
-        stop_learner()
-        if is_storage_error(error):
-            save_note = f"; the last good checkpoint in {run_dir / 'checkpoints'} is kept"
+
+def train_phases(trainer: DQNTrainer, previous_step: int) -> None:
+    """``gradient_steps`` per ``train_frequency`` agent steps that passed, with annealed lr and beta."""
+    config, step = trainer.config, trainer.run.global_step
+    phases = step // config.train_frequency - previous_step // config.train_frequency
+    if not phases:
+        return
+    fraction_left = max(0.0, 1.0 - step / trainer.schedule_steps)
+    learning_rate = config.learning_rate * fraction_left if config.anneal_lr else config.learning_rate
+    beta = linear_schedule(config.prioritized_beta0, 1.0, trainer.schedule_steps, step)
+    # Serial: each batch is drawn just before its step (prioritized replay changes the priorities in
+    # between). Overlap: all are drawn now, before the memory changes.
+    batches = (
+        trainer.buffer.sample(config.batch_size, trainer.run.np_rng, beta)
+        for _ in range(phases * config.gradient_steps)
+    )
+    if trainer.learner.enabled:
+        batches = list(batches)
+    trainer.learner.submit(
+        step, dqn_update, trainer, batches, learning_rate, book=trainer.book, refresh=trainer.refresh_actor
+    )
+
+
+def update_target(trainer: DQNTrainer, previous_step: int) -> None:
+    """Every ``target_network_frequency`` agent steps: a hard copy (tau = 1) or Polyak averaging."""
+    config, step = trainer.config, trainer.run.global_step
+    if step // config.target_network_frequency <= previous_step // config.target_network_frequency:
+        return
+    trainer.learner.finish(
+        trainer.book
+    )  # the target copies the weights after this step's phase, as in serial
+    with torch.no_grad():
+        if config.tau >= 1.0:
+            trainer.target_network.load_state_dict(trainer.q_network.state_dict())
         else:
-            save_note = common.try_to_save(save)
-        logger.close()
-        vec_env.close()
-        raise common.TrainingStopped(f"training stopped: {error}{save_note}") from error
-    finally:
-        stop_learner()
-    vec_env.close()
-    logger.progress(
-        global_step, episodes, (global_step - run_start_step) / max(time.time() - run_start, 1e-9)
-    )
-    if config.keep_best and best:
-        # DQN's greedy policy can oscillate late in training: the final weights compete with the best
-        # periodic eval's, and the run ends with the winner (the final eval below uses new episodes).
-        if last_eval_step != global_step:
-            best = periodic_eval(q_network, config, device, global_step, best, logger)
-        if best["step"] != global_step:
-            q_network.load_state_dict(best["model"])
-            target_network.load_state_dict(best["model"])
-    save()
-
-    eval_summary = run_eval(q_network, config, device, seed=config.seed + 10_000)
-    logger.scalars(common.eval_scalars(eval_summary), global_step)
-    logger.close()
-    sps = (global_step - run_start_step) / max(time.time() - run_start, 1e-9)
-    summary = common.run_summary(
-        run_dir, ALGO, config.env, global_step, sps, episodes.count, skipped_updates, eval_summary
-    )
-    if best:
-        summary["best_eval_step"] = int(best["step"])
-        summary["best_eval_return"] = float(best["return"])
-    common.finish_run(run_dir, summary, history)
-    return summary
+            for target_param, param in zip(
+                trainer.target_network.parameters(), trainer.q_network.parameters(), strict=True
+            ):
+                target_param.lerp_(param, config.tau)  # theta' += tau (theta - theta')
+        trainer.target_copy.load_state_dict(trainer.target_network.state_dict())
 
 
-def periodic_eval(
-    q_network: QNetwork,
-    config: DQNConfig,
-    device: torch.device,
-    global_step: int,
-    best: dict[str, Any],
-    logger: common.RunLogger,
-) -> dict[str, Any]:
-    """Greedy eval during training, logged under ``eval/``; returns the (possibly new) best record."""
-    eval_summary = run_eval(q_network, config, device, seed=config.seed + 10_000 + global_step)
-    q_network.train()
-    logger.scalars(common.eval_scalars(eval_summary), global_step)
-    # >= prefers the later of equally good policies: they have trained on more data.
-    if config.keep_best and eval_summary["return_mean"] >= best.get("return", -math.inf):
-        weights = {key: value.detach().clone() for key, value in q_network.state_dict().items()}
-        best = {"return": eval_summary["return_mean"], "step": global_step, "model": weights}
-        logger.scalars({"eval/best_return": best["return"]}, global_step)
-    return best
+def dqn_update(trainer: DQNTrainer, batches: Iterable[Any], learning_rate: float) -> PhaseStats:
+    """The gradient steps of one training phase, one per batch (in the learner thread with overlap):
+
+    y = R^(n) + gamma^m (1 - terminated) Q_target(s_{t+m}, a*),    L = E_i[ w_i * huber(y_i - Q(s_t, a_t)) ]
+    """
+    config, device, optimizer = trainer.config, trainer.run.device, trainer.optimizer
+    # autocast keeps its previous state on the context object: one per call, never shared by threads.
+    autocast = bf16_autocast(device, config.bf16)
+    optimizer.param_groups[0]["lr"] = learning_rate
+    loss = q_taken = torch.full((), float("nan"))
+    applied = skipped = trailing_bad = 0
+    for batch in batches:
+        b_obs = torch.as_tensor(batch.obs, device=device)
+        b_next_obs = torch.as_tensor(batch.next_obs, device=device)
+        b_actions = torch.as_tensor(batch.actions, device=device)
+        b_returns = torch.as_tensor(batch.returns, device=device)
+        b_discounts = torch.as_tensor(batch.discounts, device=device)
+        b_weights = torch.as_tensor(batch.weights, device=device)
+
+        with torch.no_grad(), autocast:
+            next_q_target = trainer.target_forward(b_next_obs).float()  # (B, A)
+            if config.double:
+                next_actions = trainer.forward(b_next_obs).argmax(dim=1, keepdim=True)  # online net picks
+            else:
+                next_actions = next_q_target.argmax(dim=1, keepdim=True)
+            # y = R^(n) + gamma^m (1 - terminated) Q_target(s_{t+m}, a*)
+            td_target = b_returns + b_discounts * next_q_target.gather(1, next_actions).squeeze(1)
+        with autocast:
+            q_all = trainer.forward(b_obs).float()  # (B, A)
+        q_taken = q_all.gather(1, b_actions[:, None]).squeeze(1)  # Q(s_t, a_t)
+        td_error = td_target - q_taken
+        if config.loss == "huber":
+            elementwise = F.smooth_l1_loss(q_taken, td_target, reduction="none")
+        else:
+            elementwise = td_error.pow(2)
+        loss = (b_weights * elementwise).mean()  # importance weights are 1 without PER
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(
+            trainer.q_network.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
+        )
+        # A non-finite loss or gradient skips this step instead of poisoning the weights.
+        if torch.isfinite(loss) and torch.isfinite(grad_norm):
+            optimizer.step()
+            applied, trailing_bad = applied + 1, 0
+            if config.prioritized:
+                trainer.buffer.update_priorities(batch.indices, td_error.detach().abs().cpu().numpy())
+        else:
+            skipped, trailing_bad = skipped + 1, trailing_bad + 1
+    return PhaseStats(loss, q_taken, applied, skipped, trailing_bad)
 
 
 def frame_stack_of(env_name: str, obs_shape: tuple[int, ...], dtype: np.dtype) -> int:
@@ -696,13 +595,3 @@ def frame_stack_of(env_name: str, obs_shape: tuple[int, ...], dtype: np.dtype) -
         return 1
     finally:
         probe.close()
-
-
-def run_eval(q_network: QNetwork, config: DQNConfig, device: torch.device, seed: int) -> dict[str, Any]:
-    policy = DQNPolicy(q_network, device)
-    return common.evaluate(
-        policy,
-        lambda n: envs.make_vec(config.env, n, seed=seed, **common.eval_env_overrides(config)),
-        config.eval_episodes,
-        seed,
-    )

@@ -57,7 +57,7 @@ wait "$train_pid"
 echo "train exit $? after $(( $(date +%s) - start )) s"
 tail -c 3000 "$OUT/train.log"
 python3 - <<'PY'
-from agents.common import load_training_checkpoint
+from agents.engine import load_training_checkpoint
 from pathlib import Path
 state, _ = load_training_checkpoint(Path("runs/mario-1-1"))
 for record in state["history"][-5:]:

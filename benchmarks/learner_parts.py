@@ -1,6 +1,6 @@
 """Micro-benchmarks behind the CPU levers of agents/common.py and agents/dqn.py: one Adam step by
 kernel, a one-frame forward (DQN acting) and an 8-frame forward (PPO acting) in fp32, under bf16
-autocast and with a bf16 forward copy (``common.forward_copy``), and a DQN gradient step on a batch of
+autocast and with a bf16 forward copy (``compute.forward_copy``), and a DQN gradient step on a batch of
 32 Mario frame stacks with an fp32 target network or its bf16 forward copy, and a PPO minibatch step
 on 256; the gradient steps also with the uint8 frames scaled to fp32 before the network, as
 ``nets.layers.image_to_float`` did before it learnt to hand bf16 autocast bf16 pixels directly (the
@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from agents import common, dqn, ppo
+from agents import dqn, ppo
+from core import compute
 from envs.registry import PRESETS
 
 OBS_SHAPE = (4, 84, 84)
@@ -71,11 +72,11 @@ def build_cases() -> dict[str, Callable[[], object]]:
         optimizer = torch.optim.Adam(q_network.parameters(), lr=1e-9, **kernel)
         cases[f"adam step, {name}"] = lambda optimizer=optimizer: optimizer.step()
 
-    actor = common.forward_copy(q_network, cpu, bf16=True)  # bf16 weights where bf16 is native
+    actor = compute.forward_copy(q_network, cpu, bf16=True)  # bf16 weights where bf16 is native
 
     def forward(batch: int, bf16: bool, network: torch.nn.Module = q_network) -> Callable[[], object]:
         def call() -> object:
-            with torch.no_grad(), common.bf16_autocast(cpu, bf16):
+            with torch.no_grad(), compute.bf16_autocast(cpu, bf16):
                 return network(frames[batch])
 
         return call
@@ -85,9 +86,9 @@ def build_cases() -> dict[str, Callable[[], object]]:
         cases[f"forward {batch} frame(s), bf16 autocast"] = forward(batch, True)
         cases[f"forward {batch} frame(s), bf16 copy"] = forward(batch, True, actor)
 
-    optimizer = torch.optim.Adam(q_network.parameters(), lr=1e-9, **common.adam_kernel(cpu))
+    optimizer = torch.optim.Adam(q_network.parameters(), lr=1e-9, **compute.adam_kernel(cpu))
 
-    target_copy = common.forward_copy(target_network, cpu, bf16=True)
+    target_copy = compute.forward_copy(target_network, cpu, bf16=True)
 
     def pixels(batch: int, fp32_input: bool) -> torch.Tensor:
         """The uint8 frames, or (as image_to_float did before bf16 input) fp32 ones scaled here."""
@@ -97,7 +98,7 @@ def build_cases() -> dict[str, Callable[[], object]]:
         bf16: bool, target: torch.nn.Module = target_network, fp32_input: bool = False
     ) -> Callable[[], object]:
         def call() -> object:  # DQN's learn(): target forward, online forward + backward, clip, Adam
-            autocast = common.bf16_autocast(cpu, bf16)
+            autocast = compute.bf16_autocast(cpu, bf16)
             with torch.no_grad(), autocast:
                 target_q = returns + 0.9 * target(pixels(32, fp32_input)).float().max(dim=1).values
             with autocast:
@@ -113,14 +114,14 @@ def build_cases() -> dict[str, Callable[[], object]]:
 
     ppo_config = ppo.config_from_dict({**PRESETS["mario-1-1"].ppo, "env": "mario-1-1"})
     actor_critic = ppo.ActorCritic(ppo_config, OBS_SHAPE, NUM_ACTIONS)
-    ppo_optimizer = torch.optim.Adam(actor_critic.parameters(), lr=1e-9, eps=1e-5, **common.adam_kernel(cpu))
+    ppo_optimizer = torch.optim.Adam(actor_critic.parameters(), lr=1e-9, eps=1e-5, **compute.adam_kernel(cpu))
     ppo_actions, advantages = torch.randint(NUM_ACTIONS, (1, 256)), torch.randn(1, 256)
     old_logprobs, ppo_returns = torch.full((1, 256), -2.0), torch.randn(1, 256)
     no_starts = torch.zeros(1, 256, dtype=torch.bool)
 
     def ppo_minibatch_step(fp32_input: bool) -> Callable[[], object]:
         def call() -> object:  # PPO's learn() on one minibatch of 256 (T=1, N=256): clipped losses, Adam
-            with common.bf16_autocast(cpu, True):
+            with compute.bf16_autocast(cpu, True):
                 logits, values, _ = actor_critic(pixels(256, fp32_input)[None], None, no_starts)
             distribution = torch.distributions.Categorical(logits=logits.float())
             ratio = (distribution.log_prob(ppo_actions) - old_logprobs).exp()
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    common.set_learner_threads(1)
+    compute.set_learner_threads(1)
     alone = build_cases()
     # The "beside a learner" cases run while a thread takes DQN gradient steps on the other core; the
     # thread's own case is not timed itself: its entry is the mean time of its steps meanwhile.
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             learner.join()
         samples[LEARNER_THREAD].append(1000 * statistics.mean(steps[1:] or steps))
     result = {
-        "bf16_native": common.native_bf16(torch.device("cpu")),
+        "bf16_native": compute.native_bf16(torch.device("cpu")),
         "torch": torch.__version__,
         "ms": {
             name: {"median": statistics.median(values), "samples": values} for name, values in samples.items()

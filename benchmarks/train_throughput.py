@@ -64,7 +64,7 @@ dqn-preset                    the Mario DQN preset as shipped (double DQN, dueli
 dqn-preset-serial             the same with ``overlap=False, bf16=False`` (the preset before session 5)
 dqn-sb3                       SB3 ``DQN("CnnPolicy")`` over ``DummyVecEnv`` (its default for one env)
 dqn-sb3-1thread               the same after ``torch.set_num_threads(1)``
-dqn-sb3-kept                  dqn-sb3 after ``agents.common.keep_freed_memory()``: what our malloc
+dqn-sb3-kept                  dqn-sb3 after ``agents.engine.keep_freed_memory()``: what our malloc
                               setting would give SB3
 ============================  ======================================================================
 """
@@ -364,7 +364,7 @@ def child_dqn_sb3(
     if threads:
         torch.set_num_threads(threads)
     if keep_freed_memory:
-        from agents.common import keep_freed_memory as keep
+        from core.compute import keep_freed_memory as keep
 
         keep()
     preset, values = PRESETS[ENV].dqn, _dqn_values(settings)
@@ -803,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child is not None:
         result = run_child(args.child, json.loads(args.settings))
         # The whole child process (its threads, not its worker processes): minor page faults are
-        # pages the kernel mapped and zero-filled on first touch (see agents.common.keep_freed_memory).
+        # pages the kernel mapped and zero-filled on first touch (see agents.engine.keep_freed_memory).
         usage = resource.getrusage(resource.RUSAGE_SELF)
         result.update(minor_faults=usage.ru_minflt, system_cpu_s=usage.ru_stime)
         print(json.dumps(result))

@@ -26,7 +26,7 @@ from envs.registry import Preset, is_image_space, resolve
 from envs.vector import DEFAULT_MAX_RESTARTS, DEFAULT_RESTART_WINDOW, DEFAULT_STEP_TIMEOUT, SubprocVectorEnv
 from envs.wrappers import ChannelFirstObservation, MergeStackChannels, OneHotObservation
 
-BACKENDS = ("sync", "async")
+BACKENDS = ("sync", "async", "ray")
 _MARIO_OPTIONS = tuple(inspect.signature(make_mario).parameters)[1:]  # all but env_id
 
 
@@ -137,6 +137,7 @@ def make_vec(
     step_timeout: float | None = DEFAULT_STEP_TIMEOUT,
     max_restarts: int = DEFAULT_MAX_RESTARTS,
     restart_window: int = DEFAULT_RESTART_WINDOW,
+    ray_address: str | None = None,
     **overrides: Any,
 ) -> VectorEnv:
     """Builds ``num_envs`` copies of an env as one vector env with same-step autoreset.
@@ -145,25 +146,28 @@ def make_vec(
     ``truncations[i]``, ``obs[i]`` is already the first observation of the next episode,
     ``infos["final_obs"][i]`` is the true last observation and ``infos["final_info"]`` the last
     info (with ``episode`` = {"r", "l", "t"}, and for Mario ``x_pos_max`` and ``flag_get``), in
-    Gymnasium's dict-of-arrays form with ``_key`` masks. With ``backend="async"``, a worker that
-    raises, crashes or hangs is restarted and its sub-envs' episodes are dropped (that step marks
-    them terminated with reward 0 and ``infos["dropped"]``; see :mod:`envs.vector`).
+    Gymnasium's dict-of-arrays form with ``_key`` masks. With ``backend="async"`` or ``"ray"``, a
+    worker that raises, crashes or hangs is restarted and its sub-envs' episodes are dropped (that
+    step marks them terminated with reward 0 and ``infos["dropped"]``; see :mod:`envs.vector`).
 
     Args:
         name: a preset name or a registered Gymnasium id.
         num_envs: number of sub-envs (>= 1).
         seed: sub-env ``i`` is seeded ``seed + i``; the same seed replays the same episodes (given
             the same actions), with or without ``reset(seed=seed)``.
-        backend: ``"sync"`` (one process, Gymnasium's SyncVectorEnv) or ``"async"`` (worker
-            processes, observations in shared memory).
-        envs_per_worker: async only: sub-envs stepped one after another in each worker; None picks
-            ``ceil(num_envs / cpu_count)``, so that there is one worker per core.
-        step_timeout: async only: seconds without a worker's reply before it counts as hung and
+        backend: ``"sync"`` (one process, Gymnasium's SyncVectorEnv), ``"async"`` (worker
+            processes, observations in shared memory) or ``"ray"`` (Ray actors, on this machine or
+            anywhere on the cluster of ``ray_address``; see :mod:`envs.ray_vector`).
+        envs_per_worker: async and ray: sub-envs stepped one after another in each worker; None
+            picks ``ceil(num_envs / cpu_count)`` (ray: the cluster's CPUs), one worker per core.
+        step_timeout: async and ray: seconds without a worker's reply before it counts as hung and
             is restarted (None: wait forever).
-        max_restarts: async only: worker failures (exception, crash, hang) tolerated within
+        max_restarts: async and ray: worker failures (exception, crash, hang) tolerated within
             ``restart_window`` steps, each restarting the worker and dropping its episodes; one more
             raises ``envs.vector.EnvWorkerError``. 0: the first failure raises.
-        restart_window: async only: that window, in vector steps.
+        restart_window: async and ray: that window, in vector steps.
+        ray_address: ray only: None starts (or reuses) a local Ray; ``"auto"``, ``"host:port"`` or
+            ``"ray://host:port"`` joins a cluster (``ValueError`` when it cannot be reached).
         **overrides: passed to :func:`make` for every sub-env.
 
     Returns:
@@ -181,6 +185,18 @@ def make_vec(
     env_fns = [partial(_make_seeded, name, int(seed) + index, dict(overrides)) for index in range(num_envs)]
     if backend == "sync":
         vector_env: VectorEnv = SyncVectorEnv(env_fns, autoreset_mode=AutoresetMode.SAME_STEP)
+    elif backend == "ray":
+        from envs.ray_vector import RayVectorEnv  # imports Ray only for this back-end
+
+        vector_env = RayVectorEnv(
+            env_fns,
+            envs_per_worker=envs_per_worker,
+            step_timeout=step_timeout,
+            max_restarts=max_restarts,
+            restart_window=restart_window,
+            seed=int(seed),
+            address=ray_address,
+        )
     else:
         vector_env = SubprocVectorEnv(
             env_fns,

@@ -5,10 +5,9 @@ Mario envs, and on a machine with 2 cores that is 8-16 processes time-sharing 2 
 pipe message, one pickled info dict and one process wake-up per sub-env per step. Here each
 worker owns ``envs_per_worker`` sub-envs and steps them one after another: one message each way
 per worker per step, observations written straight into one shared array (never pickled), infos
-merged with one numpy call per key (``merge_infos``), and by default one worker per core.
-Measured on 2 cores with 8 CartPole envs, where the env itself costs nothing: 1050 vs 600 vector
-steps/s and 190 vs 340 us of main-process CPU per step; with 8 Mario envs, 0.66 vs 1.2 ms of
-main-process CPU per step, time in which the workers wait (benchmarks/RESULTS.md).
+merged with one numpy call per key (``merge_infos``), and by default one worker per core. The
+main process then spends about half the CPU per step that it would with AsyncVectorEnv, time in
+which the workers wait (``lab bench env``; benchmarks/RESULTS.md).
 
 Semantics are Gymnasium's ``AutoresetMode.SAME_STEP``, as in ``SyncVectorEnv``: when a sub-env's
 episode ends, the same step returns the first observation of its next episode, with

@@ -9,6 +9,7 @@ decision-boundary plot.
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -16,6 +17,11 @@ from typing import Any
 
 SHIPPED_RUN = Path("runs/mario-1-1")
 IN_PROGRESS_RUN = Path("runs/mario-1-1-inprogress")
+
+
+def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
+    """``lab demo``: the shipped agent plays; see :func:`demo`."""
+    return demo()
 
 
 def demo() -> dict[str, Any]:
@@ -28,11 +34,12 @@ def demo() -> dict[str, Any]:
 
 
 def mario_demo(run_dir: Path) -> dict[str, Any]:
-    from lab.cli import describe_episode, load_agent
+    from agents import load_agent
+    from lab.play import describe_episode
     from lab.watch import watch
 
     started = time.time()
-    policy, config, meta = load_agent(str(run_dir), "cpu")
+    policy, config = load_agent(run_dir, "cpu")[:2]
     out = Path("runs") / "demo" / "mario-1-1.mp4"
     summary = watch(policy, config.env, out, episodes=1, seed=0, human=False, max_steps=4000)
     episode = summary["per_episode"][0]
@@ -47,11 +54,11 @@ def mario_demo(run_dir: Path) -> dict[str, Any]:
 
 def playground_demo() -> dict[str, Any]:
     import tasks
-    from agents import common
+    from core.runs import new_run_dir
 
     print("No shipped Mario agent in runs/mario-1-1 yet: running the spiral playground instead.")
     spec = tasks.get("playground")
-    run_dir = common.new_run_dir("runs", "demo-playground")
+    run_dir = new_run_dir("runs", "demo-playground")
     metrics = spec.run(spec.config_class(), run_dir, progress=True)
     pngs = sorted(str(p) for p in run_dir.glob("*.png"))
     print(json.dumps({k: metrics[k] for k in ("task", "net", "test_accuracy", "seconds") if k in metrics}))

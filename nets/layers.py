@@ -59,8 +59,8 @@ def image_to_float(x: torch.Tensor) -> torch.Tensor:
     and torch divides bf16 tensors with fp32 arithmetic, the same as for fp32 ones, rounding once at
     the end (tests/test_nets.py checks all 256 values on the CPU; not yet checked on CUDA). But the
     pass writes 2 bytes per pixel instead of 4, reads and writes them once instead of three times,
-    and the convolution's own cast disappears. A Mario PPO minibatch step on 256 frame stacks, one
-    CPU thread, takes 91 ms instead of 117 (``python -m benchmarks.learner_parts``).
+    and the convolution's own cast disappears (``python -m benchmarks.learner_parts`` measures a
+    Mario PPO minibatch step both ways).
 
     Args:
         x: Images of any shape; uint8 pixels are scaled by 1/255.

@@ -113,7 +113,7 @@ def run(
     Returns:
         The metrics dict.
     """
-    from lab.config import apply_overrides, validate
+    from core.config import apply_overrides, validate
 
     spec = get(name)
     config = apply_overrides(spec.config_class(**fields), overrides)

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 
 import nets
-from tasks.loop import DEVICES, Tensors, fit, option, seed_everything
+from core.compute import DEVICES, seed_everything
+from core.config import option
+from tasks.loop import Tensors, fit
 from tasks.models import Classifier
 
 NAME = "digits"

@@ -23,31 +23,29 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from agents.checkpoint import (
+from core.checkpoint import (
     CheckpointError,
-    atomic_write_json,
     latest_checkpoint,
     load_checkpoint,
     prune_checkpoints,
-    read_run_json,
-    remove_stale_temps,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
+from core.compute import resolve_device, seed_everything
+from core.files import atomic_write_json, jsonable, remove_stale_temps
+from core.plots import Panel, plot_history
+from core.runs import write_run_config
 
 Tensors = tuple[torch.Tensor, ...]
 IGNORE_INDEX = -100  # label of positions that carry no target (padding, the prompt of copy/reverse)
@@ -61,57 +59,6 @@ RESUMABLE_CHANGES = ("epochs", "device")  # what a resumed run may change; the r
 
 class TaskError(ValueError):
     """Bad task input or unreachable data; the message is one line fit for the user."""
-
-
-def option(
-    default: Any,
-    help: str,
-    *,
-    min: float | None = None,
-    max: float | None = None,
-    choices: tuple | None = None,
-) -> Any:
-    """A dataclass field whose metadata ``lab fit --set key=value`` validates against.
-
-    Args:
-        default: the default value (immutable: ints, floats, strings, tuples).
-        help: one-line description shown by ``lab fit TASK --help``.
-        min: smallest allowed value (inclusive), for numbers and each item of a tuple.
-        max: largest allowed value (inclusive).
-        choices: the allowed values.
-
-    Returns:
-        A ``dataclasses.field`` carrying ``metadata={"help", "min", "max", "choices"}``.
-    """
-    metadata: dict[str, Any] = {"help": help}
-    if min is not None:
-        metadata["min"] = min
-    if max is not None:
-        metadata["max"] = max
-    if choices is not None:
-        metadata["choices"] = tuple(choices)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds Python, numpy and torch (CPU and CUDA) so that a CPU run repeats exactly."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def resolve_device(name: str) -> torch.device:
-    """Maps ``auto|cpu|cuda`` to a torch device; ``cuda`` without a GPU is a TaskError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TaskError("device=cuda was asked for but torch sees no CUDA device; use device=cpu or auto")
-    if name not in DEVICES:
-        raise TaskError(f"unknown device {name!r}; choose from: {', '.join(DEVICES)}")
-    return torch.device(name)
 
 
 def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -224,7 +171,10 @@ def fit(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(config.seed)
-    device = resolve_device(config.device)
+    try:
+        device = resolve_device(config.device)
+    except ValueError as error:
+        raise TaskError(f"device={config.device} cannot be used ({error}); use device=cpu or auto") from None
     model.to(device)
     loss_fn = loss_fn or (lambda m, batch: classification_loss(m(*batch[:-1]), batch[-1]))
 
@@ -248,7 +198,7 @@ def fit(
         "kind": "task",
         "task": task,
         "net": config.net,
-        "config": _jsonable(dataclasses.asdict(config)),
+        "config": jsonable(dataclasses.asdict(config)),
         **(checkpoint_meta or {}),
     }
     history: list[dict[str, float]] = []
@@ -280,9 +230,7 @@ def fit(
         save_checkpoint(checkpoints / f"{EPOCH_PREFIX}{epoch:06d}", state, meta)
         prune_checkpoints(checkpoints, KEEP_EPOCH_CHECKPOINTS, prefix=EPOCH_PREFIX)
 
-    atomic_write_json(
-        run_dir / "config.json", {"task": task, "config": _jsonable(dataclasses.asdict(config))}
-    )
+    write_run_config(run_dir, "task", task, config)
     # purge_step drops the events of epochs after the checkpoint, so a resumed curve does not fold back.
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
     bar = tqdm(
@@ -386,7 +334,7 @@ def load_epoch_checkpoint(run_dir: Path, task: str, config: Any) -> dict[str, An
         raise TaskError(str(error)) from None
     if meta.get("task") != task:
         raise TaskError(f"{sidecar} is a checkpoint of task {meta.get('task')!r}, not {task!r}")
-    now = _jsonable(dataclasses.asdict(config))
+    now = jsonable(dataclasses.asdict(config))
     saved = meta.get("config", {})
     changed = sorted(
         k for k in now.keys() | saved.keys() if k not in RESUMABLE_CHANGES and now.get(k) != saved.get(k)
@@ -404,25 +352,9 @@ def load_epoch_checkpoint(run_dir: Path, task: str, config: Any) -> dict[str, An
     return state
 
 
-def read_run_config(run_dir: Path) -> tuple[str, dict[str, Any]]:
-    """``(task, config dict)`` from the ``config.json`` of a ``lab fit`` run directory.
-
-    Raises:
-        TaskError: no such directory, or not a ``lab fit`` run.
-    """
-    data = read_run_json(run_dir, TaskError)
-    if (
-        not isinstance(data, dict)
-        or not isinstance(data.get("task"), str)
-        or not isinstance(data.get("config"), dict)
-    ):
-        raise TaskError(f"{run_dir} is not a `lab fit` run (its config.json names no task)")
-    return data["task"], data["config"]
-
-
 def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     """(Re)writes ``run_dir/metrics.json`` atomically; tasks call it again after adding keys."""
-    atomic_write_json(Path(run_dir) / "metrics.json", _jsonable(metrics))
+    atomic_write_json(Path(run_dir) / "metrics.json", jsonable(metrics))
 
 
 def _lr_lambda(total_steps: int, warmup: float, schedule: str) -> Callable[[int], float]:
@@ -439,50 +371,9 @@ def _lr_lambda(total_steps: int, warmup: float, schedule: str) -> Callable[[int]
     return factor
 
 
-def _jsonable(obj: Any) -> Any:
-    """Tuples to lists and numpy scalars to Python numbers, recursively, for JSON files."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def plot_learning_curve(history: list[dict[str, float]], metric: str, path: Path, title: str = "") -> Path:
-    """Draws training loss and the test metric per epoch into a PNG (matplotlib, Agg backend)."""
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    fig, loss_axis = plt.subplots(figsize=(6, 3.5), dpi=100)
-    loss_axis.plot(epochs, [row["train_loss"] for row in history], color="tab:blue", label="train loss")
-    loss_axis.set_xlabel("epoch")
-    loss_axis.set_ylabel("train loss", color="tab:blue")
-    if min(row["train_loss"] for row in history) > 0:
-        loss_axis.set_yscale("log")
-    metric_axis = loss_axis.twinx()
-    metric_axis.plot(
-        epochs, [row[f"test_{metric}"] for row in history], color="tab:orange", label=f"test {metric}"
+    """Training loss (log scale when positive) and the test metric per epoch, on twin axes."""
+    panel = Panel(
+        ("train_loss",), "train loss", twin_key=f"test_{metric}", twin_label=f"test {metric}", log=True
     )
-    metric_axis.set_ylabel(f"test {metric}", color="tab:orange")
-    metric_axis.set_ylim(0.0, 1.02)
-    loss_axis.set_title(title)
-    fig.tight_layout()
-    # Through a temp file: a full disk must leave the old plot (or none), not half a PNG.
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    finally:
-        plt.close(fig)
-    return path
+    return plot_history(history, "epoch", [panel], path, title=title, xlabel="epoch")

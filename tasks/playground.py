@@ -18,7 +18,9 @@ import numpy as np
 import torch
 
 import nets
-from tasks.loop import DEVICES, fit, option, predict, seed_everything
+from core.compute import DEVICES, seed_everything
+from core.config import option
+from tasks.loop import fit, predict
 from tasks.models import Classifier
 
 NAME = "playground"

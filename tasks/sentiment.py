@@ -23,7 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.loop import DEVICES, TaskError, Tensors, fit, option, seed_everything
+from core.compute import DEVICES, seed_everything
+from core.config import option
+from tasks.loop import TaskError, Tensors, fit
 from tasks.models import SEQUENCE_NETS, SequenceClassifier, build_sequence_encoder
 
 NAME = "sentiment"

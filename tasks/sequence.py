@@ -31,16 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.loop import (
-    DEVICES,
-    IGNORE_INDEX,
-    TaskError,
-    Tensors,
-    accuracy_metrics,
-    fit,
-    option,
-    seed_everything,
-)
+from core.compute import DEVICES, seed_everything
+from core.config import option
+from tasks.loop import IGNORE_INDEX, TaskError, Tensors, accuracy_metrics, fit
 from tasks.models import SEQUENCE_NETS, SequenceClassifier, SequenceTagger, build_sequence_encoder
 
 NAME = "sequence"

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 import nets
-from tasks.loop import DEVICES, fit, option, seed_everything
+from core.compute import DEVICES, seed_everything
+from core.config import option
+from tasks.loop import fit
 from tasks.models import Classifier
 
 NAME = "xor"

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from agents.checkpoint import (
+from core.checkpoint import (
     CheckpointError,
-    atomic_write_bytes,
     latest_checkpoint,
     load_checkpoint,
     pack,
@@ -18,6 +17,7 @@ from agents.checkpoint import (
     set_rng_state,
     unpack,
 )
+from core.files import atomic_write_bytes
 
 
 def test_pack_unpack_round_trip_of_nested_state():

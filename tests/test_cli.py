@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 import tasks
-from agents import common
+from agents import engine, episodes, load_agent
+from core import runs
 from lab import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,14 +42,16 @@ def fake_train(config: Any, run_dir: Path, resume: bool = False, progress: bool 
     }
 
 
-def fake_task_run(config: Any, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+def fake_task_run(config: Any, run_dir: Path, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     return {"task": "fake", "net": config.net, "train_loss": 0.5, "test_accuracy": 0.5, "seconds": 0.0}
 
 
 def fake_evaluate(
     policy: Any, make_vec_env: Any, episodes: int, seed: int, max_envs: int = 8
 ) -> dict[str, Any]:
-    return common.summarize_episodes([{"return": 1.0, "length": 2.0}] * episodes)
+    from agents.episodes import summarize_episodes
+
+    return summarize_episodes([{"return": 1.0, "length": 2.0}] * episodes)
 
 
 def fake_watch(
@@ -78,7 +81,7 @@ def fakes(monkeypatch, tmp_path):
     monkeypatch.setattr(dqn, "train", fake_train)
     for name in tasks.names():
         monkeypatch.setitem(tasks._REGISTRY, name, dataclasses.replace(tasks.get(name), run=fake_task_run))
-    monkeypatch.setattr(common, "evaluate", fake_evaluate)
+    monkeypatch.setattr(episodes, "evaluate", fake_evaluate)
     monkeypatch.setattr(lab.watch, "watch", fake_watch)
     monkeypatch.setattr(lab.demo, "demo", lambda: {"demo": "fake"})
     monkeypatch.setattr(benchmarks.env_throughput, "run", lambda *args, **kwargs: {"ours": {"sps": 1.0}})
@@ -95,11 +98,11 @@ def paths(tmp_path) -> dict[str, str]:
     config = ppo.PPOConfig(env="cartpole", num_envs=2, total_steps=256, device="cpu")
     run = tmp_path / "good-run"
     run.mkdir()
-    common.write_run_config(run, "ppo", config)
+    runs.write_run_config(run, "algo", "ppo", config)
     agent = ppo.ActorCritic(config, (4,), 2)
     meta = {"algo": "ppo", "config": dataclasses.asdict(config), "obs_shape": [4], "num_actions": 2}
     state = {"model": agent.state_dict(), "global_step": 0, "update": 0, "episodes": 0, "history": []}
-    sidecar = common.save_training_checkpoint(run, 0, state, meta, keep=2)
+    sidecar = engine.save_training_checkpoint(run, 0, state, meta, keep=2)
 
     truncated = tmp_path / "truncated"
     truncated.mkdir()
@@ -296,7 +299,17 @@ def test_a_run_dir_that_holds_a_run_is_not_overwritten(paths, fakes, capsys):
     [
         ["train", "cartpole", "--steps", "1e3", "--run-dir", "out", "--json"],
         ["train", "cartpole", "--algo", "dqn", "--set", "learning_rate=1e-3", "--json"],
-        ["train", "cartpole", "--set", "hidden=(32,32)", "--set", "memory=lstm", "--json"],
+        [
+            "train",
+            "cartpole",
+            "--set",
+            "hidden=(32,32)",
+            "--set",
+            "memory=lstm",
+            "--set",
+            "shared_encoder=true",
+            "--json",
+        ],
         ["fit", "xor", "--epochs", "2", "--json"],
         ["fit", "playground", "--set", "dataset=spiral", "--json"],
         ["bench", "--seconds", "0.1", "--json"],
@@ -328,7 +341,7 @@ def test_export_then_eval_save(paths, fakes, capsys, tmp_path):
     assert code == 0, err
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["steps"] == 0 and summary["bytes"] > 0
-    state, meta = common.load_training_checkpoint(out)
+    state, meta = engine.load_training_checkpoint(out)
     assert "optimizer" not in state and "rng" not in state and meta["algo"] == "ppo"
     assert json.loads((out / "config.json").read_text())["algo"] == "ppo"
     code, stdout, err = run_main(["eval", str(out), "--episodes", "4", "--save"], capsys)
@@ -376,14 +389,14 @@ def test_stochastic_policies_sample_and_greedy_ones_do_not(paths):
     from agents import dqn
 
     obs, starts = np.zeros((200, 4), dtype=np.float32), np.ones(200, dtype=bool)
-    greedy, _, _ = cli.load_agent(paths["run"], "cpu")
+    greedy = load_agent(paths["run"], "cpu").policy
     greedy.reset(200)
     assert len(set(greedy.act(obs, starts)[0].tolist())) == 1  # the same observation, the same action
-    sampled, _, _ = cli.load_agent(paths["run"], "cpu", stochastic=True, seed=3)
+    sampled = load_agent(paths["run"], "cpu", stochastic=True, seed=3).policy
     sampled.reset(200)
     first = sampled.act(obs, starts)[0]
     assert set(first.tolist()) == {0, 1}  # an untrained policy is close to uniform
-    again, _, _ = cli.load_agent(paths["run"], "cpu", stochastic=True, seed=3)
+    again = load_agent(paths["run"], "cpu", stochastic=True, seed=3).policy
     again.reset(200)
     assert (again.act(obs, starts)[0] == first).all()  # seeded
     config = dqn.DQNConfig(env="cartpole", device="cpu")
@@ -416,10 +429,10 @@ def test_eval_sticky_reaches_the_mario_env(fakes, monkeypatch, tmp_path, capsys)
     config = ppo.PPOConfig(env="mario-1-1", net="nature", num_envs=2, device="cpu")
     run = tmp_path / "mario-run"
     run.mkdir()
-    common.write_run_config(run, "ppo", config)
+    runs.write_run_config(run, "algo", "ppo", config)
     agent = ppo.ActorCritic(config, (4, 84, 84), 7)
     meta = {"algo": "ppo", "config": dataclasses.asdict(config), "obs_shape": [4, 84, 84], "num_actions": 7}
-    common.save_training_checkpoint(run, 0, {"model": agent.state_dict(), "global_step": 0}, meta, keep=1)
+    engine.save_training_checkpoint(run, 0, {"model": agent.state_dict(), "global_step": 0}, meta, keep=1)
     made = []
     monkeypatch.setattr(envs, "make_vec", lambda name, n, seed=0, **kwargs: made.append(kwargs))
 
@@ -427,10 +440,10 @@ def test_eval_sticky_reaches_the_mario_env(fakes, monkeypatch, tmp_path, capsys)
         make_vec_env(1)
         return fake_evaluate(policy, make_vec_env, episodes, seed)
 
-    monkeypatch.setattr(common, "evaluate", evaluate_calling_make)
+    monkeypatch.setattr(episodes, "evaluate", evaluate_calling_make)
     code, _, err = run_main(["eval", str(run), "--sticky", "0.25", "--episodes", "1"], capsys)
     assert code == 0, err
-    assert made == [{"noop_max": 30, "sticky_prob": 0.25}]
+    assert made == [{"noop_max": 30, "stall_patience": 200, "sticky_prob": 0.25}]
 
 
 def test_help_exits_0(fakes, capsys):

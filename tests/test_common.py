@@ -1,4 +1,4 @@
-"""agents.common: process-wide settings the agents apply (malloc thresholds)."""
+"""agents.engine: process-wide settings the agents apply (malloc thresholds)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agents import common, dqn
+from agents import dqn
+from core import compute
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,9 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # the whole block with glibc's defaults in a fresh process, none once freed memory is kept in the heap.
 MAPPED_BYTES_OF_A_16_MIB_BLOCK = """
 import ctypes, sys
-from agents import common
+from core import compute
 if sys.argv[1] == "keep":
-    assert common.keep_freed_memory()
+    assert compute.keep_freed_memory()
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -33,7 +34,7 @@ libc.free(ctypes.c_void_p(block))
 
 
 def _has_glibc_mallinfo2() -> bool:
-    libc = common.glibc()
+    libc = compute.glibc()
     return libc is not None and hasattr(libc, "mallinfo2")  # glibc >= 2.33
 
 
@@ -58,7 +59,7 @@ def test_keep_freed_memory_serves_mid_size_blocks_from_the_heap() -> None:
 @pytest.mark.parametrize("keep", [True, False])
 def test_dqn_applies_keep_freed_memory_as_configured(tmp_path, monkeypatch, keep: bool) -> None:
     calls = []
-    monkeypatch.setattr(common, "keep_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(dqn, "keep_freed_memory", lambda: calls.append(1) or True)
     config = dqn.DQNConfig(
         env="cartpole", device="cpu", hidden=(16,), total_steps=64, buffer_size=64, batch_size=8,
         learning_starts=32, eval_episodes=1, keep_freed_memory=keep,

@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from lab.config import ConfigError, apply_overrides, validate
+from core.config import ConfigError, apply_overrides, validate
 
 
 @dataclass

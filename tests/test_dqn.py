@@ -13,10 +13,11 @@ import torch
 
 import envs
 import nets
-from agents import common, dqn
+from agents import dqn, engine, episodes
 from agents.buffers import ReplayBuffer
-from agents.checkpoint import load_checkpoint
-from lab.config import validate
+from core import compute, runs
+from core.checkpoint import load_checkpoint
+from core.config import validate
 
 TINY = dict(
     device="cpu", hidden=(32, 32), total_steps=600, num_envs=2, buffer_size=2_000, batch_size=32,
@@ -63,11 +64,11 @@ def test_smoke_run_writes_a_checkpoint_that_loads_as_a_greedy_policy(tmp_path):
     assert math.isfinite(metrics["history"][-1]["td_loss"])
     assert (tmp_path / "learning_curve.png").exists()
 
-    sidecar, meta = common.locate_checkpoint(tmp_path)
+    sidecar, meta = runs.locate_checkpoint(tmp_path)
     assert meta["algo"] == "dqn" and meta["obs_shape"] == [4] and meta["num_actions"] == 2
     state, _ = load_checkpoint(sidecar)
     assert set(state) >= {"model", "target", "optimizer", "rng", "global_step"}
-    policy = dqn.load_policy(sidecar, meta, common.resolve_device("cpu"))
+    policy = dqn.load_policy(sidecar, meta, compute.resolve_device("cpu"))
     policy.reset(3)
     obs = np.zeros((3, 4), dtype=np.float32)
     actions, extras = policy.act(obs, np.ones(3, dtype=bool))
@@ -78,18 +79,18 @@ def test_smoke_run_writes_a_checkpoint_that_loads_as_a_greedy_policy(tmp_path):
 @pytest.mark.parametrize("overlap", [False, True])
 def test_resume_continues_step_count_and_epsilon(tmp_path, monkeypatch, overlap):
     config = tiny(save_buffer=True, exploration_fraction=1.0, overlap=overlap)
-    real_progress = common.RunLogger.progress
+    real_progress = engine.RunLogger.progress
 
     def interrupt_at_400(self, step, episodes, sps):
         real_progress(self, step, episodes, sps)
         if step >= 400:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(common.RunLogger, "progress", interrupt_at_400)
+    monkeypatch.setattr(engine.RunLogger, "progress", interrupt_at_400)
     with pytest.raises(KeyboardInterrupt):
         dqn.train(config, tmp_path, progress=False)
-    monkeypatch.setattr(common.RunLogger, "progress", real_progress)
-    state, _ = load_checkpoint(common.locate_checkpoint(tmp_path)[0])
+    monkeypatch.setattr(engine.RunLogger, "progress", real_progress)
+    state, _ = load_checkpoint(runs.locate_checkpoint(tmp_path)[0])
     assert state["global_step"] == 400
     assert (tmp_path / "checkpoints" / dqn.BUFFER_FILE).exists()
 
@@ -117,13 +118,14 @@ def test_resume_continues_step_count_and_epsilon(tmp_path, monkeypatch, overlap)
 
 def test_a_resumed_run_evaluates_at_the_steps_of_an_uninterrupted_one(tmp_path, monkeypatch):
     eval_steps = []
-    real_periodic_eval = dqn.periodic_eval
+    real_evaluate = engine.TrainingRun.evaluate
 
-    def recording_eval(q_network, config, device, global_step, best, logger):
-        eval_steps.append(global_step)
-        return real_periodic_eval(q_network, config, device, global_step, best, logger)
+    def recording_eval(self, policy, seed, step):
+        if seed != self.config.seed + 10_000:  # periodic evals only, not the final one
+            eval_steps.append(step)
+        return real_evaluate(self, policy, seed, step)
 
-    monkeypatch.setattr(dqn, "periodic_eval", recording_eval)
+    monkeypatch.setattr(engine.TrainingRun, "evaluate", recording_eval)
     config = tiny(eval_every=150, eval_episodes=1)
     dqn.train(config, tmp_path / "whole", progress=False)
     uninterrupted, eval_steps[:] = list(eval_steps), []
@@ -141,7 +143,7 @@ def first_losses(tmp_path, seed: int, backend: str = "sync", overlap: bool = Fal
     )  # fmt: skip
     dqn.train(config, tmp_path, progress=False)
     history = json.loads((tmp_path / "metrics.json").read_text())["history"]
-    losses = [h["td_loss"] for h in history if math.isfinite(h["td_loss"])]
+    losses = [h["td_loss"] for h in history if h["td_loss"] is not None]  # NaN (no phase yet) is null
     assert len(losses) >= 3
     return losses[:3]
 
@@ -174,9 +176,9 @@ def test_overlap_an_error_in_the_learner_thread_stops_training_with_a_checkpoint
         return real_loss(*args, **kwargs)
 
     monkeypatch.setattr(dqn.F, "smooth_l1_loss", failing_loss)
-    with pytest.raises(common.TrainingStopped, match="learner exploded; a checkpoint was saved"):
+    with pytest.raises(engine.TrainingStopped, match="learner exploded; a checkpoint was saved"):
         dqn.train(tiny(overlap=True), tmp_path, progress=False)
-    state, _ = load_checkpoint(common.locate_checkpoint(tmp_path)[0])
+    state, _ = load_checkpoint(runs.locate_checkpoint(tmp_path)[0])
     assert all(bool(np.isfinite(w.numpy()).all()) for w in state["model"].values())
 
 
@@ -255,7 +257,7 @@ def test_pixel_observations_train_with_each_frame_stored_once(tmp_path):
     assert summary["steps"] == 120
     buffer = buffers[-1]
     assert buffer.obs_shape == (4, 84, 84) and buffer.frames.shape[2:] == (1, 84, 84)  # one frame per slot
-    _, meta = common.locate_checkpoint(tmp_path)
+    _, meta = runs.locate_checkpoint(tmp_path)
     assert meta["obs_shape"] == [4, 84, 84]
 
 
@@ -263,17 +265,16 @@ def test_keep_best_ends_with_the_weights_of_the_best_greedy_eval(tmp_path, monke
     scripted = iter([10.0, 50.0, 20.0, 30.0, 40.0, 45.0, 1.0])  # evals at steps 100..600, then the final one
     snapshots = []
 
-    def fake_eval(q_network, config, device, seed):
-        snapshots.append({k: v.detach().clone() for k, v in q_network.state_dict().items()})
-        episodes = [{"return": next(scripted), "length": 10.0}]
-        return common.summarize_episodes(episodes)
+    def fake_eval(self, policy, seed, step):
+        snapshots.append({k: v.detach().clone() for k, v in policy.q_network.state_dict().items()})
+        return episodes.summarize_episodes([{"return": next(scripted), "length": 10.0}])
 
-    monkeypatch.setattr(dqn, "run_eval", fake_eval)
+    monkeypatch.setattr(engine.TrainingRun, "evaluate", fake_eval)
     summary = dqn.train(tiny(eval_every=100, keep_best=True), tmp_path, progress=False)
     assert len(snapshots) == 7
     assert summary["best_eval_step"] == 200 and summary["best_eval_return"] == 50.0
     assert summary["eval_return_mean"] == 1.0  # the final eval is a fresh one, of the kept weights
-    state, _ = load_checkpoint(common.locate_checkpoint(tmp_path)[0])
+    state, _ = load_checkpoint(runs.locate_checkpoint(tmp_path)[0])
     for key, value in snapshots[1].items():
         assert np.array_equal(state["model"][key].numpy(), value.numpy())
         assert np.array_equal(snapshots[6][key].numpy(), value.numpy())
@@ -293,7 +294,7 @@ def test_non_finite_losses_skip_the_update_and_are_counted(tmp_path, monkeypatch
     monkeypatch.setattr(ReplayBuffer, "sample", poisoned)
     summary = dqn.train(tiny(total_steps=400), tmp_path, progress=False)
     assert summary["skipped_updates"] == (len(calls) + 1) // 2 > 0
-    state, _ = load_checkpoint(common.locate_checkpoint(tmp_path)[0])
+    state, _ = load_checkpoint(runs.locate_checkpoint(tmp_path)[0])
     assert all(bool(np.isfinite(w.numpy()).all()) for w in state["model"].values())
 
 
@@ -305,7 +306,7 @@ def test_cartpole_reaches_475_greedy(tmp_path, overlap):
     assert summary["eval_return_mean"] >= 475, summary
 
 
-NATIVE_BF16 = common.native_bf16(torch.device("cpu"))
+NATIVE_BF16 = compute.native_bf16(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("net", ["mlp", "nature", "impala"])
@@ -316,20 +317,20 @@ def test_forward_copy_computes_exactly_what_autocast_computes_and_refreshes(net)
     else:  # an encoder and a head, as in a QNetwork
         module = torch.nn.Sequential(nets.build(net, in_shape=shape, out_dim=64), torch.nn.Linear(64, 5))
     cpu = torch.device("cpu")
-    copy_ = common.forward_copy(module, cpu, bf16=True)
+    copy_ = compute.forward_copy(module, cpu, bf16=True)
     dtypes = {p.dtype for p in copy_.parameters()}
     assert dtypes == ({torch.bfloat16} if NATIVE_BF16 else {torch.float32})
     assert all(p.dtype == torch.float32 for p in module.parameters())  # the original is untouched
     x = torch.randint(0, 256, (3, *shape), dtype=torch.uint8) if net != "mlp" else torch.randn(3, *shape)
     with torch.no_grad():
         for _ in range(2):
-            with common.bf16_autocast(cpu, True):
+            with compute.bf16_autocast(cpu, True):
                 assert torch.equal(copy_(x), module(x))
             for parameter in module.parameters():  # the learner moves on; a refresh follows it
                 parameter.add_(0.01 * torch.randn_like(parameter))
             copy_.load_state_dict(module.state_dict())
     assert not any(p.requires_grad for p in copy_.parameters())
-    assert {p.dtype for p in common.forward_copy(module, cpu, bf16=False).parameters()} == {torch.float32}
+    assert {p.dtype for p in compute.forward_copy(module, cpu, bf16=False).parameters()} == {torch.float32}
 
 
 @pytest.mark.skipif(not NATIVE_BF16, reason="needs a CPU with native bf16 (else the copies are fp32 anyway)")
@@ -344,14 +345,14 @@ def test_bf16_forward_copies_change_nothing_that_is_learnt(tmp_path, monkeypatch
         seed=5, bf16=True, overlap=overlap, total_steps=400, eval_episodes=1, keep_best=False, loss="mse"
     )
     dqn.train(config, tmp_path / "bf16", progress=False)
-    bf16_copy = common.forward_copy
+    bf16_copy = compute.forward_copy
     before = (
         (lambda module, device, bf16: bf16_copy(module, device, False))
         if overlap
         else (lambda module, *_: module)
     )
-    monkeypatch.setattr(common, "forward_copy", before)
+    monkeypatch.setattr(dqn, "forward_copy", before)
     dqn.train(config, tmp_path / "fp32", progress=False)
-    weights = [common.load_training_checkpoint(tmp_path / run)[0]["model"] for run in ("bf16", "fp32")]
+    weights = [engine.load_training_checkpoint(tmp_path / run)[0]["model"] for run in ("bf16", "fp32")]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])

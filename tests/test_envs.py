@@ -99,7 +99,7 @@ def test_continuous_action_spaces_are_refused():
 
 
 def test_eval_overrides_randomise_mario_starts_only():
-    assert envs.eval_overrides("mario-1-1") == {"noop_max": 30}
+    assert envs.eval_overrides("mario-1-1") == {"noop_max": 30, "stall_patience": 200}
     assert envs.eval_overrides("cartpole") == {}
 
 

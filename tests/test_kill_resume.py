@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from agents import common
-from agents.checkpoint import list_checkpoints, load_checkpoint
+from agents import engine
+from core import runs
+from core.checkpoint import list_checkpoints, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_ENVS, NUM_STEPS, TOTAL_STEPS = 2, 128, 20_000
@@ -99,7 +100,7 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
         assert process.returncode == -signal.SIGKILL, f"trial {trial}: the run finished before the kill"
 
         # The newest good checkpoint loads, and it is at least as new as any complete one seen.
-        sidecar, meta = common.locate_checkpoint(run_dir)
+        sidecar, meta = runs.locate_checkpoint(run_dir)
         state, _ = load_checkpoint(sidecar)
         assert meta["algo"] == "ppo" and meta["config"]["env"] == "cartpole"
         step = int(state["global_step"])
@@ -138,14 +139,14 @@ def one_torch_thread():
 def test_resume_removes_temp_files_left_by_a_kill_during_a_write(tmp_path, monkeypatch, one_torch_thread):
     from agents import ppo
 
-    monkeypatch.setattr(common, "plot_learning_curve", lambda *args, **kwargs: None)
+    monkeypatch.setattr(engine, "plot_learning_curve", lambda *args, **kwargs: None)
     config = ppo.PPOConfig(
         env="cartpole", total_steps=256, num_envs=2, num_steps=64, update_epochs=1, eval_episodes=1,
         checkpoint_every=128, device="cpu",
     )  # fmt: skip
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    common.write_run_config(run_dir, "ppo", config)
+    runs.write_run_config(run_dir, "algo", "ppo", config)
     ppo.train(config, run_dir, progress=False)
     # What a SIGKILL between mkstemp and os.replace leaves (atomic_write_bytes names it so).
     stale = run_dir / "checkpoints" / ".step_000000000384.safetensors.k1ll3d.tmp"

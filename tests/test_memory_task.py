@@ -9,16 +9,17 @@ import pytest
 import torch
 
 import envs
-from agents import common, ppo
+from agents import ppo
+from core import runs
 
 PRESET = "minigrid-tmaze"
 
 
 def greedy_success(run_dir: Path, episodes: int = 50, seed: int = 12345) -> float:
     """The fraction of greedy episodes that reach the matching object (return > 0)."""
-    sidecar, meta = common.locate_checkpoint(run_dir)
+    sidecar, meta = runs.locate_checkpoint(run_dir)
     policy = ppo.load_policy(sidecar, meta, torch.device("cpu"))
-    summary = common.evaluate(policy, lambda n: envs.make_vec(PRESET, n, seed=seed), episodes, seed)
+    summary = episodes.evaluate(policy, lambda n: envs.make_vec(PRESET, n, seed=seed), episodes, seed)
     return float(np.mean([episode["return"] > 0 for episode in summary["per_episode"]]))
 
 

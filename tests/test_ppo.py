@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import envs
-from agents import common, ppo
-from agents.checkpoint import load_checkpoint
+from agents import engine, ppo
+from core import compute, runs
+from core.checkpoint import load_checkpoint
 
 
 def naive_gae(rewards, values, ends, next_value, gamma, lam):
@@ -61,7 +62,7 @@ def train(tmp_path, name="run", resume=False, **changes):
     run_dir = tmp_path / name
     run_dir.mkdir(exist_ok=True)
     config = small_config(**changes)
-    common.write_run_config(run_dir, "ppo", config)
+    runs.write_run_config(run_dir, "algo", "ppo", config)
     return ppo.train(config, run_dir, resume=resume, progress=False), run_dir
 
 
@@ -73,7 +74,7 @@ def test_smoke_run_writes_a_loadable_run(tmp_path, memory):
         assert key in summary
     assert (run_dir / "metrics.json").exists() and (run_dir / "learning_curve.png").exists()
     assert list(run_dir.glob("events.out.tfevents.*"))
-    sidecar, meta = common.locate_checkpoint(run_dir)
+    sidecar, meta = runs.locate_checkpoint(run_dir)
     policy = ppo.load_policy(sidecar, meta, torch.device("cpu"))
     policy.reset(3)
     actions, extras = policy.act(np.zeros((3, 4), dtype=np.float32), np.ones(3, dtype=bool))
@@ -95,14 +96,14 @@ def test_same_seed_gives_identical_first_losses(tmp_path):
 
 def test_a_resumed_run_evaluates_at_the_steps_of_an_uninterrupted_one(tmp_path, monkeypatch):
     eval_steps = []
-    real_run_eval = ppo.run_eval
+    real_evaluate = engine.TrainingRun.evaluate
 
-    def recording_eval(agent, config, device, seed):
-        if seed != config.seed + 10_000:  # not the final eval
-            eval_steps.append(seed - config.seed - 10_000)
-        return real_run_eval(agent, config, device, seed)
+    def recording_eval(self, policy, seed, step):
+        if seed != self.config.seed + 10_000:  # not the final eval
+            eval_steps.append(seed - self.config.seed - 10_000)
+        return real_evaluate(self, policy, seed, step)
 
-    monkeypatch.setattr(ppo, "run_eval", recording_eval)
+    monkeypatch.setattr(engine.TrainingRun, "evaluate", recording_eval)
     train(tmp_path, "whole", total_steps=1024, eval_every=192, eval_episodes=1)
     uninterrupted, eval_steps[:] = list(eval_steps), []
     assert uninterrupted == [256, 384, 640, 768, 1024]  # the first update past each multiple of 192
@@ -121,7 +122,7 @@ def test_resume_continues_steps_and_learning_rate_schedule(tmp_path):
     assert [h["step"] for h in resumed] == [128 * i for i in range(1, 9)]
     assert resumed[:4] == history
     # Checkpoints now sit at 1024, so the run's latest state is the resumed one.
-    state, _ = common.load_training_checkpoint(run_dir)
+    state, _ = engine.load_training_checkpoint(run_dir)
     assert state["global_step"] == 1024 and state["update"] == 8
 
 
@@ -164,7 +165,7 @@ def test_no_autoreset_transition_is_collected(tmp_path, monkeypatch):
 
     monkeypatch.setattr(envs, "make_vec", recording_make_vec)
     no_eval = {"episodes": 0, "return_mean": 0.0, "return_std": 0.0, "length_mean": 0.0}
-    monkeypatch.setattr(ppo, "run_eval", lambda *args, **kwargs: no_eval)
+    monkeypatch.setattr(engine.TrainingRun, "evaluate", lambda *args, **kwargs: no_eval)
     summary, _ = train(tmp_path, env="LabTest/Counting-v0", total_steps=256)
     # Next-step autoreset would swallow one step per episode (reward 0, action ignored).
     assert CountingEnv.real_steps == 256
@@ -193,35 +194,6 @@ def test_ppo_solves_cartpole(tmp_path, overlap):
     assert summary["eval_return_mean"] >= 475, summary
 
 
-def test_a_transient_nan_skips_the_update_and_training_goes_on(tmp_path, monkeypatch):
-    real_gae = ppo.compute_gae
-    calls = []
-
-    def gae_with_one_nan(*args):
-        calls.append(1)
-        advantages = real_gae(*args)
-        return advantages * float("nan") if len(calls) == 2 else advantages
-
-    monkeypatch.setattr(ppo, "compute_gae", gae_with_one_nan)
-    summary, run_dir = train(tmp_path, total_steps=512)
-    assert summary["steps"] == 512
-    assert summary["skipped_updates"] == 2 * 2  # both epochs x both minibatches of update 2
-    state, _ = common.load_training_checkpoint(run_dir)
-    assert all(torch.isfinite(value).all() for value in state["model"].values())
-
-
-def test_persistent_nans_stop_training_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
-    _, run_dir = train(tmp_path, total_steps=256)
-    good, _ = common.load_training_checkpoint(run_dir)
-    monkeypatch.setattr(ppo, "compute_gae", lambda *args: torch.full_like(args[0], float("nan")))
-    with pytest.raises(common.TrainingStopped, match="not finite for 3 updates in a row"):
-        train(tmp_path, resume=True, total_steps=2048)
-    kept, _ = common.load_training_checkpoint(run_dir)
-    assert kept["global_step"] == good["global_step"] == 256
-    for key, value in good["model"].items():
-        assert torch.equal(kept["model"][key], value)
-
-
 # ---- overlap: the update on rollout k runs in a thread while rollout k+1 is collected ----------
 
 
@@ -231,7 +203,7 @@ def test_overlap_run_completes_every_update(tmp_path, memory):
     assert summary["steps"] == 512
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
     assert [h["step"] for h in history] == [128, 256, 384, 512]
-    state, _ = common.load_training_checkpoint(run_dir)
+    state, _ = engine.load_training_checkpoint(run_dir)
     assert state["global_step"] == 512 and state["update"] == 4
 
 
@@ -306,7 +278,7 @@ def test_overlap_ctrl_c_waits_for_the_update_in_flight_then_resumes(tmp_path, mo
     _interrupting_make_vec(monkeypatch, KeyboardInterrupt(), after_steps=2 * 64 + 10)
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path, overlap=True, total_steps=1024)
-    state, _ = common.load_training_checkpoint(tmp_path / "run")
+    state, _ = engine.load_training_checkpoint(tmp_path / "run")
     assert state["update"] == 2 and state["global_step"] == 256
     monkeypatch.undo()
     summary, run_dir = train(tmp_path, resume=True, overlap=True, total_steps=1024)
@@ -326,9 +298,9 @@ def test_overlap_an_error_in_the_learner_thread_stops_training_with_a_checkpoint
         return real_slice(*args)
 
     monkeypatch.setattr(ppo, "slice_minibatch", failing_slice)
-    with pytest.raises(common.TrainingStopped, match="learner exploded"):
+    with pytest.raises(engine.TrainingStopped, match="learner exploded"):
         train(tmp_path, overlap=True, total_steps=1024)
-    state, _ = common.load_training_checkpoint(tmp_path / "run")
+    state, _ = engine.load_training_checkpoint(tmp_path / "run")
     assert state["update"] == 2 and state["global_step"] == 256
     assert all(torch.isfinite(value).all() for value in state["model"].values())
 
@@ -336,9 +308,9 @@ def test_overlap_an_error_in_the_learner_thread_stops_training_with_a_checkpoint
 def test_overlap_persistent_nans_stop_training(tmp_path, monkeypatch):
     _, run_dir = train(tmp_path, total_steps=256, overlap=True)
     monkeypatch.setattr(ppo, "compute_gae", lambda *args: torch.full_like(args[0], float("nan")))
-    with pytest.raises(common.TrainingStopped, match="not finite for 3 updates in a row"):
+    with pytest.raises(engine.TrainingStopped, match="not finite for 3 updates in a row"):
         train(tmp_path, resume=True, total_steps=2048, overlap=True)
-    kept, _ = common.load_training_checkpoint(run_dir)
+    kept, _ = engine.load_training_checkpoint(run_dir)
     assert kept["global_step"] == 256
 
 
@@ -396,11 +368,11 @@ def test_learning_curve_marks_the_first_clear_and_90_percent(tmp_path):
         {"step": 1000 * i, "return_mean": float(i), "x_pos_max_mean": 100.0 * i, "clear_rate": rate}
         for i, rate in enumerate([0.0, 0.0, 0.01, 0.0, 0.5, 0.89, 0.9, 0.95], start=1)
     ]
-    assert common.first_step_reaching(history, "clear_rate", 1e-9) == 3000
-    assert common.first_step_reaching(history, "clear_rate", 0.9) == 7000
-    assert common.first_step_reaching(history, "clear_rate", 0.99) is None
+    assert engine.first_step_reaching(history, "clear_rate", 1e-9) == 3000
+    assert engine.first_step_reaching(history, "clear_rate", 0.9) == 7000
+    assert engine.first_step_reaching(history, "clear_rate", 0.99) is None
     path = tmp_path / "curve.png"
-    common.plot_learning_curve(history, path, "PPO on mario-1-1")
+    engine.plot_learning_curve(history, path, "PPO on mario-1-1")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -417,10 +389,10 @@ def test_resume_keeps_the_recent_episode_window(tmp_path, monkeypatch):
     recent return must still be the one from before the interruption, not NaN."""
     gym.register("LabTest/Twenty-v0", entry_point=TwentyStepEnv)
     no_eval = {"episodes": 0, "return_mean": 0.0, "return_std": 0.0, "length_mean": 0.0}
-    monkeypatch.setattr(ppo, "run_eval", lambda *args, **kwargs: no_eval)
+    monkeypatch.setattr(engine.TrainingRun, "evaluate", lambda *args, **kwargs: no_eval)
     changes = dict(env="LabTest/Twenty-v0", num_steps=8, checkpoint_every=16, num_minibatches=1)
     _, run_dir = train(tmp_path, total_steps=64, **changes)
-    state, _ = common.load_training_checkpoint(run_dir)
+    state, _ = engine.load_training_checkpoint(run_dir)
     assert state["episodes"] == 2 and [e["return"] for e in state["recent_episodes"]] == [20.0, 20.0]
     train(tmp_path, resume=True, total_steps=80, **changes)
     history = json.loads((run_dir / "metrics.json").read_text())["history"]
@@ -428,7 +400,8 @@ def test_resume_keeps_the_recent_episode_window(tmp_path, monkeypatch):
 
 
 @pytest.mark.skipif(
-    not common.native_bf16(torch.device("cpu")), reason="needs a CPU with native bf16 (else the copy is fp32)"
+    not compute.native_bf16(torch.device("cpu")),
+    reason="needs a CPU with native bf16 (else the copy is fp32)",
 )
 @pytest.mark.parametrize("memory", ["none", "transformer"])
 def test_overlap_bf16_actor_copy_collects_what_autocast_computes(tmp_path, monkeypatch, memory):
@@ -438,11 +411,11 @@ def test_overlap_bf16_actor_copy_collects_what_autocast_computes(tmp_path, monke
     # in one process already differ slightly (~1e-5 in the first loss; serial runs do not).
     changes = dict(seed=3, overlap=True, bf16=True, memory=memory, memory_size=16, memory_len=4)
     _, bf16_dir = train(tmp_path, "bf16", **changes)
-    bf16_copy = common.forward_copy
-    monkeypatch.setattr(common, "forward_copy", lambda module, device, bf16: bf16_copy(module, device, False))
+    bf16_copy = compute.forward_copy
+    monkeypatch.setattr(ppo, "forward_copy", lambda module, device, bf16: bf16_copy(module, device, False))
     _, fp32_dir = train(tmp_path, "fp32", **changes)
     runs = (bf16_dir, fp32_dir)
     losses = [[h["loss"] for h in json.loads((run / "metrics.json").read_text())["history"]] for run in runs]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
-    weights = [common.load_training_checkpoint(run)[0]["model"] for run in runs]
+    weights = [engine.load_training_checkpoint(run)[0]["model"] for run in runs]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])

@@ -14,22 +14,20 @@ import errno
 import itertools
 import json
 import os
-import stat
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 import pytest
 import torch
 
-from agents import checkpoint, common, dqn, ppo
-from agents.buffers import ReplayBuffer
-from agents.checkpoint import StorageError, latest_checkpoint, load_checkpoint, save_checkpoint
-from lab import cli
+from agents import dqn, engine, ppo
+from core import files, runs
+from core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from core.files import StorageError
+from lab import cli, errors, listing
 from tasks import loop
 from tasks.loop import EPOCH_PREFIX
 
@@ -71,7 +69,7 @@ def checkpoint_every_epoch(monkeypatch):
 @pytest.fixture(autouse=True)
 def no_plots(monkeypatch):
     """The learning-curve PNG of agent runs costs seconds of matplotlib and is not under test here."""
-    monkeypatch.setattr(common, "plot_learning_curve", lambda *args, **kwargs: None)
+    monkeypatch.setattr(engine, "plot_learning_curve", lambda *args, **kwargs: None)
 
 
 def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -113,102 +111,20 @@ def assert_no_debris(directory: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def read_only(monkeypatch) -> Iterator[Callable[[Path], None]]:
-    """``read_only(directory)`` makes ``directory`` and the directories under it read-only."""
-    locked: list[Path] = []
-    if os.geteuid() != 0:
-
-        def lock(directory: Path) -> None:
-            for path in [directory, *(p for p in directory.rglob("*") if p.is_dir())]:
-                path.chmod(0o555)
-                locked.append(path)
-
-        yield lock
-        for path in locked:
-            path.chmod(0o755)
-        return
-
-    def inside(path: Any) -> bool:
-        path = Path(os.fsdecode(path)).absolute()
-        return any(path == d or d in path.parents for d in locked)
-
-    def deny(path: Any) -> None:
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
-
-    real_mkstemp, real_replace, real_rename = tempfile.mkstemp, os.replace, os.rename
-    real_mkdir, real_unlink = os.mkdir, os.unlink
-
-    def mkstemp(*args: Any, dir: Any = None, **kwargs: Any) -> Any:
-        if dir is not None and inside(dir):
-            deny(Path(dir) / "tmpfile")
-        return real_mkstemp(*args, dir=dir, **kwargs)
-
-    def moving(real: Callable) -> Callable:
-        def move(src: Any, dst: Any, **kwargs: Any) -> None:
-            if inside(Path(os.fsdecode(src)).parent) or inside(Path(os.fsdecode(dst)).parent):
-                deny(dst)
-            real(src, dst, **kwargs)
-
-        return move
-
-    def in_parent(real: Callable) -> Callable:
-        def call(path: Any, *args: Any, **kwargs: Any) -> Any:
-            if inside(Path(os.fsdecode(path)).parent):
-                deny(path)
-            return real(path, *args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-    monkeypatch.setattr(os, "replace", moving(real_replace))
-    monkeypatch.setattr(os, "rename", moving(real_rename))
-    monkeypatch.setattr(os, "mkdir", in_parent(real_mkdir))
-    monkeypatch.setattr(os, "unlink", in_parent(real_unlink))
-    yield lambda directory: locked.append(Path(directory).absolute())
-
-
-@pytest.fixture
-def full_disk(monkeypatch) -> Callable[[Callable[[str], bool] | None], None]:
-    """``full_disk(when)``: from now on fsync of a regular file whose path ``when(path)`` accepts fails
-    with ENOSPC; ``full_disk(None)`` frees the disk again."""
-    real_fsync = os.fsync
-    state: dict[str, Any] = {"when": None}
-
-    def fsync(fd: int) -> None:
-        when = state["when"]
-        regular_file = stat.S_ISREG(os.fstat(fd).st_mode)  # directories are fsynced too
-        if when is not None and regular_file and when(os.readlink(f"/proc/self/fd/{fd}")):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    return lambda when: state.update(when=when)
-
-
 def a_ppo_run(run_dir: Path) -> None:
     """A small but real PPO run directory with one checkpoint, made without training."""
     config = ppo.PPOConfig(env="cartpole", num_envs=2, num_steps=64, total_steps=256, device="cpu")
     run_dir.mkdir()
-    common.write_run_config(run_dir, "ppo", config)
+    runs.write_run_config(run_dir, "algo", "ppo", config)
     agent = ppo.ActorCritic(config, (4,), 2)
     meta = {"algo": "ppo", "config": dataclasses.asdict(config), "obs_shape": [4], "num_actions": 2}
     state = {"model": agent.state_dict(), "global_step": 128, "update": 1, "episodes": 0, "history": []}
-    common.save_training_checkpoint(run_dir, 128, state, meta, keep=2)
+    engine.save_training_checkpoint(run_dir, 128, state, meta, keep=2)
 
 
 # ---------------------------------------------------------------------------------------------
 # 1. A read-only run directory: one line, exit 2, nothing written, nothing lost
 # ---------------------------------------------------------------------------------------------
-
-
-def test_train_into_a_read_only_run_dir(tmp_path, read_only, capsys):
-    run_dir = tmp_path / "locked"
-    run_dir.mkdir()
-    read_only(run_dir)
-    code, _, err = run_main(["train", "cartpole", "--run-dir", run_dir, "--steps", "128", *TINY_PPO], capsys)
-    assert_one_line_exit_2(code, err, str(run_dir), "read-only", "nothing was changed")
-    assert snapshot(run_dir) == {}
 
 
 @pytest.mark.parametrize("checkpoints_only", [False, True])
@@ -220,7 +136,7 @@ def test_resume_of_a_read_only_run_changes_nothing(tmp_path, read_only, capsys, 
     code, _, err = run_main(["train", "--resume", run_dir, "--steps", "512", "--no-progress"], capsys)
     assert_one_line_exit_2(code, err, "checkpoints" if checkpoints_only else str(run_dir), "read-only")
     assert snapshot(run_dir) == before  # config.json was not rewritten, no event file was started
-    assert common.load_training_checkpoint(run_dir)[0]["global_step"] == 128
+    assert engine.load_training_checkpoint(run_dir)[0]["global_step"] == 128
 
 
 def test_fit_into_and_resume_of_a_read_only_run_dir(tmp_path, read_only, capsys):
@@ -262,34 +178,6 @@ def test_a_full_disk_replaces_no_checkpoint_and_leaves_no_temp_file(tmp_path, fu
     assert snapshot(tmp_path) == before
     assert latest_checkpoint(tmp_path) == good
     assert torch.equal(load_checkpoint(good)[0]["w"], torch.ones(1000))
-
-
-def test_ppo_run_stops_cleanly_when_the_disk_fills_up(tmp_path, full_disk, capsys):
-    run_dir = tmp_path / "run"
-    # The checkpoint of step 128 fits; from the one of step 256 on, the disk is full.
-    full_disk(lambda path: "/checkpoints/" in path and ".step_000000000128." not in path)
-    code, _, err = run_main(["train", "cartpole", "--run-dir", run_dir, "--steps", "512", *TINY_PPO], capsys)
-    line = assert_one_line_exit_2(
-        code, err, "no space left on device", "step 128", f"lab train --resume {run_dir}"
-    )
-    assert "step_000000000256" in line
-    assert_no_debris(run_dir)
-    state, _ = common.load_training_checkpoint(run_dir)
-    assert state["global_step"] == 128
-    # Space is freed: the run continues from the kept checkpoint and finishes.
-    full_disk(None)
-    code, out, err = run_main(["train", "--resume", run_dir, "--no-progress", "--json"], capsys)
-    assert code == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["steps"] == 512
-
-
-def test_dqn_run_stops_cleanly_when_the_disk_fills_up(tmp_path, full_disk, capsys):
-    run_dir = tmp_path / "run"
-    full_disk(lambda path: "/checkpoints/" in path and ".step_000000000200." not in path)
-    code, _, err = run_main(["train", "cartpole", "--run-dir", run_dir, "--steps", "600", *TINY_DQN], capsys)
-    assert_one_line_exit_2(code, err, "no space left on device", "step 200", "lab train --resume")
-    assert_no_debris(run_dir)
-    assert common.load_training_checkpoint(run_dir)[0]["global_step"] == 200
 
 
 def test_fit_stops_cleanly_when_the_disk_fills_up(tmp_path, full_disk, capsys):
@@ -351,7 +239,7 @@ def test_fit_resumed_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, mo
     with monkeypatch.context() as patch:
         interrupt_at_step(patch, 2 * steps_per_epoch + 3)  # in the middle of epoch 3
         code, _, err = run_main(["fit", "digits", "--run-dir", interrupted, "--epochs", "4", *DIGITS], capsys)
-    assert code == cli.EXIT_INTERRUPTED, err
+    assert code == errors.EXIT_INTERRUPTED, err
     assert "after epoch 2" in err and f"lab fit --resume {interrupted}" in err
     assert not (interrupted / "metrics.json").exists()
 
@@ -417,47 +305,6 @@ TINY_DQN_CONFIG = dict(
 )  # fmt: skip
 
 
-def test_dqn_persistent_nans_stop_training_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
-    config = dqn.DQNConfig(**TINY_DQN_CONFIG, total_steps=400)
-    dqn.train(config, tmp_path, progress=False)
-    good, _ = common.load_training_checkpoint(tmp_path)
-    files = snapshot(tmp_path / "checkpoints")
-
-    real_sample = ReplayBuffer.sample
-
-    def poisoned(self: ReplayBuffer, *args: Any, **kwargs: Any) -> Any:
-        batch = real_sample(self, *args, **kwargs)
-        return batch._replace(returns=np.full_like(batch.returns, np.nan))
-
-    monkeypatch.setattr(ReplayBuffer, "sample", poisoned)
-    monkeypatch.setattr(dqn, "MAX_BAD_STEPS", 30)
-    resumed = dataclasses.replace(config, total_steps=4_000)
-    with pytest.raises(common.TrainingStopped, match="not finite for 30 gradient steps in a row") as error:
-        dqn.train(resumed, tmp_path, resume=True, progress=False)
-    assert "\n" not in str(error.value) and str(tmp_path / "checkpoints") in str(error.value)
-    # 30 bad steps span 120 agent steps, past the checkpoint due at step 600: none was written.
-    assert snapshot(tmp_path / "checkpoints") == files
-    kept, _ = common.load_training_checkpoint(tmp_path)
-    assert kept["global_step"] == good["global_step"] == 400
-    for key, value in good["model"].items():
-        assert torch.equal(kept["model"][key], value)
-
-
-def test_dqn_transient_nans_do_not_stop_training(tmp_path, monkeypatch):
-    real_sample = ReplayBuffer.sample
-    calls = itertools.count()
-
-    def some_poisoned(self: ReplayBuffer, *args: Any, **kwargs: Any) -> Any:
-        batch = real_sample(self, *args, **kwargs)
-        bad = next(calls) % 10 < 5  # 5 bad steps, then 5 good ones
-        return batch._replace(returns=np.full_like(batch.returns, np.nan)) if bad else batch
-
-    monkeypatch.setattr(ReplayBuffer, "sample", some_poisoned)
-    monkeypatch.setattr(dqn, "MAX_BAD_STEPS", 6)
-    summary = dqn.train(dqn.DQNConfig(**TINY_DQN_CONFIG, total_steps=400), tmp_path, progress=False)
-    assert summary["steps"] == 400 and summary["skipped_updates"] > 6
-
-
 # ---------------------------------------------------------------------------------------------
 # 5. Env-worker failures appear on TensorBoard
 # ---------------------------------------------------------------------------------------------
@@ -508,7 +355,7 @@ def test_worker_failures_are_counted_on_tensorboard(algo, tmp_path, failing_env_
 def test_in_process_vector_envs_log_no_worker_counts():
     vec = gym.vector.SyncVectorEnv([FailingEnv])
     try:
-        assert common.worker_scalars(vec) == {}
+        assert engine.worker_counts([vec]) == {}
     finally:
         vec.close()
 
@@ -521,12 +368,12 @@ def test_worker_counts_of_several_vector_envs_add_up():
         failures = {"exception": exceptions, "crash": crashes, "hang": 0}
         return SimpleNamespace(restarts=restarts, dropped_episodes=dropped, failure_counts=failures)
 
-    assert common.worker_scalars(counts(1, 2, 1, 0), counts(2, 3, 0, 2)) == {
-        "charts/worker_restarts": 3.0,
-        "charts/dropped_episodes": 5.0,
-        "charts/worker_failures_exception": 1.0,
-        "charts/worker_failures_crash": 2.0,
-        "charts/worker_failures_hang": 0.0,
+    assert engine.worker_counts([counts(1, 2, 1, 0), counts(2, 3, 0, 2)]) == {
+        "worker_restarts": 3.0,
+        "dropped_episodes": 5.0,
+        "worker_failures_exception": 1.0,
+        "worker_failures_crash": 2.0,
+        "worker_failures_hang": 0.0,
     }
 
 
@@ -535,13 +382,13 @@ def test_storage_errors_are_one_line_oserrors(tmp_path, monkeypatch, capsys):
     error = StorageError(tmp_path / "x", OSError(errno.EROFS, os.strerror(errno.EROFS)))
     assert isinstance(error, OSError) and error.errno == errno.EROFS
     assert str(error) == f"cannot write {tmp_path / 'x'}: read-only file system"
-    assert checkpoint.is_storage_error(PermissionError(errno.EACCES, "denied"))
-    assert not checkpoint.is_storage_error(FileNotFoundError(errno.ENOENT, "missing"))
+    assert files.is_storage_error(PermissionError(errno.EACCES, "denied"))
+    assert not files.is_storage_error(FileNotFoundError(errno.ENOENT, "missing"))
 
     # An OSError of a full disk from anywhere (not the atomic writer) is still one line, exit 2.
     def list_on_a_full_disk(args: Any) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "f"))
 
-    monkeypatch.setitem(cli.COMMANDS, "list", list_on_a_full_disk)
+    monkeypatch.setattr(listing, "cmd_list", list_on_a_full_disk)
     code, _, err = run_main(["list"], capsys)
     assert_one_line_exit_2(code, err, f"lab: cannot write {tmp_path / 'f'}: no space left on device")

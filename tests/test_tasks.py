@@ -20,8 +20,8 @@ import torch
 
 import nets
 import tasks
-from agents.checkpoint import load_checkpoint
-from lab.config import ConfigError, apply_overrides
+from core.checkpoint import load_checkpoint
+from core.config import ConfigError, apply_overrides
 from tasks import digits, loop, playground, sentiment, sequence
 from tasks.loop import IGNORE_INDEX, TaskError, predict
 

@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 
 import envs
+from agents import engine
+from core import runs
 from envs.vector import EnvWorkerError, SubprocVectorEnv, restart_seed
 
 EPISODE_LENGTH = 50
@@ -444,7 +446,7 @@ def _ppo_config(env_id: str, total_steps: int) -> Any:
 def test_ppo_trains_through_a_raise_a_kill_and_a_hang(
     tmp_path, register_env, caplog, monkeypatch, one_torch_thread
 ):
-    from agents import common, ppo
+    from agents import engine, ppo
 
     # Three failures in one run of 96 steps per sub-env (one worker each): sub-env 0 raises at its
     # step 40, sub-env 1 is killed at 70 (in its 2nd episode), sub-env 3 hangs at 60.
@@ -468,7 +470,7 @@ def test_ppo_trains_through_a_raise_a_kill_and_a_hang(
     created: list[SubprocVectorEnv] = []
     env_id = register_env()
     monkeypatch.setattr(envs, "make_vec", make_failing_vec)
-    monkeypatch.setattr(common, "plot_learning_curve", lambda *args, **kwargs: None)  # seconds of matplotlib
+    monkeypatch.setattr(engine, "plot_learning_curve", lambda *args, **kwargs: None)  # seconds of matplotlib
     with caplog.at_level(logging.WARNING, logger="envs.vector"):
         summary = ppo.train(_ppo_config(env_id, 4 * 32 * 3), tmp_path / "run", progress=False)
     assert summary["steps"] == 4 * 32 * 3
@@ -483,21 +485,21 @@ def test_ppo_trains_through_a_raise_a_kill_and_a_hang(
 
 
 def test_ppo_stops_with_a_checkpoint_when_failures_repeat(tmp_path, register_env, one_torch_thread):
-    from agents import common, ppo
+    from agents import ppo
 
     env_id = register_env(index=0, mode="raise", fail_at=3)  # no marker: fails in every life
-    with pytest.raises(common.TrainingStopped, match="env worker failed 6 times") as error:
+    with pytest.raises(engine.TrainingStopped, match="env worker failed 6 times") as error:
         ppo.train(_ppo_config(env_id, 4 * 32 * 4), tmp_path / "run", progress=False)
     assert "checkpoint was saved" in str(error.value)
-    sidecar, meta = common.locate_checkpoint(tmp_path / "run")
+    sidecar, meta = runs.locate_checkpoint(tmp_path / "run")
     assert meta["algo"] == "ppo"
 
 
 def test_dqn_trains_through_a_crashed_worker(tmp_path, register_env, caplog, monkeypatch, one_torch_thread):
     """DQN stores ``final_obs`` as the next observation of every finished env: a dropped one has it."""
-    from agents import common, dqn
+    from agents import dqn, engine
 
-    monkeypatch.setattr(common, "plot_learning_curve", lambda *args, **kwargs: None)
+    monkeypatch.setattr(engine, "plot_learning_curve", lambda *args, **kwargs: None)
     env_id = register_env(mode="kill", fail_at=30, marker=str(tmp_path / "failed"))
     config = dqn.DQNConfig(
         env=env_id, total_steps=200, num_envs=2, env_backend="async", buffer_size=1000, learning_starts=64,

@@ -109,10 +109,10 @@ def test_watch_small_halves_size_frames_and_rate(tmp_path, small):
 def test_watch_reports_the_same_return_as_eval(tmp_path):
     """Walking right dies at the first Goomba: the episode ends, and watch's return is eval's (the
     game's reward units, not the scaled training reward)."""
-    from agents import common
+    from agents import episodes
     from lab.watch import watch
 
     summary = watch(WalkRight(), "mario-1-1", None, 1, 0, False, max_steps=400)
-    evaluated = common.evaluate(WalkRight(), lambda n: envs.make_vec("mario-1-1", n, seed=0), 1, 0)
+    evaluated = episodes.evaluate(WalkRight(), lambda n: envs.make_vec("mario-1-1", n, seed=0), 1, 0)
     assert summary["per_episode"][0]["length"] < 400  # the episode really ended
     assert summary["per_episode"][0]["return"] == pytest.approx(evaluated["per_episode"][0]["return"])

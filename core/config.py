@@ -1,9 +1,11 @@
-"""``--set key=value`` overrides for the config dataclasses of agents and tasks.
+"""The config schema of agents and tasks: one way to declare a field, one way to set it.
 
-Each dataclass field may carry range metadata, ``field(default=..., metadata={"help": ..., "min": 0,
-"max": 1, "choices": (...)})``. Values are parsed by the field's annotated type (int, float, bool,
-str, ``Literal[...]``, ``tuple[int, ...]``, ``X | None``) and checked against that metadata, so a typo
-fails before any work starts, with a message naming the valid keys or values.
+Every config is a dataclass whose fields are declared with :func:`option` (default, help, and where
+they apply ``min``/``max``/``choices``). Values given as text (``--set key=value``) are parsed by the
+field's annotated type (int, float, bool, str, ``Literal[...]``, ``tuple[int, ...]``, ``X | None``)
+and checked against that metadata; dictionaries (presets, resumed ``config.json`` files, benchmark
+settings) go through :func:`config_from_dict`. An unknown key is an error that names close matches,
+never a value that silently vanishes.
 """
 
 from __future__ import annotations
@@ -19,8 +21,67 @@ class ConfigError(ValueError):
     """A malformed or out-of-range override; the message is one line fit for the user."""
 
 
+def option(
+    default: Any,
+    help: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    choices: tuple | None = None,
+) -> Any:
+    """Declares a config field: a ``dataclasses.field`` whose metadata the setters validate against.
+
+    Args:
+        default: the default value (immutable: ints, floats, strings, tuples, None).
+        help: one-line description shown by ``--help-config``.
+        min: smallest allowed value (inclusive), for numbers and each item of a tuple.
+        max: largest allowed value (inclusive).
+        choices: the allowed values.
+
+    Returns:
+        A ``dataclasses.field`` carrying ``metadata={"help", "min", "max", "choices"}``.
+    """
+    metadata: dict[str, Any] = {"help": help}
+    if min is not None:
+        metadata["min"] = min
+    if max is not None:
+        metadata["max"] = max
+    if choices is not None:
+        metadata["choices"] = tuple(choices)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 def config_fields(config_class: type) -> dict[str, dataclasses.Field]:
+    """The fields of a config dataclass by name."""
     return {f.name: f for f in dataclasses.fields(config_class)}
+
+
+def unknown_key_message(key: str, valid: list[str] | set[str] | dict, where: str = "config key") -> str:
+    """``unknown config key 'lr' (did you mean learning_rate?); valid keys: ...`` in one line."""
+    close = difflib.get_close_matches(key, list(valid), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return f"unknown {where} {key!r}{hint}; valid keys: {', '.join(sorted(valid))}"
+
+
+def config_from_dict(config_class: type, values: dict[str, Any], source: str = "") -> Any:
+    """Builds a config from a dictionary (a preset, a run's ``config.json``, benchmark settings).
+
+    JSON lists become tuples. A key the config does not have raises instead of vanishing.
+
+    Args:
+        config_class: the config dataclass.
+        values: field values; missing fields keep their defaults.
+        source: where the values come from, for the message (``"runs/x/config.json"``).
+
+    Raises:
+        ConfigError: an unknown key, naming close matches and where it came from.
+    """
+    fields = config_fields(config_class)
+    for key in values:
+        if key not in fields:
+            origin = f" in {source}" if source else ""
+            raise ConfigError(unknown_key_message(key, fields) + origin)
+    return config_class(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items()})
 
 
 def apply_overrides(config: Any, overrides: list[str] | None) -> Any:
@@ -40,9 +101,7 @@ def apply_overrides(config: Any, overrides: list[str] | None) -> Any:
         key, raw = (part.strip() for part in item.split("=", 1))
         key = key.replace("-", "_")
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=3)
-            hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ConfigError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(sorted(fields))}")
+            raise ConfigError(unknown_key_message(key, fields))
         changes[key] = parse_value(key, raw, hints[key], fields[key].metadata)
     return dataclasses.replace(config, **changes)
 

@@ -1,0 +1,574 @@
+"""The run engine under PPO and DQN: everything a training run does that is not the algorithm.
+
+An algorithm's ``train`` is a short loop in the shape of Stable-Baselines3's ``learn``::
+
+    run = TrainingRun(ALGO, config, run_dir, resume, progress)   # device, seeds, resume state
+    trainer = PPOTrainer(config, run)                             # envs, networks, optimizer
+    with run.guard(trainer):                                      # Ctrl-C, SIGTERM, NaNs, dead workers
+        while ...:
+            collect ...; update ...                               # the algorithm's own math
+            run.log(...); run.evaluate_if_due(...); run.checkpoint_if_due(...)
+        trainer.save()
+    return run.finish(trainer.policy())                           # final eval, metrics.json, plot
+
+The engine owns the run directory and the checkpoints, the TensorBoard log and the progress bar,
+the episode statistics, periodic and final evaluation, and one shutdown behaviour for every
+algorithm (:meth:`TrainingRun.guard`). Exit statuses follow one rule (ARCHITECTURE.md): what the
+user must fix (bad input, a full or read-only disk) exits 2, a run that failed on its own (NaNs
+that do not heal, env workers that keep crashing) exits 1, an interrupted run exits 130; every
+one of them keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+import envs
+from agents.episodes import EpisodeTracker, Policy, eval_scalars, evaluate, finished_episodes, stage_scalars
+from core.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from core.compute import resolve_device, seed_everything, set_learner_threads
+from core.files import atomic_write_json, is_storage_error, jsonable
+from core.plots import Panel, plot_history
+from core.runs import CHECKPOINTS
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (persistent NaNs, env workers that keep failing); the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints of a training run
+# ---------------------------------------------------------------------------------------------
+
+
+def save_training_checkpoint(
+    run_dir: Path, global_step: int, state: dict[str, Any], meta: dict[str, Any], keep: int
+) -> Path:
+    """Saves ``checkpoints/step_<global_step>`` atomically and keeps only the newest ``keep``."""
+    # A run has one writer: temp files here were left by a process killed mid-write.
+    for stale in (run_dir / CHECKPOINTS).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+    sidecar = save_checkpoint(run_dir / CHECKPOINTS / f"step_{global_step:012d}", state, meta)
+    prune_checkpoints(run_dir / CHECKPOINTS, keep)
+    return sidecar
+
+
+def load_training_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """``(state, meta)`` of the newest good checkpoint of a run, or None when it has none yet."""
+    sidecar = latest_checkpoint(run_dir / CHECKPOINTS)
+    return None if sidecar is None else load_checkpoint(sidecar)
+
+
+#: What a shipped (slim) checkpoint keeps: weights and the counters behind its curves.
+SLIM_KEYS = ("model", "global_step", "update", "episodes", "recent_episodes", "recent_by_stage", "history")
+
+
+def export_slim_checkpoint(run_dir: Path, out_dir: Path) -> Path:
+    """Copies a run's newest checkpoint without optimizer state and RNG (a few MB, for shipping).
+
+    ``out_dir`` becomes a run directory of its own: ``lab eval|watch`` load it, and
+    ``lab train --resume`` continues from its weights with a fresh optimizer.
+    """
+    loaded = load_training_checkpoint(run_dir)
+    if loaded is None:
+        raise CheckpointError(f"{run_dir} holds no loadable checkpoint")
+    state, meta = loaded
+    slim = {key: state[key] for key in SLIM_KEYS if key in state}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_bytes((run_dir / "config.json").read_bytes())
+    for old in (out_dir / CHECKPOINTS).glob("*") if (out_dir / CHECKPOINTS).is_dir() else []:
+        old.unlink()
+    return save_training_checkpoint(out_dir, int(state["global_step"]), slim, meta, keep=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments of a training run
+# ---------------------------------------------------------------------------------------------
+
+
+def train_env_overrides(config: Any) -> dict[str, Any]:
+    """``envs.make_vec`` options that a training config sets: sticky actions (Mario presets only)."""
+    if not config.sticky:
+        return {}
+    if envs.resolve(config.env).kind != "mario":
+        raise ValueError(f"sticky applies to Mario presets only; this run trains {config.env!r}")
+    return {"sticky_prob": config.sticky}
+
+
+def eval_env_overrides(config: Any) -> dict[str, Any]:
+    """Options of the periodic evaluation's envs: the preset's protocol plus the training's sticky actions."""
+    return {**envs.eval_overrides(config.env), **train_env_overrides(config)}
+
+
+def worker_counts(vec_envs: list[Any]) -> dict[str, float]:
+    """Env-worker failures of subprocess vector envs, summed: restarts, dropped episodes, by kind."""
+    with_workers = [vec_env for vec_env in vec_envs if hasattr(vec_env, "failure_counts")]
+    if not with_workers:
+        return {}
+    counts = {
+        "worker_restarts": float(sum(vec_env.restarts for vec_env in with_workers)),
+        "dropped_episodes": float(sum(vec_env.dropped_episodes for vec_env in with_workers)),
+    }
+    for kind in with_workers[0].failure_counts:
+        counts[f"worker_failures_{kind}"] = float(
+            sum(vec_env.failure_counts[kind] for vec_env in with_workers)
+        )
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------
+# Logging: TensorBoard + a progress bar (SPS, recent return, ETA)
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLogger:
+    """TensorBoard writer plus a tqdm bar over agent steps; resumes the event stream on resume."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool, config: Any) -> None:
+        # purge_step drops events written after the checkpoint we resume from, so curves do not fold back.
+        self.writer = SummaryWriter(str(run_dir), purge_step=start_step if start_step > 0 else None)
+        if start_step == 0:
+            rows = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(config).items())
+            self.writer.add_text("config", f"|param|value|\n|-|-|\n{rows}")
+        self.bar = tqdm(
+            total=total_steps, initial=start_step, disable=not progress, unit="step", dynamic_ncols=True,
+            smoothing=0.05,
+        )  # fmt: skip
+        self.last_step = start_step
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Writes the finite values of ``values`` at ``step`` (NaN means "nothing yet")."""
+        for name, value in values.items():
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(name, value, step)
+
+    def progress(self, step: int, episodes: EpisodeTracker, sps: float) -> None:
+        """Moves the bar to ``step`` with the speed and the recent episodes' return and distance."""
+        self.bar.update(step - self.last_step)
+        self.last_step = step
+        postfix = {"sps": f"{sps:.0f}", "eps": episodes.count}
+        if episodes.recent:
+            postfix["return"] = f"{episodes.mean('return'):.1f}"
+            if not math.isnan(episodes.mean("x_pos_max")):
+                postfix["x"] = f"{episodes.mean('x_pos_max'):.0f}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.flush()
+        self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning beside collection (overlap)
+# ---------------------------------------------------------------------------------------------
+
+
+class AsyncLearner[T]:
+    """Runs an algorithm's updates in one background thread while the next data is collected, or
+    in place when ``enabled`` is False; either way each update's result is booked once, in order.
+
+    With overlap the update on batch k runs while batch k+1 is collected with weights from before
+    that update (a policy lag of one update, as in APPO); on a CPU the learner then uses the core
+    that the env workers leave idle during a serial update.
+    """
+
+    def __init__(self, enabled: bool, name: str) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name) if enabled else None
+        self.pending: tuple[Future[T], Any] | None = None  # the update in flight, with its tag
+
+    @property
+    def enabled(self) -> bool:
+        return self.executor is not None
+
+    def submit(
+        self,
+        tag: Any,
+        update: Callable[..., T],
+        *args: Any,
+        book: Callable[[Any, T], None],
+        refresh: Callable[[], None] | None = None,
+    ) -> None:
+        """Runs ``update(*args)`` and books its result with ``book(tag, result)``.
+
+        Serial: now. Overlap: first books the update in flight (it ran while this batch was
+        collected), calls ``refresh`` (the collector's copy of the weights takes them), then starts
+        this one in the thread; it is booked by the next ``submit`` or :meth:`finish`.
+        """
+        if self.executor is None:
+            book(tag, update(*args))
+            return
+        self.finish(book)
+        if refresh is not None:
+            refresh()
+        self.pending = (self.executor.submit(update, *args), tag)
+
+    def finish(self, book: Callable[[Any, T], None]) -> None:
+        """Waits for the update in flight and books it; raises its error. It is cleared only once
+        booked: a Ctrl-C during the wait leaves it to :meth:`settle`."""
+        if self.pending is not None:
+            future, tag = self.pending
+            result = future.result()
+            self.pending = None
+            book(tag, result)
+
+    def settle(self, book: Callable[[Any, T], None]) -> None:
+        """On shutdown: waits for the update in flight, so that no weights change while saving, and
+        books it unless it failed (the error being handled is the one to report)."""
+        if self.pending is not None:
+            future, tag = self.pending
+            self.pending = None
+            if future.exception() is None:
+                with contextlib.suppress(Exception):
+                    book(tag, future.result())
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+class Trainer(Protocol):
+    """What :meth:`TrainingRun.guard` needs of an algorithm's trainer."""
+
+    def settle(self) -> None:
+        """Waits for learning in flight and books its result (no eval, no checkpoint)."""
+
+    def save(self) -> None:
+        """Writes a checkpoint of the state after the last completed update."""
+
+    def close(self) -> None:
+        """Stops background work (the learner thread); the run closes the envs and the log."""
+
+
+class TrainingRun:
+    """One training run's life around an algorithm: set-up, resume, logs, evals, checkpoints, stop.
+
+    Args:
+        algo: the algorithm's name (``"ppo"``), recorded in checkpoints.
+        config: the algorithm's config dataclass; the engine reads ``env``, ``seed``, ``device``,
+            ``threads``, ``env_backend``, ``sticky``, ``eval_every``, ``eval_episodes``,
+            ``checkpoint_every`` and ``keep_checkpoints``.
+        run_dir: the run directory (its ``config.json`` is written by the caller).
+        resume: continue from the newest good checkpoint in ``run_dir``.
+        progress: show a progress bar.
+    """
+
+    def __init__(self, algo: str, config: Any, run_dir: Path, resume: bool, progress: bool) -> None:
+        self.algo, self.config, self.run_dir, self.show_progress = algo, config, Path(run_dir), progress
+        self.device = resolve_device(config.device)
+        self.learn_threads = set_learner_threads(config.threads)
+        self.np_rng = seed_everything(config.seed)
+        config.check()
+        loaded = load_training_checkpoint(self.run_dir) if resume else None
+        #: The resumed checkpoint's state ({} for a new run); the trainer reads its own keys from it.
+        self.saved: dict[str, Any] = loaded[0] if loaded is not None else {}
+        self.resumed = loaded is not None
+        self.global_step = int(self.saved.get("global_step", 0))
+        self.episodes = EpisodeTracker()
+        self.episodes.restore(self.saved)
+        self.history: list[dict[str, Any]] = list(self.saved.get("history", []))
+        self.skipped_updates = int(self.saved.get("skipped_updates", 0))
+        self.bad_in_a_row = 0  # updates (PPO) or gradient steps (DQN) in a row with non-finite numbers
+        # Worker failures of earlier processes of this run: the counts carry on across resumes.
+        self.workers_before: dict[str, float] = dict(self.saved.get("worker_counts", {}))
+        self.vec_envs: list[Any] = []
+        self.meta: dict[str, Any] = {}
+        self.logger: RunLogger | None = None
+        self.last_eval_step = self.last_checkpoint_step = self.global_step
+        self.start_time, self.start_step = time.time(), self.global_step
+
+    # ---- set-up ---------------------------------------------------------------------------
+
+    def make_vec_env(self, num_envs: int, seed: int) -> Any:
+        """The training envs (closed by the run): the config's env, back-end and sticky actions."""
+        ray = {"ray_address": self.config.ray_address} if self.config.env_backend == "ray" else {}
+        vec_env = envs.make_vec(
+            self.config.env, num_envs, seed=seed, backend=self.config.env_backend, **ray,
+            **train_env_overrides(self.config),
+        )  # fmt: skip
+        self.vec_envs.append(vec_env)
+        return vec_env
+
+    def start(self, obs_shape: tuple[int, ...], num_actions: int, total_steps: int) -> None:
+        """Called once the networks and optimizer exist (and hold the resumed weights): restores the
+        RNG states of the checkpoint, then opens the log. The checkpoint meta records the shapes."""
+        self.meta = {
+            "algo": self.algo,
+            "config": jsonable(dataclasses.asdict(self.config)),
+            "obs_shape": list(obs_shape),
+            "num_actions": num_actions,
+        }
+        if "rng" in self.saved:  # a slim (weights-only) checkpoint resumes with fresh RNGs
+            set_rng_state(self.saved["rng"], self.np_rng)
+        self.logger = RunLogger(self.run_dir, total_steps, self.global_step, self.show_progress, self.config)
+        self.start_time, self.start_step = time.time(), self.global_step
+
+    # ---- during training ------------------------------------------------------------------
+
+    @property
+    def sps(self) -> float:
+        """Agent steps per second of training in this process (evaluations included, as they run)."""
+        return (self.global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)
+
+    def add_episodes(self, infos: dict[str, Any]) -> None:
+        """Books the episodes that ended at a vector step."""
+        for _, stats in finished_episodes(infos):
+            self.episodes.add(stats)
+
+    def log(self, step: int, record: dict[str, float], scalars: dict[str, float]) -> None:
+        """Appends a history record and writes TensorBoard scalars at ``step``.
+
+        Args:
+            step: the agent step the record describes.
+            record: the algorithm's numbers for ``metrics.json`` (losses...).
+            scalars: the algorithm's TensorBoard scalars (``losses/...``, ``charts/...``).
+        """
+        sps = self.sps
+        episodes = self.episodes
+        record = {
+            "step": step, "sps": sps, "seconds": time.time() - self.start_time, **record,
+            "return_mean": episodes.mean("return"), "x_pos_max_mean": episodes.mean("x_pos_max"),
+            "clear_rate": episodes.mean("flag_get"),
+        }  # fmt: skip
+        if episodes.stage_means():
+            record["stages"] = episodes.stage_means()
+        self.history.append(record)
+        workers = self.worker_counts()
+        assert self.logger is not None
+        self.logger.scalars(
+            {
+                **scalars,
+                "charts/SPS": sps,
+                "charts/episodic_return": record["return_mean"],
+                "charts/episodic_length": episodes.mean("length"),
+                "charts/x_pos_max": record["x_pos_max_mean"],
+                "charts/clear_rate": record["clear_rate"],
+                "charts/episodes": episodes.count,
+                "charts/skipped_updates": self.skipped_updates,
+                **{f"charts/{name}": count for name, count in workers.items()},
+                **stage_scalars(episodes),
+            },
+            step,
+        )
+        self.logger.progress(self.global_step, episodes, sps)
+
+    def worker_counts(self) -> dict[str, float]:
+        """Env-worker failures over the whole run (earlier processes of a resumed run included)."""
+        now = worker_counts(self.vec_envs)
+        return {name: self.workers_before.get(name, 0.0) + now.get(name, 0.0) for name in now}
+
+    def check_health(self, limit: int, unit: str) -> None:
+        """Stops the run once ``bad_in_a_row`` reaches ``limit``: non-finite losses that persist
+        will not heal, and the last good checkpoint is worth more than more steps."""
+        if self.bad_in_a_row >= limit:
+            raise TrainingStopped(
+                f"loss or gradients were not finite for {self.bad_in_a_row} {unit} in a row; the last "
+                f"good checkpoint in {self.run_dir / CHECKPOINTS} is kept (try a lower learning_rate)"
+            )
+
+    def eval_due(self, step: int) -> bool:
+        """True at the first step past each multiple of ``eval_every``: a resumed run evaluates at
+        the same steps, with the same eval seeds, as one that was never interrupted."""
+        every = self.config.eval_every
+        if every and step // every > self.last_eval_step // every:
+            self.last_eval_step = step
+            return True
+        return False
+
+    def checkpoint_due(self, step: int) -> bool:
+        """True every ``checkpoint_every`` steps, but only after a healthy stretch: a NaN streak
+        keeps the last good checkpoint."""
+        if step - self.last_checkpoint_step >= self.config.checkpoint_every and self.bad_in_a_row == 0:
+            self.last_checkpoint_step = step
+            return True
+        return False
+
+    def evaluate(self, policy: Policy, seed: int, step: int) -> dict[str, Any]:
+        """Greedy episodes with the eval protocol of the preset (and the training's sticky actions),
+        logged under ``eval/`` at ``step``."""
+        config = self.config
+        summary = evaluate(
+            policy,
+            lambda n: envs.make_vec(config.env, n, seed=seed, **eval_env_overrides(config)),
+            config.eval_episodes,
+            seed,
+        )
+        assert self.logger is not None
+        self.logger.scalars(eval_scalars(summary), step)
+        return summary
+
+    def save(self, step: int, state: dict[str, Any]) -> None:
+        """Checkpoints the algorithm's ``state`` plus the engine's (RNGs, episodes, history, counts)."""
+        full = {
+            **state,
+            "rng": rng_state(self.np_rng),
+            **self.episodes.state(),
+            "history": self.history,
+            "skipped_updates": self.skipped_updates,
+            "worker_counts": self.worker_counts(),
+        }
+        save_training_checkpoint(self.run_dir, step, full, self.meta, self.config.keep_checkpoints)
+
+    # ---- stopping -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def guard(self, trainer: Trainer) -> Iterator[None]:
+        """The one shutdown behaviour of every algorithm.
+
+        * Ctrl-C or SIGTERM (raised as KeyboardInterrupt by ``lab train``): wait for the update in
+          flight, save a checkpoint, close, re-raise.
+        * :class:`TrainingStopped` (NaNs that persist): close, keeping the last good checkpoint.
+        * Any other error (env workers that keep failing, a full disk): save what was learnt unless
+          the disk itself failed (a disk that refused one checkpoint refuses the next), close, and
+          raise TrainingStopped with the cause chained.
+        """
+        try:
+            yield
+        except KeyboardInterrupt:
+            try:
+                trainer.settle()
+                trainer.save()
+            finally:
+                self.close(trainer)
+            raise
+        except TrainingStopped:
+            trainer.settle()
+            self.close(trainer)
+            raise
+        except Exception as error:
+            trainer.settle()
+            if is_storage_error(error):
+                note = f"; the last good checkpoint in {self.run_dir / CHECKPOINTS} is kept"
+            else:
+                note = try_to_save(trainer.save)
+            self.close(trainer)
+            raise TrainingStopped(f"training stopped: {error}{note}") from error
+        finally:
+            trainer.close()
+
+    def close(self, trainer: Trainer | None = None) -> None:
+        """Stops the trainer's background work, closes the envs and the log (idempotent)."""
+        if trainer is not None:
+            trainer.close()
+        for vec_env in self.vec_envs:
+            vec_env.close()
+        self.vec_envs.clear()
+        if self.logger is not None:
+            self.logger.close()
+
+    def finish(self, policy: Policy, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """After the last checkpoint: the final greedy eval, ``metrics.json`` and the learning curve.
+
+        Returns:
+            The ``lab train --json`` summary: run_dir, algo, env, steps, sps (training throughput,
+            without the final eval), train_seconds, eval_seconds, episodes, skipped_updates and the
+            final eval (eval_return_mean..., for Mario eval_clear_rate, per stage when several).
+        """
+        train_seconds = time.time() - self.start_time
+        steps = self.global_step - self.start_step
+        for vec_env in self.vec_envs:  # the training envs are done; the eval makes its own
+            vec_env.close()
+        self.vec_envs.clear()
+        eval_start = time.time()
+        final = self.evaluate(policy, seed=self.config.seed + 10_000, step=self.global_step)
+        eval_seconds = time.time() - eval_start
+        self.close()
+        summary: dict[str, Any] = {
+            "run_dir": str(self.run_dir), "algo": self.algo, "env": self.config.env, "steps": self.global_step,
+            "sps": round(steps / max(train_seconds, 1e-9), 1), "train_seconds": round(train_seconds, 1),
+            "eval_seconds": round(eval_seconds, 1), "episodes": self.episodes.count,
+            "skipped_updates": self.skipped_updates, "eval_episodes": final["episodes"],
+            "eval_return_mean": final["return_mean"], "eval_return_std": final["return_std"],
+        }  # fmt: skip
+        if "clear_rate" in final:
+            summary["eval_clear_rate"] = final["clear_rate"]
+            summary["eval_x_pos_mean"] = final["x_pos_mean"]
+        if "stages" in final:
+            summary["eval_stages"] = final["stages"]
+        summary.update(extra or {})
+        atomic_write_json(self.run_dir / "metrics.json", jsonable({**summary, "history": self.history}))
+        if self.history:
+            plot_learning_curve(
+                self.history, self.run_dir / "learning_curve.png", f"{self.algo} on {self.config.env}"
+            )
+        return summary
+
+
+def try_to_save(save: Callable[[], None]) -> str:
+    """Runs ``save``; returns a note on whether the checkpoint was written."""
+    try:
+        save()
+    except OSError as error:
+        return f" (and the checkpoint could not be written: {error.strerror or error})"
+    return "; a checkpoint was saved"
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning curves of agent runs
+# ---------------------------------------------------------------------------------------------
+
+# (clear rate of the last 100 training episodes, plot label, `lab export` summary key)
+CLEAR_MILESTONES = (
+    (1e-9, "first clear", "steps_to_first_clear"),
+    (0.9, "90% clears", "steps_to_90_clears"),
+)
+
+
+def first_step_reaching(history: list[dict[str, Any]], key: str, threshold: float) -> int | None:
+    """The agent step of the first history record whose ``key`` is at least ``threshold``."""
+    for record in history:
+        value = record.get(key)
+        if value is not None and not math.isnan(value) and value >= threshold:
+            return int(record["step"])
+    return None
+
+
+def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Recent mean episode return over agent steps; Mario adds furthest x and the clear rate with
+    the steps of the first clear and of 90% clears; multi-stage runs add the clear rate per stage."""
+    has_mario = any(not math.isnan(record.get("clear_rate", math.nan) or math.nan) for record in history)
+    panels = [Panel(("return_mean",), "mean episode return (last 100)")]
+    if has_mario:
+        markers = []
+        for threshold, text, _key in CLEAR_MILESTONES:
+            step = first_step_reaching(history, "clear_rate", threshold)
+            if step is not None:
+                markers.append((step, f"{text}: {step / 1e6:.2f}M"))
+        panels += [
+            Panel(("x_pos_max_mean",), "furthest x (last 100 episodes)"),
+            Panel(("clear_rate",), "flag reached (last 100)", ylim=(-0.02, 1.02), markers=tuple(markers)),
+        ]
+    stages = sorted({label for record in history for label in record.get("stages", {})})
+    if stages:
+        history = [
+            {**record, **{f"clear_rate/{label}": means["clear_rate"] for label, means in record.get("stages", {}).items()}}
+            for record in history
+        ]  # fmt: skip
+        panels.append(
+            Panel(tuple(f"clear_rate/{label}" for label in stages), "flag reached per stage (last 100)",
+                  legend=tuple(stages), ylim=(-0.02, 1.02))
+        )  # fmt: skip
+    return plot_history(history, "step", panels, path, title=title, xlabel="agent steps")

@@ -1,0 +1,194 @@
+"""Episodes: the statistics of finished episodes, their recent windows, and greedy evaluation.
+
+A vector env with same-step autoreset reports an episode's end in ``infos["final_info"]``;
+:func:`finished_episodes` reads it, :class:`EpisodeTracker` keeps the recent ones (overall and per
+Mario stage) for the progress bar and TensorBoard, and :func:`evaluate` plays whole episodes with a
+trained policy and summarises them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import numpy as np
+
+#: The info keys of a finished episode that its statistics keep (Mario's progress and stage).
+EPISODE_INFO_KEYS = ("x_pos_max", "flag_get", "world", "stage", "stalled")
+
+
+def stage_label(stats: dict[str, float]) -> str | None:
+    """``"1-3"`` for an episode of Mario's world 1, stage 3; None when the env reports no stage."""
+    if "world" not in stats or "stage" not in stats:
+        return None
+    return f"{int(stats['world'])}-{int(stats['stage'])}"
+
+
+def finished_episodes(infos: dict[str, Any]) -> Iterator[tuple[int, dict[str, float]]]:
+    """Yields ``(env_index, stats)`` for every episode that ended at this vector step.
+
+    ``stats`` has ``return`` and ``length`` and, where the env reports them, ``x_pos_max``,
+    ``flag_get``, ``world`` and ``stage`` (Mario). Reads Gymnasium's dict-of-arrays ``final_info``
+    with its ``_key`` masks.
+    """
+    final_info = infos.get("final_info")
+    if not final_info or "_final_info" not in infos:
+        return
+    episode = final_info.get("episode")
+    if episode is None:
+        return
+    for index in np.flatnonzero(infos["_final_info"]):
+        if "_episode" in final_info and not final_info["_episode"][index]:
+            continue
+        stats = {"return": float(episode["r"][index]), "length": float(episode["l"][index])}
+        for key in EPISODE_INFO_KEYS:
+            if key in final_info and final_info.get(f"_{key}", np.ones(index + 1, bool))[index]:
+                stats[key] = float(final_info[key][index])
+        yield int(index), stats
+
+
+class EpisodeTracker:
+    """Recent-episode windows for the progress bar and TensorBoard ``charts/``: one over all
+    episodes, and one per stage for multi-stage Mario presets (so a rare stage keeps its own 100)."""
+
+    def __init__(self, window: int = 100) -> None:
+        self.window = window
+        self.recent: deque[dict[str, float]] = deque(maxlen=window)
+        self.by_stage: dict[str, deque[dict[str, float]]] = {}
+        self.count = 0
+
+    def add(self, stats: dict[str, float]) -> None:
+        self.recent.append(stats)
+        self.count += 1
+        label = stage_label(stats)
+        if label is not None:
+            self.by_stage.setdefault(label, deque(maxlen=self.window)).append(stats)
+
+    def mean(self, key: str, stage: str | None = None) -> float:
+        """Mean of ``key`` over the recent episodes (of ``stage`` only, when given)."""
+        episodes = self.recent if stage is None else self.by_stage.get(stage, ())
+        values = [s[key] for s in episodes if key in s]
+        return float(np.mean(values)) if values else math.nan
+
+    def stage_means(self) -> dict[str, dict[str, float]]:
+        """``{stage: {"clear_rate", "x_pos_max_mean", "episodes"}}`` when episodes span several stages."""
+        if len(self.by_stage) < 2:
+            return {}
+        return {
+            label: {
+                "clear_rate": self.mean("flag_get", label),
+                "x_pos_max_mean": self.mean("x_pos_max", label),
+                "episodes": float(len(self.by_stage[label])),
+            }
+            for label in sorted(self.by_stage)
+        }
+
+    def state(self) -> dict[str, Any]:
+        """For checkpoints: the count and the window, so that a resumed run's curves carry on."""
+        return {
+            "episodes": self.count,
+            "recent_episodes": list(self.recent),
+            "recent_by_stage": {label: list(window) for label, window in self.by_stage.items()},
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.count = int(state.get("episodes", 0))
+        self.recent.clear()
+        self.recent.extend(dict(stats) for stats in state.get("recent_episodes", []))
+        self.by_stage = {
+            label: deque((dict(stats) for stats in window), maxlen=self.window)
+            for label, window in state.get("recent_by_stage", {}).items()
+        }
+
+
+def stage_scalars(episodes: EpisodeTracker) -> dict[str, float]:
+    """``stages/<W-S>/clear_rate`` and ``stages/<W-S>/x_pos_max`` for multi-stage runs, else ``{}``."""
+    scalars = {}
+    for label, means in episodes.stage_means().items():
+        scalars[f"stages/{label}/clear_rate"] = means["clear_rate"]
+        scalars[f"stages/{label}/x_pos_max"] = means["x_pos_max_mean"]
+    return scalars
+
+
+class Policy(Protocol):
+    """What evaluation and video need from a trained agent."""
+
+    def reset(self, num_envs: int) -> None: ...
+
+    def act(self, obs: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Greedy actions for a batch of observations; ``starts[i]`` marks a new episode in env i."""
+        ...
+
+
+def evaluate(
+    policy: Policy,
+    make_vec_env: Callable[[int], Any],
+    episodes: int,
+    seed: int,
+    max_envs: int = 8,
+) -> dict[str, Any]:
+    """Plays ``episodes`` greedy episodes and summarises them.
+
+    Each env gets a fixed quota of episodes, so short episodes are not over-represented.
+
+    Returns:
+        ``episodes``, ``return_mean``, ``return_std``, ``length_mean`` and, for Mario,
+        ``clear_rate`` and ``x_pos_mean``; plus the per-episode list under ``per_episode``.
+    """
+    num_envs = max(1, min(max_envs, episodes))
+    quota = [episodes // num_envs + (1 if i < episodes % num_envs else 0) for i in range(num_envs)]
+    env = make_vec_env(num_envs)
+    results: list[dict[str, float]] = []
+    try:
+        obs, _ = env.reset(seed=seed)
+        policy.reset(num_envs)
+        starts = np.ones(num_envs, dtype=bool)
+        done_count = [0] * num_envs
+        while len(results) < episodes:
+            actions, _ = policy.act(obs, starts)
+            obs, _, terminations, truncations, infos = env.step(actions)
+            starts = np.logical_or(terminations, truncations)
+            for index, stats in finished_episodes(infos):
+                if done_count[index] < quota[index]:
+                    done_count[index] += 1
+                    results.append(stats)
+    finally:
+        env.close()
+    return summarize_episodes(results)
+
+
+def summarize_episodes(results: list[dict[str, float]]) -> dict[str, Any]:
+    returns = np.array([r["return"] for r in results], dtype=np.float64)
+    summary: dict[str, Any] = {
+        "episodes": len(results),
+        "return_mean": float(returns.mean()) if len(results) else math.nan,
+        "return_std": float(returns.std()) if len(results) else math.nan,
+        "length_mean": float(np.mean([r["length"] for r in results])) if results else math.nan,
+    }
+    if results and "flag_get" in results[0]:
+        summary["clear_rate"] = float(np.mean([r.get("flag_get", 0.0) for r in results]))
+        summary["x_pos_mean"] = float(np.mean([r.get("x_pos_max", 0.0) for r in results]))
+        summary["stalled"] = int(sum(r.get("stalled", 0.0) for r in results))
+    labels = sorted({label for label in map(stage_label, results) if label is not None})
+    if len(labels) > 1:
+        summary["stages"] = {}
+        for label in labels:
+            played = [r for r in results if stage_label(r) == label]
+            summary["stages"][label] = {
+                "episodes": len(played),
+                "clear_rate": float(np.mean([r.get("flag_get", 0.0) for r in played])),
+                "x_pos_mean": float(np.mean([r.get("x_pos_max", 0.0) for r in played])),
+            }
+    summary["per_episode"] = results
+    return summary
+
+
+def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
+    """``eval/`` TensorBoard scalars of an :func:`evaluate` summary."""
+    scalars = {"eval/return_mean": summary["return_mean"], "eval/length_mean": summary["length_mean"]}
+    if "clear_rate" in summary:
+        scalars["eval/clear_rate"] = summary["clear_rate"]
+        scalars["eval/x_pos_mean"] = summary["x_pos_mean"]
+    return scalars

@@ -1,0 +1,197 @@
+"""Magnitude pruning: global unstructured sparsity (gradual, Zhu & Gupta 2017) and channel pruning.
+
+Unstructured pruning zeroes the smallest-magnitude weights over all Conv2d/Linear layers at once
+(``torch.nn.utils.prune.global_unstructured``), so layers with many redundant weights lose more. The
+weights keep their dense shapes: the file compresses well but dense kernels run no faster.
+Structured channel pruning instead removes whole convolution channels from a NatureCNN and returns
+a genuinely smaller network.
+
+A pruning run alternates ``prune_global(model, schedule[i])`` with fine-tuning (the maintainer's
+loop), then ``fold_masks`` before saving.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from nets.cnn import NatureCNN
+
+
+class SparsityCount(NamedTuple):
+    """Zero and total entries over the weights of every Conv2d/Linear (biases excluded)."""
+
+    zeros: int
+    total: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.total if self.total else 0.0
+
+
+def prunable_weights(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(layer, "weight") for every Conv2d and Linear in ``module``, in ``named_modules`` order."""
+    return [(m, "weight") for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+
+
+def _check_sparsity(value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"sparsity must be in (0, 1), got {value}")
+
+
+def sparsity_count(module: nn.Module) -> SparsityCount:
+    """Exact counts of zero weights; works on masked (``weight = weight_orig * weight_mask``) and folded models."""
+    zeros = total = 0
+    for layer, name in prunable_weights(module):
+        weight = getattr(layer, name)
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return SparsityCount(zeros, total)
+
+
+def sparsity(module: nn.Module) -> float:
+    """Fraction of zero entries over all Conv2d/Linear weights, in [0, 1]."""
+    return sparsity_count(module).sparsity
+
+
+def prune_global(module: nn.Module, target: float) -> SparsityCount:
+    """Masks the smallest-|w| weights of all Conv2d/Linear layers so that exactly ``round(target * total)`` are masked.
+
+    Repeated calls with rising targets (``cubic_schedule``) extend the existing masks: masked weights stay
+    masked, and torch's pruning container applies the new amount to the weights still unmasked.
+
+    Args:
+        module: The model, pruned in place (adds ``weight_orig`` parameters and ``weight_mask`` buffers).
+        target: Overall sparsity in (0, 1), over the weights of all prunable layers together.
+
+    Returns:
+        The resulting zero count over the prunable weights: ``round(target * total)`` exactly (weights that
+        are exactly zero already count towards it).
+
+    Raises:
+        ValueError: If ``target`` is outside (0, 1) or below the sparsity the weights already have.
+    """
+    _check_sparsity(target)
+    params = prunable_weights(module)
+    if not params:
+        raise ValueError("the module has no Conv2d or Linear layer to prune")
+    total = sum(getattr(m, n).numel() for m, n in params)
+    masked = sum(int((getattr(m, f"{n}_mask") == 0).sum()) for m, n in params if hasattr(m, f"{n}_mask"))
+    goal = round(target * total)
+    current = sparsity_count(module)
+    if goal < current.zeros:
+        raise ValueError(f"target sparsity {target} is below the current sparsity {current.sparsity:.6f}")
+    # An int amount counts entries among those still unmasked; L1 picks the unmasked zeros first (there
+    # are at most goal - masked of them), so exactly ``goal`` weights end up zero.
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=goal - masked)
+    return sparsity_count(module)
+
+
+def cubic_schedule(final: float, rounds: int, initial: float = 0.0) -> list[float]:
+    """Per-round sparsity targets of Zhu & Gupta (2017): s_t = s_f + (s_i - s_f) (1 - t / n)^3, t = 1..n.
+
+    Pruning is fast at first, while many weights are redundant, and slows down towards the target,
+    leaving the fine-tuning between rounds more time to recover. The list is non-decreasing and its last
+    entry equals ``final``.
+    """
+    _check_sparsity(final)
+    if not 0.0 <= initial < final:
+        raise ValueError(f"initial sparsity must be in [0, final={final}), got {initial}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    return [final + (initial - final) * (1.0 - t / rounds) ** 3 for t in range(1, rounds + 1)]
+
+
+def fold_masks(module: nn.Module) -> nn.Module:
+    """Makes pruning permanent: ``weight = weight_orig * weight_mask`` becomes a plain parameter.
+
+    The state dict then has the keys of the unpruned model (no ``_orig`` / ``_mask``), with zeros in place.
+    """
+    for layer in module.modules():
+        names = [key for key, _ in layer.named_parameters(recurse=False)]
+        for name in names:
+            if name.endswith("_orig"):
+                prune.remove(layer, name.removesuffix("_orig"))
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Structured: remove whole convolution channels from a NatureCNN
+# ---------------------------------------------------------------------------------------------
+
+
+class ChannelPruning(NamedTuple):
+    """Result of ``prune_channels``.
+
+    Attributes:
+        module: The new, smaller NatureCNN (same in_shape, out_dim and geometry).
+        channels: Its three convolution widths.
+        kept: Per convolution, the original indices of the surviving channels (ascending), (C_i',) int64.
+    """
+
+    module: NatureCNN
+    channels: tuple[int, int, int]
+    kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _convs(net: NatureCNN) -> list[nn.Conv2d]:
+    return [m for m in net.conv if isinstance(m, nn.Conv2d)]
+
+
+def channel_l1(conv: nn.Conv2d) -> torch.Tensor:
+    """L1 norm of each output channel's kernel (Li et al. 2017): (C_out, C_in, kh, kw) -> (C_out,)."""
+    return conv.weight.detach().abs().sum(dim=(1, 2, 3))
+
+
+@torch.no_grad()
+def prune_channels(net: NatureCNN, keep: float | tuple[float, float, float]) -> ChannelPruning:
+    """Keeps the largest-L1 output channels of each convolution and builds a smaller NatureCNN from them.
+
+    A removed channel still emitted relu(bias) where its kernel was near zero; that constant is lost,
+    so fine-tune (or distil) afterwards. Channels whose kernel and bias are both zero are removed exactly.
+
+    Args:
+        net: A NatureCNN with a Linear layer (``out_dim`` not None), unchanged.
+        keep: Fraction of channels to keep, in (0, 1], for all three convolutions or one per convolution;
+            at least one channel survives, ``ceil(keep * C)`` in general.
+
+    Returns:
+        The new network, its channel counts and the kept indices.
+    """
+    if not isinstance(net, NatureCNN):
+        raise ValueError(f"prune_channels needs a nets.NatureCNN, got {type(net).__name__}")
+    if isinstance(net.fc, nn.Identity):
+        raise ValueError("prune_channels needs a NatureCNN with out_dim set (its Linear layer takes the cut)")
+    fractions = (keep,) * 3 if isinstance(keep, int | float) else tuple(keep)
+    if len(fractions) != 3 or not all(0.0 < f <= 1.0 for f in fractions):
+        raise ValueError(f"keep must be in (0, 1], one value or three, got {keep}")
+    convs = _convs(net)
+    kept = tuple(
+        channel_l1(conv).topk(max(1, math.ceil(f * conv.out_channels))).indices.sort().values
+        for conv, f in zip(convs, fractions, strict=True)
+    )
+    channels = tuple(len(k) for k in kept)
+    fc = net.fc[0]
+    small = NatureCNN(
+        net.in_shape,
+        fc.out_features,
+        channels=channels,
+        geometry=net.geometry,
+        channels_last=net.channels_last,
+    )
+    previous = torch.arange(net.in_shape[0])
+    for old, new, idx in zip(convs, _convs(small), kept, strict=True):
+        new.weight.copy_(old.weight[idx][:, previous])
+        new.bias.copy_(old.bias[idx])
+        previous = idx
+    # Flatten orders features as (C, H, W): pick the surviving channels' blocks of H*W inputs.
+    last = convs[-1].out_channels
+    weight = fc.weight.reshape(fc.out_features, last, -1)[:, kept[-1]]  # (out, C', H*W)
+    small.fc[0].weight.copy_(weight.reshape(fc.out_features, -1))
+    small.fc[0].bias.copy_(fc.bias)
+    small.train(net.training)
+    return ChannelPruning(small, channels, kept)

@@ -1,0 +1,147 @@
+"""The commands that play a trained agent: ``lab eval``, ``lab watch``, ``lab export``.
+
+Each takes a run directory, its ``checkpoints/`` folder or a checkpoint file (``agents.load_agent``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+from lab.errors import UsageError
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    """Plays ``--episodes`` episodes and summarises them; ``--save`` writes ``eval.json``."""
+    import envs
+    from agents import load_agent
+    from agents.episodes import evaluate
+    from core.files import atomic_write_json
+
+    agent = load_agent(args.run, args.device, args.stochastic, args.seed)
+    config = agent.config
+    overrides = {} if args.deterministic_start else envs.eval_overrides(config.env)
+    if args.sticky is not None:
+        if envs.resolve(config.env).kind != "mario":
+            raise UsageError(f"--sticky applies to Mario presets only; this run trains {config.env!r}")
+        overrides["sticky_prob"] = args.sticky
+    summary = evaluate(
+        agent.policy,
+        lambda n: envs.make_vec(config.env, n, seed=args.seed, **overrides),
+        args.episodes,
+        args.seed,
+    )
+    summary = {
+        "run": args.run,
+        "env": config.env,
+        "actions": "sampled" if args.stochastic else "greedy",
+        **summary,
+    }
+    if args.save:
+        path = agent.run_dir / "eval.json"
+        protocol = {"checkpoint": agent.sidecar.name, "seed": args.seed, "randomised_start": overrides,
+                    "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+        atomic_write_json(path, {**summary, **protocol})
+        summary["saved"] = str(path)
+    if not args.json:
+        print_eval(summary)
+        if args.save:
+            print(f"saved: {summary['saved']}")
+    return summary
+
+
+def print_eval(summary: dict[str, Any]) -> None:
+    line = (
+        f"{summary['env']}: {summary['episodes']} {summary.get('actions', 'greedy')} episodes, "
+        f"return {summary['return_mean']:.1f} +- {summary['return_std']:.1f}, length {summary['length_mean']:.0f}"
+    )
+    if "clear_rate" in summary:
+        line += f", flag reached {summary['clear_rate']:.0%}, mean furthest x {summary['x_pos_mean']:.0f}"
+    if summary.get("stalled"):
+        line += f" ({summary['stalled']} cut for making no progress)"
+    print(line)
+    for label, stage in summary.get("stages", {}).items():
+        print(
+            f"  {label}: {stage['episodes']} episodes, flag reached {stage['clear_rate']:.0%}, "
+            f"mean furthest x {stage['x_pos_mean']:.0f}"
+        )
+
+
+def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
+    """Records rollouts to a video (or a window with ``--human``)."""
+    from agents import load_agent
+    from lab.watch import watch
+
+    agent = load_agent(args.run, args.device, args.stochastic, args.seed)
+    if args.out is None and not args.human:
+        out = agent.run_dir / "videos" / "watch.mp4"
+    else:
+        out = Path(args.out) if args.out else None
+    if out is not None and out.suffix.lower() not in (".mp4", ".gif"):
+        raise UsageError(f"--out must end in .mp4 or .gif, got {out.name!r}")
+    summary = watch(
+        agent.policy,
+        agent.config.env,
+        out,
+        args.episodes,
+        args.seed,
+        args.human,
+        args.max_steps,
+        small=args.small,
+    )
+    if not args.json:
+        for episode in summary["per_episode"]:
+            print(describe_episode(episode))
+        if out is not None:
+            print(f"video: {out}")
+    return summary
+
+
+def describe_episode(episode: dict[str, Any]) -> str:
+    text = f"return {episode['return']:.1f}, {episode['length']} steps"
+    if "flag_get" in episode:
+        text += (
+            f", flag {'reached' if episode['flag_get'] else 'not reached'}, "
+            f"distance x={episode.get('x_pos_max', 0):.0f}"
+        )
+        if "game_time" in episode:
+            text += f", game time {episode['game_time']}"
+    return text
+
+
+def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
+    """Copies a run's newest weights, config and learning curve into a small run for sharing."""
+    from agents.engine import (
+        CLEAR_MILESTONES,
+        export_slim_checkpoint,
+        first_step_reaching,
+        plot_learning_curve,
+    )
+    from core.checkpoint import latest_checkpoint, load_checkpoint
+    from core.files import check_writable
+    from core.runs import run_dir_of
+
+    source, out = run_dir_of(args.run), Path(args.out)
+    if not source.is_dir() or latest_checkpoint(source / "checkpoints") is None:
+        raise UsageError(f"{source} is not a run directory with a loadable checkpoint")
+    if out.resolve() == source.resolve():
+        raise UsageError("OUT_DIR must differ from RUN_DIR")
+    if out.exists():
+        check_writable(out)
+    sidecar = export_slim_checkpoint(source, out)
+    state, meta = load_checkpoint(sidecar)
+    history = list(state.get("history", []))
+    if history:
+        plot_learning_curve(
+            history, out / "learning_curve.png", f"{meta['algo'].upper()} on {meta['config']['env']}"
+        )
+    size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
+    summary = {"run": str(out), "checkpoint": str(sidecar), "steps": int(state["global_step"]), "bytes": size}
+    if any("clear_rate" in record for record in history):
+        for threshold, _label, key in CLEAR_MILESTONES:
+            summary[key] = first_step_reaching(history, "clear_rate", threshold)
+    if not args.json:
+        print(f"exported {source} at {summary['steps']:,} steps to {out} ({size / 2**20:.1f} MB)")
+    return summary

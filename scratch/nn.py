@@ -1,0 +1,283 @@
+"""Layers and models: ``Parameter``, ``Module``, ``Linear``, ``Conv2d``, ``MLP``, ``SmallCNN``.
+
+A ``Module`` finds its parameters by looking through its attributes: a ``Parameter``, another
+``Module``, or a list/tuple of them. No registration calls are needed, and the names follow the
+attribute path (``layers.0.W``), which is how the torch bridges below map weights.
+
+Initialisation is torch's default for ``nn.Linear`` and ``nn.Conv2d``: weights and biases uniform in
+[-1/sqrt(fan_in), 1/sqrt(fan_in)], where fan_in is the number of inputs of one output unit (in_features,
+or C*KH*KW for a kernel). The weight variance is then 1 / (3 fan_in), so the variance of a
+pre-activation (a sum of fan_in terms) does not depend on the width of the layer. (The lab's torch ``nets.MLP`` uses orthogonal weights instead; the bridges copy
+weights, so the initialisation does not matter for them.)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from scratch import ops
+from scratch.core import Variable, as_variable, no_grad
+
+if TYPE_CHECKING:
+    import torch
+
+    from scratch.optim import Optimizer
+
+ACTIVATIONS: dict[str, Callable[[Any], Variable]] = {"tanh": ops.tanh, "relu": ops.relu}
+
+
+class Parameter(Variable):
+    """A Variable that a Module trains: ``Module.parameters()`` collects these and nothing else."""
+
+
+class Module:
+    """Base class of layers and models: ``model(x)`` calls ``forward(x)``."""
+
+    def forward(self, *inputs: Any) -> Variable:
+        raise NotImplementedError
+
+    def __call__(self, *inputs: Any) -> Variable:
+        return self.forward(*inputs)
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        """``(dotted name, parameter)`` for every parameter, in attribute order, sub-modules included."""
+        for name, value in vars(self).items():
+            yield from _named_parameters_in(value, prefix + name)
+
+    def parameters(self) -> list[Parameter]:
+        """Every parameter of this module and its sub-modules."""
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self) -> None:
+        """Clears the gradient of every parameter (gradients accumulate across backward calls)."""
+        for p in self.parameters():
+            p.cleargrad()
+
+
+def _named_parameters_in(value: Any, name: str) -> Iterator[tuple[str, Parameter]]:
+    if isinstance(value, Parameter):
+        yield name, value
+    elif isinstance(value, Module):
+        yield from value.named_parameters(name + ".")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _named_parameters_in(item, f"{name}.{i}")
+
+
+def uniform(rng: np.random.Generator, bound: float, shape: tuple[int, ...]) -> Parameter:
+    """A float64 parameter drawn uniformly from [-bound, bound]."""
+    return Parameter(rng.uniform(-bound, bound, size=shape))
+
+
+class Linear(Module):
+    """``x @ W + b``: (N, in_features) -> (N, out_features).
+
+    W is stored as (in_features, out_features), so the forward pass needs no transpose; torch's
+    ``nn.Linear.weight`` is the transpose, (out_features, in_features).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool = True, rng: np.random.Generator | None = None
+    ) -> None:
+        rng = np.random.default_rng() if rng is None else rng
+        bound = 1.0 / math.sqrt(in_features)
+        self.W = uniform(rng, bound, (in_features, out_features))
+        self.b = uniform(rng, bound, (out_features,)) if bias else None
+
+    def forward(self, x: Any) -> Variable:
+        y = ops.matmul(x, self.W)
+        return y if self.b is None else y + self.b
+
+
+class Conv2d(Module):
+    """2-D convolution, (N, C, H, W) -> (N, OC, OH, OW); W is (OC, C, KH, KW) as in torch."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        bias: bool = True,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        rng = np.random.default_rng() if rng is None else rng
+        self.stride, self.padding = stride, padding
+        bound = 1.0 / math.sqrt(in_channels * kernel_size * kernel_size)
+        self.W = uniform(rng, bound, (out_channels, in_channels, kernel_size, kernel_size))
+        self.b = uniform(rng, bound, (out_channels,)) if bias else None
+
+    def forward(self, x: Any) -> Variable:
+        return ops.conv2d(x, self.W, self.b, self.stride, self.padding)
+
+
+def get_activation(name: str) -> Callable[[Any], Variable]:
+    """The activation function called ``name``; ValueError naming the valid ones otherwise."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; valid: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MLP(Module):
+    """Linear -> activation -> ... -> Linear: (N, in_dim) -> (N, out_dim) logits or values.
+
+    Input with more than two axes, such as images (N, 1, 8, 8), is flattened to (N, in_dim) first.
+
+    Args:
+        in_dim: Input features.
+        hidden: Widths of the hidden layers, each followed by the activation.
+        out_dim: Outputs of the final Linear layer (no activation after it).
+        activation: "tanh" or "relu".
+        seed: Seed of the weight initialisation.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: tuple[int, ...],
+        out_dim: int,
+        activation: str = "tanh",
+        seed: int | None = 0,
+    ) -> None:
+        self.in_dim, self.hidden, self.out_dim = in_dim, tuple(hidden), out_dim
+        self.activation = activation
+        self.act = get_activation(activation)
+        rng = np.random.default_rng(seed)
+        sizes = [in_dim, *self.hidden, out_dim]
+        self.layers = [Linear(a, b, rng=rng) for a, b in zip(sizes[:-1], sizes[1:], strict=True)]
+
+    def forward(self, x: Any) -> Variable:
+        x = as_variable(x)
+        if x.ndim > 2:
+            x = x.reshape(len(x), -1)
+        for layer in self.layers[:-1]:
+            x = self.act(layer(x))
+        return self.layers[-1](x)
+
+
+class SmallCNN(Module):
+    """A CNN for small images such as the 1x8x8 digits: conv 3x3 -> ReLU -> max-pool 2x2 -> Linear.
+
+    (N, C, S, S) -> conv, padding 1 -> (N, channels, S, S) -> pool -> (N, channels, S/2, S/2) -> flatten
+    -> Linear -> (N, num_classes) logits.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 8,
+        channels: int = 8,
+        num_classes: int = 10,
+        seed: int | None = 0,
+    ) -> None:
+        rng = np.random.default_rng(seed)
+        self.conv = Conv2d(in_channels, channels, 3, padding=1, rng=rng)
+        self.fc = Linear(channels * (image_size // 2) ** 2, num_classes, rng=rng)
+
+    def forward(self, x: Any) -> Variable:
+        h = ops.max_pool2d(ops.relu(self.conv(x)), 2)  # (N, channels, S/2, S/2)
+        return self.fc(h.reshape(len(h), -1))
+
+
+# ==================================================================================================
+# Training helpers
+# ==================================================================================================
+
+
+def train_step(model: Module, optimizer: Optimizer, x: Any, labels: Any) -> float:
+    """One gradient step on the cross-entropy of ``model(x)``; returns the loss before the step."""
+    model.zero_grad()
+    loss = ops.cross_entropy(model(x), labels)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def predict(model: Module, x: Any) -> np.ndarray:
+    """The arg-max class of each row of ``model(x)``, computed without recording a graph: (N,) ints."""
+    with no_grad():
+        return model(x).data.argmax(axis=1)
+
+
+def accuracy(model: Module, x: Any, labels: Any) -> float:
+    """Share of the rows of ``x`` whose predicted class equals the label."""
+    return float(np.mean(predict(model, x) == np.asarray(labels)))
+
+
+# ==================================================================================================
+# Bridges to the lab's torch nets.MLP
+# ==================================================================================================
+# nets.MLP(in_shape, hidden, out_dim, activation) keeps Linear, activation, Linear, ... in ``layers``
+# (an nn.Sequential), so scratch layer i is the torch module ``layers.{2 i}``. Two layouts hold an MLP:
+#   "mlp":        nets.MLP(in_dim, hidden, out_dim=out_dim, activation), the last Linear inside it;
+#   "classifier": tasks.models.Classifier(nets.MLP(in_dim, hidden, out_dim=None, activation), out_dim),
+#                 what `lab fit xor/playground/digits --net mlp` trains: the hidden layers are
+#                 ``encoder.layers.{2 i}`` and the last Linear is the head, ``head.linear``.
+# scratch imports no other lab package (ARCHITECTURE.md), so the bridges work on plain state dicts;
+# torch itself is imported on use.
+
+LAYOUTS = ("mlp", "classifier")
+
+
+def torch_layer_names(model: MLP, layout: str = "mlp") -> list[str]:
+    """The torch module name of each Linear layer of ``model``, first to last, in ``layout``."""
+    if layout == "mlp":
+        return [f"layers.{2 * i}" for i in range(len(model.layers))]
+    if layout == "classifier":
+        return [f"encoder.layers.{2 * i}" for i in range(len(model.layers) - 1)] + ["head.linear"]
+    raise ValueError(f"unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}")
+
+
+def to_torch_state_dict(model: MLP, layout: str = "mlp") -> dict[str, torch.Tensor]:
+    """The torch state dict holding ``model``'s weights in ``layout`` ("mlp" or "classifier").
+
+    Tensors are float64; load them into a ``.double()`` module for bit-level agreement.
+    """
+    import torch
+
+    state = {}
+    for name, layer in zip(torch_layer_names(model, layout), model.layers, strict=True):
+        state[f"{name}.weight"] = torch.tensor(layer.W.data.T.copy())  # torch: (out, in)
+        state[f"{name}.bias"] = torch.tensor(layer.b.data.copy())
+    return state
+
+
+def from_torch_state_dict(model: MLP, state: dict[str, Any], layout: str | None = None) -> MLP:
+    """Copies the weights of a torch state dict into ``model`` (in place) and returns it.
+
+    Args:
+        model: A scratch MLP of the same architecture.
+        state: ``module.state_dict()`` of a nets.MLP or a tasks Classifier around one; any dtype/device.
+        layout: "mlp" or "classifier"; None picks "classifier" when the keys start with "encoder.".
+
+    Raises:
+        ValueError: A key is missing or extra, or a shape differs; the message names it.
+    """
+    if layout is None:
+        layout = "classifier" if any(key.startswith("encoder.") for key in state) else "mlp"
+    expected = to_torch_state_dict(model, layout)
+    if set(state) != set(expected):
+        raise ValueError(
+            f"state dict keys {sorted(state)} do not match the {layout} layout of this MLP, "
+            f"{sorted(expected)} (in_dim={model.in_dim}, hidden={model.hidden}, out_dim={model.out_dim})"
+        )
+    arrays = {key: _float64_array(value) for key, value in state.items()}
+    for key, array in arrays.items():
+        if array.shape != tuple(expected[key].shape):
+            raise ValueError(f"{key}: shape {array.shape} where the MLP needs {tuple(expected[key].shape)}")
+    for name, layer in zip(torch_layer_names(model, layout), model.layers, strict=True):
+        layer.W.data = arrays[f"{name}.weight"].T.copy()  # (out, in) -> (in, out)
+        layer.b.data = arrays[f"{name}.bias"].copy()
+    return model
+
+
+def _float64_array(value: Any) -> np.ndarray:
+    """A torch tensor (any device) or array-like as a float64 ndarray."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().double().numpy()
+    return np.asarray(value, dtype=np.float64)

@@ -1,0 +1,190 @@
+"""The run engine's one shutdown behaviour (agents/engine.py, ARCHITECTURE.md "Stopping"), checked for
+every algorithm from the same tests: a full disk, a read-only run directory, Ctrl-C, SIGTERM, NaNs
+that persist and NaNs that heal, and the resumes after them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from agents import ALGOS, dqn, engine, ppo
+from tests.test_reliability import (
+    TINY_DQN,
+    TINY_PPO,
+    assert_no_debris,
+    assert_one_line_exit_2,
+    no_plots,  # noqa: F401  (fixture)
+    one_torch_thread,  # noqa: F401  (fixture)
+    run_main,
+    snapshot,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# Per algorithm: its tiny CartPole settings and the agent steps of its first and second checkpoint.
+TINY = {"ppo": (TINY_PPO, 128, 256), "dqn": (TINY_DQN, 200, 400)}
+ALGO_NAMES = list(ALGOS)
+
+
+def train_argv(algo: str, run_dir: Path, steps: int) -> list[Any]:
+    return ["train", "cartpole", "--run-dir", run_dir, "--steps", steps, *TINY[algo][0]]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.rsplit("_", 1)[-1]) for p in (run_dir / "checkpoints").glob("step_*.json"))
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_a_full_disk_stops_with_the_last_good_checkpoint_then_resumes(algo, tmp_path, full_disk, capsys):
+    run_dir, (_, first, second) = tmp_path / "run", TINY[algo]
+    full_disk(lambda path: "/checkpoints/" in path and f".step_{first:012d}." not in path)
+    code, _, err = run_main(train_argv(algo, run_dir, 3 * first), capsys)
+    line = assert_one_line_exit_2(
+        code, err, "no space left on device", f"step {first}", f"lab train --resume {run_dir}"
+    )
+    assert f"step_{second:012d}" in line
+    assert_no_debris(run_dir)
+    assert engine.load_training_checkpoint(run_dir)[0]["global_step"] == first
+    full_disk(None)  # space is freed: the run continues from the kept checkpoint and finishes
+    code, out, err = run_main(["train", "--resume", run_dir, "--no-progress", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 3 * first
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_a_read_only_run_dir_is_refused_before_anything_is_written(algo, tmp_path, read_only, capsys):
+    run_dir = tmp_path / "locked"
+    run_dir.mkdir()
+    read_only(run_dir)
+    code, _, err = run_main(train_argv(algo, run_dir, TINY[algo][1]), capsys)
+    assert_one_line_exit_2(code, err, str(run_dir), "read-only", "nothing was changed")
+    assert snapshot(run_dir) == {}
+
+
+def interrupt_after(monkeypatch, module: Any, calls: int, error: BaseException) -> None:
+    """Raises ``error`` from the algorithm's ``calls``-th env step (a Ctrl-C arrives mid-collection)."""
+    real = module.TrainingRun.make_vec_env
+    count = {"n": 0}
+
+    def make_vec_env(self: Any, *args: Any, **kwargs: Any) -> Any:
+        vec_env = real(self, *args, **kwargs)
+        real_step = vec_env.step
+
+        def step(actions: Any) -> Any:
+            count["n"] += 1
+            if count["n"] == calls:
+                raise error
+            return real_step(actions)
+
+        vec_env.step = step
+        return vec_env
+
+    monkeypatch.setattr(module.TrainingRun, "make_vec_env", make_vec_env)
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_finishes(algo, tmp_path, monkeypatch, capsys):
+    run_dir, (_, first, _) = tmp_path / "run", TINY[algo]
+    module = ALGOS[algo]
+    # PPO steps its 2 envs 64 times a rollout; DQN steps 2 envs once per 2 agent steps.
+    interrupt_after(monkeypatch, module, 64 + 10 if algo == "ppo" else 150, KeyboardInterrupt())
+    code, _, err = run_main(train_argv(algo, run_dir, 4 * first), capsys)
+    assert code == 130, err
+    assert "interrupted" in err and f"lab train --resume {run_dir}" in err and "Traceback" not in err
+    saved = engine.load_training_checkpoint(run_dir)[0]["global_step"]
+    assert 0 < saved < 4 * first
+    assert_no_debris(run_dir)
+    monkeypatch.undo()
+    code, out, err = run_main(["train", "--resume", run_dir, "--no-progress", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 4 * first
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_an_error_in_training_saves_what_was_learnt_and_exits_1(algo, tmp_path, monkeypatch, capsys):
+    run_dir, (_, first, _) = tmp_path / "run", TINY[algo]
+    interrupt_after(
+        monkeypatch, ALGOS[algo], 64 + 10 if algo == "ppo" else 150, RuntimeError("emulator exploded")
+    )
+    code, _, err = run_main(train_argv(algo, run_dir, 4 * first), capsys)
+    assert code == 1, err
+    assert (
+        "emulator exploded" in err and "a checkpoint was saved" in err and len(err.strip().splitlines()) == 1
+    )
+    assert engine.load_training_checkpoint(run_dir) is not None
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_sigterm_stops_like_ctrl_c(algo, tmp_path):
+    run_dir, (_, first, _) = tmp_path / "run", TINY[algo]
+    argv = [str(a) for a in train_argv(algo, run_dir, 10_000)]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lab", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not checkpoint_steps(run_dir) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert f"Resume with: lab train --resume {run_dir}" in err
+    assert checkpoint_steps(run_dir) and checkpoint_steps(run_dir)[-1] >= first
+    assert_no_debris(run_dir)
+
+
+def non_finite_gradients(monkeypatch) -> None:
+    """Every gradient step sees a non-finite gradient norm (and so skips its optimizer step)."""
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: torch.tensor(float("nan")))
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_persistent_nans_stop_training_and_keep_the_last_good_checkpoint(algo, tmp_path, monkeypatch, capsys):
+    run_dir, (_, first, _) = tmp_path / "run", TINY[algo]
+    code, _, err = run_main(train_argv(algo, run_dir, first), capsys)
+    assert code == 0, err
+    good = engine.load_training_checkpoint(run_dir)[0]
+    files = snapshot(run_dir / "checkpoints")
+    non_finite_gradients(monkeypatch)
+    monkeypatch.setattr(dqn, "MAX_BAD_STEPS", 30)
+    unit = {"ppo": "3 updates", "dqn": "30 gradient steps"}[algo]
+    code, _, err = run_main(["train", "--resume", run_dir, "--steps", 20 * first, "--no-progress"], capsys)
+    assert code == 1, err
+    assert f"not finite for {unit} in a row" in err and len(err.strip().splitlines()) == 1
+    assert snapshot(run_dir / "checkpoints") == files  # no checkpoint of broken weights
+    kept = engine.load_training_checkpoint(run_dir)[0]
+    for key, value in good["model"].items():
+        assert torch.equal(kept["model"][key], value)
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_nans_that_heal_only_skip_steps(algo, tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def sometimes_nan(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["n"] += 1
+        norm = real(*args, **kwargs)
+        return torch.tensor(float("nan")) if calls["n"] % 4 == 0 else norm  # one step in four
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", sometimes_nan)
+    module = ALGOS[algo]
+    if algo == "ppo":
+        config = ppo.PPOConfig(env="cartpole", num_envs=2, num_steps=64, total_steps=512, device="cpu",
+                               eval_episodes=1)  # fmt: skip
+    else:
+        config = dqn.DQNConfig(env="cartpole", num_envs=2, buffer_size=1000, learning_starts=100, total_steps=600,
+                               device="cpu", eval_every=0, eval_episodes=1, hidden=(32, 32))  # fmt: skip
+    summary = module.train(config, tmp_path / "run", progress=False)
+    assert summary["steps"] == config.total_steps and summary["skipped_updates"] > 0
+    state = engine.load_training_checkpoint(tmp_path / "run")[0]
+    assert all(torch.isfinite(value).all() for value in state["model"].values())
+    assert state["skipped_updates"] == summary["skipped_updates"]  # the count survives a resume
