@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import envs
 import nets
 from agents.buffers import ReplayBuffer
-from agents.engine import AsyncLearner, TrainingRun
+from agents.engine import AsyncLearner, EvalListener, TrainingRun, parse_until
 from core.checkpoint import load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, keep_freed_memory
 from core.config import config_from_dict as rebuild_config
@@ -109,6 +109,9 @@ class DQNConfig:
     )
     log_every: int = option(1_000, "agent steps between log records", min=1)
     eval_every: int = option(2_500, "agent steps between greedy evals (0: at end)", min=0)
+    until: str | None = option(
+        None, "stop once a periodic greedy eval reaches METRIC=VALUE, e.g. clear_rate=0.9"
+    )
     eval_episodes: int = option(10, "episodes per greedy eval", min=1)
     keep_best: bool = option(True, "end with the weights of the best periodic greedy eval (needs eval_every)")
     checkpoint_every: int = option(50_000, "agent steps between checkpoints", min=1)
@@ -117,6 +120,9 @@ class DQNConfig:
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
+        parse_until(self.until)
+        if self.until and not self.eval_every:
+            raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         if self.learning_starts > self.buffer_size:
             raise ValueError(f"learning_starts={self.learning_starts} exceeds buffer_size={self.buffer_size}")
         if self.overlap and self.prioritized:
@@ -249,17 +255,23 @@ MAX_BAD_STEPS = 100
 # ---------------------------------------------------------------------------------------------
 
 
-def train(config: DQNConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    config: DQNConfig,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_eval: EvalListener | None = None,
+) -> dict[str, Any]:
     """Trains DQN, writing TensorBoard events, checkpoints and metrics.json into ``run_dir``.
 
     Returns:
         The ``lab train --json`` summary (:meth:`agents.engine.TrainingRun.finish`), with the step
         and return of the best periodic eval when ``keep_best`` is on.
     """
-    run = TrainingRun(ALGO, config, run_dir, resume, progress)
+    run = TrainingRun(ALGO, config, run_dir, resume, progress, on_eval)
     trainer = DQNTrainer(config, run)
     with run.guard(trainer):
-        while run.global_step < config.total_steps:
+        while run.global_step < config.total_steps and not run.done:
             previous_step = run.global_step
             pending = send_actions(trainer)  # advances run.global_step by num_envs
             if trainer.buffer.added >= config.learning_starts and len(trainer.buffer) >= config.batch_size:

@@ -263,6 +263,24 @@ class Trainer(Protocol):
         """Stops background work (the learner thread); the run closes the envs and the log."""
 
 
+#: The eval summary keys ``until`` may name, and a listener's signature (step, eval summary, final?).
+UNTIL_METRICS = ("return_mean", "clear_rate", "x_pos_mean", "length_mean")
+EvalListener = Callable[[int, dict[str, Any], bool], None]
+
+
+def parse_until(text: str | None) -> tuple[str, float] | None:
+    """``"clear_rate=0.9"`` -> ``("clear_rate", 0.9)``; ValueError naming the valid metrics otherwise."""
+    if not text:
+        return None
+    metric, _, value = text.partition("=")
+    if metric not in UNTIL_METRICS or not value:
+        raise ValueError(f"until={text!r} must be METRIC=VALUE with METRIC one of {', '.join(UNTIL_METRICS)}")
+    try:
+        return metric, float(value)
+    except ValueError:
+        raise ValueError(f"until={text!r}: {value!r} is not a number") from None
+
+
 class TrainingRun:
     """One training run's life around an algorithm: set-up, resume, logs, evals, checkpoints, stop.
 
@@ -274,9 +292,19 @@ class TrainingRun:
         run_dir: the run directory (its ``config.json`` is written by the caller).
         resume: continue from the newest good checkpoint in ``run_dir``.
         progress: show a progress bar.
+        on_eval: called as ``on_eval(step, summary, final)`` after every greedy evaluation (a sweep
+            reports them to Ray Tune).
     """
 
-    def __init__(self, algo: str, config: Any, run_dir: Path, resume: bool, progress: bool) -> None:
+    def __init__(
+        self,
+        algo: str,
+        config: Any,
+        run_dir: Path,
+        resume: bool,
+        progress: bool,
+        on_eval: EvalListener | None = None,
+    ) -> None:
         self.algo, self.config, self.run_dir, self.show_progress = algo, config, Path(run_dir), progress
         self.device = resolve_device(config.device)
         self.learn_threads = set_learner_threads(config.threads)
@@ -299,6 +327,10 @@ class TrainingRun:
         self.logger: RunLogger | None = None
         self.last_eval_step = self.last_checkpoint_step = self.global_step
         self.start_time, self.start_step = time.time(), self.global_step
+        self.on_eval = on_eval
+        self.until = parse_until(config.until)
+        #: Set when a periodic eval reached ``until``: (agent step, seconds of training); the loop ends.
+        self.reached: tuple[int, float] | None = None
 
     # ---- set-up ---------------------------------------------------------------------------
 
@@ -418,7 +450,19 @@ class TrainingRun:
         )
         assert self.logger is not None
         self.logger.scalars(eval_scalars(summary), step)
+        final = seed == config.seed + 10_000
+        if self.on_eval is not None:
+            self.on_eval(step, summary, final)
+        if self.until is not None and not final and self.reached is None:
+            metric, target = self.until
+            if summary.get(metric, -math.inf) >= target:
+                self.reached = (step, time.time() - self.start_time)
         return summary
+
+    @property
+    def done(self) -> bool:
+        """True once the ``until`` target was reached: the algorithm's loop ends there."""
+        return self.reached is not None
 
     def save(self, step: int, state: dict[str, Any]) -> None:
         """Checkpoints the algorithm's ``state`` plus the engine's (RNGs, episodes, history, counts)."""
@@ -508,6 +552,11 @@ class TrainingRun:
             summary["eval_x_pos_mean"] = final["x_pos_mean"]
         if "stages" in final:
             summary["eval_stages"] = final["stages"]
+        if self.until is not None:
+            metric, target = self.until
+            step, seconds = self.reached if self.reached else (None, None)
+            summary["until"] = {"metric": metric, "target": target, "reached_at_step": step,
+                                "reached_after_seconds": None if seconds is None else round(seconds, 1)}  # fmt: skip
         summary.update(extra or {})
         atomic_write_json(self.run_dir / "metrics.json", jsonable({**summary, "history": self.history}))
         if self.history:

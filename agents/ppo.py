@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.distributions import Categorical
 
 import nets
-from agents.engine import AsyncLearner, TrainingRun
+from agents.engine import AsyncLearner, EvalListener, TrainingRun, parse_until
 from core.checkpoint import load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
 from core.config import config_from_dict as rebuild_config
@@ -96,12 +96,18 @@ class PPOConfig:
         max=64,
     )
     eval_every: int = option(0, "agent steps between greedy evals (0: at end)", min=0)
+    until: str | None = option(
+        None, "stop once a periodic greedy eval reaches METRIC=VALUE, e.g. clear_rate=0.9"
+    )
     eval_episodes: int = option(10, "episodes per greedy eval", min=1)
     checkpoint_every: int = option(50_000, "agent steps between checkpoints", min=1)
     keep_checkpoints: int = option(2, "checkpoints kept on disk", min=1)
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
+        parse_until(self.until)
+        if self.until and not self.eval_every:
+            raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         batch_size = self.num_envs * self.num_steps
         if batch_size < self.num_minibatches or (
             self.memory != "none" and self.num_envs % self.num_minibatches
@@ -348,16 +354,24 @@ class UpdateStats(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 
-def train(config: PPOConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(
+    config: PPOConfig,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_eval: EvalListener | None = None,
+) -> dict[str, Any]:
     """Trains PPO, writing TensorBoard events, checkpoints and metrics.json into ``run_dir``.
 
     Returns:
         The ``lab train --json`` summary (:meth:`agents.engine.TrainingRun.finish`).
     """
-    run = TrainingRun(ALGO, config, run_dir, resume, progress)
+    run = TrainingRun(ALGO, config, run_dir, resume, progress, on_eval)
     trainer = PPOTrainer(config, run)
     with run.guard(trainer):
         for update in range(trainer.first_update, trainer.num_updates):
+            if run.done:  # a periodic eval reached config.until
+                break
             rollout = trainer.rollouts[update % len(trainer.rollouts)]
             collect_rollout(trainer, rollout)  # advances run.global_step by num_envs * num_steps
             trainer.learner.submit(

@@ -67,6 +67,12 @@ def build_parser() -> Parser:
     train.add_argument("--run-dir", default=None, help="output directory (default: runs/<env>-<algo>-<time>)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR")
     train.add_argument(
+        "--until",
+        default=None,
+        metavar="METRIC=VALUE",
+        help="stop once a periodic greedy eval reaches it, e.g. clear_rate=0.9 (sets eval_every if unset)",
+    )
+    train.add_argument(
         "--set",
         dest="overrides",
         action="append",

@@ -30,6 +30,9 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(0)
         run_dir = new_run_dir(args, config, module.ALGO)
     config = apply_overrides(config, args.overrides)
+    if args.until is not None:
+        # A target needs periodic evals; 50k agent steps apart unless the preset or --set chose.
+        config = dataclasses.replace(config, until=args.until, eval_every=config.eval_every or 50_000)
     validate(config)
     check_net(config.net, allow_auto=True)
     check_device(config.device)
@@ -132,6 +135,14 @@ def print_train_summary(summary: dict[str, Any]) -> None:
     if "eval_clear_rate" in summary:
         line += f", flag reached {summary['eval_clear_rate']:.0%}"
     print(f"{line} -> {summary['run_dir']}")
+    until = summary.get("until")
+    if until and until["reached_at_step"] is not None:
+        print(
+            f"target {until['metric']} >= {until['target']} reached at {until['reached_at_step']:,} agent steps, "
+            f"{until['reached_after_seconds'] / 60:.1f} min of wall-clock training"
+        )
+    elif until:
+        print(f"target {until['metric']} >= {until['target']} not reached in {summary['steps']:,} agent steps")
 
 
 def print_config_help(config: Any) -> None:
