@@ -136,21 +136,17 @@ CONFIG = DQNConfig
 # The network: encoder -> Q head
 # ---------------------------------------------------------------------------------------------
 
-FEED_FORWARD_NETS = ("mlp", "nature", "impala", "vit")
+
+def feed_forward_nets() -> tuple[str, ...]:
+    """The registry's nets that map one observation to features (no sequence memory)."""
+    return tuple(name for name in nets.names() if nets.kind(name) != "sequence")
 
 
 def build_encoder(config: DQNConfig, obs_shape: tuple[int, ...]) -> nn.Module:
-    name = config.net
-    if name == "auto":
-        name = "nature" if len(obs_shape) == 3 else "mlp"
-    if name not in FEED_FORWARD_NETS:
-        raise ValueError(
-            f"DQN needs a feed-forward net, got {name!r}; valid nets: {', '.join(FEED_FORWARD_NETS)}"
-        )
-    if name == "mlp":
-        # ReLU as in SB3's and CleanRL's DQN (PPO's MLP uses tanh).
-        return nets.build("mlp", in_shape=obs_shape, hidden=config.hidden, activation="relu")
-    return nets.build(name, in_shape=obs_shape)
+    """The config's encoder, feed-forward only; the MLP uses ReLU, as SB3's and CleanRL's DQN."""
+    return nets.build_encoder(
+        config.net, obs_shape, config.hidden, activation="relu", allowed=feed_forward_nets()
+    )
 
 
 class QNetwork(nn.Module):
@@ -211,6 +207,10 @@ def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> DQ
     state, _ = load_checkpoint(sidecar)
     config = config_from_dict(meta["config"])
     q_network = QNetwork(config, tuple(meta["obs_shape"]), int(meta["num_actions"])).to(device)
+    if meta.get("quantization") == "int8":  # `lab compress --method quantize`: int8 layers, fp32 scales
+        from nets.quantized import int8_skeleton
+
+        q_network = int8_skeleton(q_network)
     q_network.load_state_dict(state["model"])
     policy = DQNPolicy(q_network, device, epsilon=config.end_e)
     policy.trained_steps = state.get("global_step")

@@ -135,12 +135,8 @@ CONFIG = PPOConfig
 
 
 def build_encoder(config: PPOConfig, obs_shape: tuple[int, ...]) -> nn.Module:
-    name = config.net
-    if name == "auto":
-        name = "nature" if len(obs_shape) == 3 else "mlp"
-    if name == "mlp":
-        return nets.build("mlp", in_shape=obs_shape, hidden=config.hidden, activation="tanh")
-    return nets.build(name, in_shape=obs_shape)
+    """The config's encoder; the MLP uses tanh, as CleanRL's PPO."""
+    return nets.build_encoder(config.net, obs_shape, config.hidden, activation="tanh")
 
 
 class ActorCritic(nn.Module):
@@ -271,6 +267,10 @@ def load_policy(sidecar: Path, meta: dict[str, Any], device: torch.device) -> PP
     state, _ = load_checkpoint(sidecar)
     config = config_from_dict(meta["config"])
     agent = ActorCritic(config, tuple(meta["obs_shape"]), int(meta["num_actions"])).to(device)
+    if meta.get("quantization") == "int8":  # `lab compress --method quantize`: int8 layers, fp32 scales
+        from nets.quantized import int8_skeleton
+
+        agent = int8_skeleton(agent)
     agent.load_state_dict(state["model"])
     policy = PPOPolicy(agent, device)
     policy.trained_steps = state.get("global_step")

@@ -18,6 +18,7 @@ import importlib
 from types import ModuleType
 
 from nets.cnn import ImpalaCNN, NatureCNN
+from nets.encoders import build_encoder
 from nets.heads import ActorCriticHead, LinearClassifier, QHead
 from nets.layers import layer_init
 from nets.mlp import MLP
@@ -39,6 +40,7 @@ __all__ = [
     "TransformerEncoder",
     "ViTEncoder",
     "build",
+    "build_encoder",
     "describe",
     "kind",
     "layer_init",

@@ -35,9 +35,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def fake_train(config: Any, run_dir: Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir),
+        "algo": "ppo",
+        "env": config.env,
         "steps": config.total_steps,
         "sps": 1.0,
+        "train_seconds": 1.0,
+        "eval_seconds": 0.0,
         "episodes": 0,
+        "eval_episodes": 1,
         "eval_return_mean": 0.0,
     }
 
@@ -631,3 +636,43 @@ def test_resume_refuses_to_change_the_env_of_a_run(paths, fakes, capsys):
     before = (Path(paths["run"]) / "config.json").read_text()
     assert_usage_error(["train", "--resume", paths["run"], "--set", "env=acrobot"], capsys, "env")
     assert (Path(paths["run"]) / "config.json").read_text() == before
+
+
+def test_a_typo_in_a_preset_is_one_line_with_a_suggestion(fakes, monkeypatch, capsys):
+    import envs.registry
+
+    preset = envs.registry.PRESETS["cartpole"]
+    monkeypatch.setitem(
+        envs.registry.PRESETS,
+        "cartpole",
+        dataclasses.replace(preset, ppo={**preset.ppo, "learning_rte": 1e-3}),
+    )
+    line = assert_usage_error(
+        ["train", "cartpole"], capsys, "learning_rte", "did you mean learning_rate", "preset"
+    )
+    assert "cartpole" in line
+
+
+def test_a_typo_in_a_resumed_config_is_one_line_with_a_suggestion(paths, fakes, capsys):
+    config_file = Path(paths["run"]) / "config.json"
+    data = json.loads(config_file.read_text())
+    data["config"]["gama"] = 0.9
+    config_file.write_text(json.dumps(data))
+    assert_usage_error(
+        ["train", "--resume", paths["run"]], capsys, "gama", "did you mean gamma", "config.json"
+    )
+
+
+@pytest.mark.parametrize("command", ["eval", "watch", "export"])
+def test_commands_that_take_a_run_take_its_checkpoints_folder(command, paths, fakes, tmp_path, capsys):
+    argv = [
+        command,
+        str(Path(paths["run"]) / "checkpoints"),
+        *([str(tmp_path / "slim")] if command == "export" else []),
+    ]
+    code, _, err = run_main([*argv, "--json"], capsys)
+    assert code == 0, err
+    code, _, err = run_main(
+        ["train", "--resume", str(Path(paths["run"]) / "checkpoints"), "--no-progress"], capsys
+    )
+    assert code == 0, err

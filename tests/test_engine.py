@@ -188,3 +188,21 @@ def test_nans_that_heal_only_skip_steps(algo, tmp_path, monkeypatch):
     state = engine.load_training_checkpoint(tmp_path / "run")[0]
     assert all(torch.isfinite(value).all() for value in state["model"].values())
     assert state["skipped_updates"] == summary["skipped_updates"]  # the count survives a resume
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_runs_written_before_the_engine_still_load_play_and_resume(algo, tmp_path, capsys):
+    """Checkpoints of the lab at 99e85bd (before agents/engine.py): tests/data/runs-99e85bd/."""
+    import shutil
+
+    from agents import load_agent
+
+    run_dir = tmp_path / algo
+    shutil.copytree(ROOT / "tests" / "data" / "runs-99e85bd" / algo, run_dir)
+    agent = load_agent(run_dir)
+    assert agent.meta["algo"] == algo and agent.policy.trained_steps == 256
+    code, out, err = run_main(["eval", run_dir, "--episodes", "2", "--json"], capsys)
+    assert code == 0, err
+    code, out, err = run_main(["train", "--resume", run_dir, "--steps", "512", "--no-progress", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["steps"] == 512
