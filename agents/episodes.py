@@ -159,6 +159,29 @@ def evaluate(
     return summarize_episodes(results)
 
 
+def evaluate_stages(
+    policy: Policy,
+    make_vec_env: Callable[[int, str], Any],
+    stages: tuple[str, ...],
+    episodes: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Plays ``episodes`` episodes on each stage of a multi-stage preset, one stage at a time, so every
+    stage gets the same number (a random draw of stages would give some far fewer).
+
+    Args:
+        make_vec_env: ``(num_envs, stage) -> vector env`` playing only that stage.
+
+    Returns:
+        The summary of all episodes (:func:`summarize_episodes`), whose ``stages`` holds each stage's.
+    """
+    results: list[dict[str, float]] = []
+    for index, stage in enumerate(stages):
+        summary = evaluate(policy, lambda n, stage=stage: make_vec_env(n, stage), episodes, seed + 1000 * index)
+        results += summary["per_episode"]
+    return summarize_episodes(results)
+
+
 def summarize_episodes(results: list[dict[str, float]]) -> dict[str, Any]:
     returns = np.array([r["return"] for r in results], dtype=np.float64)
     summary: dict[str, Any] = {

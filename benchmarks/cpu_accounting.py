@@ -44,7 +44,7 @@ def process_cpu_seconds(pid: int) -> dict[int, tuple[float, float]]:
     difference of the two.
     """
     seconds = {}
-    for process in train_throughput._descendants(pid):
+    for process in train_throughput.descendants(pid):
         try:
             seconds[process] = (
                 _cpu_seconds(f"/proc/{process}/stat"),

@@ -49,7 +49,7 @@ NUM_ACTIONS = 7  # SIMPLE_MOVEMENT
 SYSTEMS = ("emulator", "ours", "sb3", "gym-async")
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -60,7 +60,7 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _command(module: str) -> str:
+def command_line(module: str) -> str:
     """The command line that started this run, as a user would retype it.
 
     ``sys.argv`` is ``[".../train_throughput.py", ...]`` under ``python -m`` and ``[".../lab", "bench",
@@ -72,7 +72,7 @@ def _command(module: str) -> str:
     return shlex.join([program, *sys.argv[1:]])
 
 
-def _versions() -> dict[str, str]:
+def package_versions() -> dict[str, str]:
     names = [
         "gymnasium",
         "nes-py",
@@ -296,16 +296,16 @@ def run(seconds: float, repeats: int, num_envs: int, envs_per_worker: int | None
     medians = {system: statistics.median(values) for system, values in wall.items()}
     cpu_medians = {system: statistics.median(values) for system, values in per_cpu.items()}
     return {
-        "command": _command("benchmarks.env_throughput"),
+        "command": command_line("benchmarks.env_throughput"),
         "machine": {
             "cpus": cpus,
             "nproc": os.cpu_count(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "platform": platform.platform(),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
-        "versions": _versions(),
+        "versions": package_versions(),
         "settings": {
             "seconds": seconds,
             "repeats": repeats,

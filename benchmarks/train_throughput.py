@@ -86,7 +86,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.env_throughput import FRAME_SKIP, _command, _cpu_model, _versions
+from benchmarks.env_throughput import FRAME_SKIP, command_line, cpu_model, package_versions
 
 ENV = "mario-1-1"
 PPO_SYSTEMS = [
@@ -489,7 +489,7 @@ def run_child(name: str, settings: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """``pid`` and every process below it, from /proc (no psutil dependency)."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -579,7 +579,7 @@ def measure(name: str, settings: dict[str, Any]) -> dict[str, Any]:
 
     def sample(pid: int) -> None:
         nonlocal peak
-        peak = max(peak, _pss_mb(_descendants(pid)))
+        peak = max(peak, _pss_mb(descendants(pid)))
 
     # After 0.5, 1.5, 4.5, ... s up to PSS_INTERVAL: short children get samples too.
     intervals = itertools.chain((0.5 * 3**k for k in range(3)), itertools.repeat(PSS_INTERVAL))
@@ -666,15 +666,15 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
     from envs.vector import available_cpus
 
     return {
-        "command": _command("benchmarks.train_throughput"),
+        "command": command_line("benchmarks.train_throughput"),
         "machine": {
             "cpus": available_cpus(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
             "gpu": _gpu_name(),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
-        "versions": {**_versions(), "torch": _torch_version()},
+        "versions": {**package_versions(), "torch": _torch_version()},
         "settings": settings,
         "repeats": repeats,
         "rates": {

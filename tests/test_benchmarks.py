@@ -38,7 +38,7 @@ def test_descendants_include_grandchildren():
                               "print(p.pid, flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         grandchild = int(child.stdout.readline())
-        found = train_throughput._descendants(child.pid)
+        found = train_throughput.descendants(child.pid)
         assert child.pid in found and grandchild in found and os.getpid() not in found
         assert train_throughput._pss_mb(found) > 0
     finally:
@@ -166,10 +166,10 @@ def test_the_default_run_reports_every_targeted_ratio_with_its_verdict(monkeypat
     ],
 )
 def test_the_recorded_command_is_the_one_that_was_typed(monkeypatch, argv, expected):
-    from benchmarks.env_throughput import _command
+    from benchmarks.env_throughput import command_line
 
     monkeypatch.setattr(sys, "argv", argv)
-    assert _command("benchmarks.train_throughput") == expected
+    assert command_line("benchmarks.train_throughput") == expected
 
 
 # ---- benchmarks/cpu_accounting.py -------------------------------------------------------------
