@@ -177,7 +177,9 @@ def evaluate_stages(
     """
     results: list[dict[str, float]] = []
     for index, stage in enumerate(stages):
-        summary = evaluate(policy, lambda n, stage=stage: make_vec_env(n, stage), episodes, seed + 1000 * index)
+        summary = evaluate(
+            policy, lambda n, stage=stage: make_vec_env(n, stage), episodes, seed + 1000 * index
+        )
         results += summary["per_episode"]
     return summarize_episodes(results)
 

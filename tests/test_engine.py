@@ -203,6 +203,8 @@ def test_runs_written_before_the_engine_still_load_play_and_resume(algo, tmp_pat
     assert agent.meta["algo"] == algo and agent.policy.trained_steps == 256
     code, out, err = run_main(["eval", run_dir, "--episodes", "2", "--json"], capsys)
     assert code == 0, err
-    code, out, err = run_main(["train", "--resume", run_dir, "--steps", "512", "--no-progress", "--json"], capsys)
+    code, out, err = run_main(
+        ["train", "--resume", run_dir, "--steps", "512", "--no-progress", "--json"], capsys
+    )
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["steps"] == 512

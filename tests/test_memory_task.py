@@ -9,17 +9,17 @@ import pytest
 import torch
 
 import envs
-from agents import ppo
+from agents import episodes, ppo
 from core import runs
 
 PRESET = "minigrid-tmaze"
 
 
-def greedy_success(run_dir: Path, episodes: int = 50, seed: int = 12345) -> float:
+def greedy_success(run_dir: Path, count: int = 50, seed: int = 12345) -> float:
     """The fraction of greedy episodes that reach the matching object (return > 0)."""
     sidecar, meta = runs.locate_checkpoint(run_dir)
     policy = ppo.load_policy(sidecar, meta, torch.device("cpu"))
-    summary = episodes.evaluate(policy, lambda n: envs.make_vec(PRESET, n, seed=seed), episodes, seed)
+    summary = episodes.evaluate(policy, lambda n: envs.make_vec(PRESET, n, seed=seed), count, seed)
     return float(np.mean([episode["return"] > 0 for episode in summary["per_episode"]]))
 
 

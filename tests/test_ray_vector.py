@@ -264,6 +264,9 @@ def test_a_killed_actor_is_restarted_and_its_episodes_dropped(caplog):
             vec.step(np.zeros(4, dtype=np.int64))
         killed = vec._actors[1]
         ray.kill(killed)
+        # ray.kill only sends the kill: under load the next step could still reach the actor.
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(killed.pid.remote(), timeout=30)
         with caplog.at_level(logging.WARNING, logger="envs.ray_vector"):
             obs, rewards, terminations, truncations, infos = vec.step(np.zeros(4, dtype=np.int64))
         # Sub-envs 2 and 3 (the killed actor's): a fresh episode, reward 0, terminated.
