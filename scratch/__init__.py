@@ -6,10 +6,14 @@ Small enough to read in one sitting, and checked against torch.autograd to the l
 - ``scratch.core``: ``Variable``, ``Function``, ``backward`` (with ``create_graph`` for higher
   derivatives), ``no_grad``;
 - ``scratch.ops``: the operations, from ``add`` to ``conv2d``, and the operators of ``Variable``;
-- ``scratch.nn``: ``Module``, ``Linear``, ``Conv2d``, ``MLP``, ``SmallCNN``, torch state-dict bridges;
+- ``scratch.nn``: ``Module``, ``Linear``, ``Conv2d``, ``MLP``, ``SmallCNN``, ``ConvNet``, the slide's XOR
+  network, torch state-dict bridges;
 - ``scratch.optim``: SGD, Momentum, Nesterov, AdaGrad, RMSProp, Adam, AdamW with torch's formulas;
 - ``scratch.graph``: the computational graph as DOT text or a PNG;
-- ``scratch.surfaces``: 2-D test functions and optimiser trajectories on both engines.
+- ``scratch.surfaces``: 2-D test functions, optimiser trajectories on both engines, their pictures.
+
+``lab fit xor|playground|digits --engine scratch`` trains the lab's tasks with this engine
+(``tasks/scratch_fit.py``), and ``lab fit optim`` races its optimisers (``tasks/optim.py``).
 
 Example::
 

@@ -85,12 +85,18 @@ def layers(output: Variable) -> dict[int, list[Variable | Function]]:
     """Nodes by column: variable of generation g -> 2g, function of generation g -> 2g + 1.
 
     A function's inputs have generation <= its own and its outputs one more, so every arrow points
-    to a later column.
+    to a later column. A leaf (an input or a parameter) stands just before the first function that
+    uses it, not in column 0, so that its arrow does not cross the functions in between.
     """
     variables, functions = collect(output)
+    first_use: dict[int, int] = {}
+    for f in functions:
+        for x in f.inputs:
+            if x.creator is None:
+                first_use[id(x)] = min(first_use.get(id(x), f.generation), f.generation)
     columns: dict[int, list[Any]] = {}
     for v in variables:
-        columns.setdefault(2 * v.generation, []).append(v)
+        columns.setdefault(2 * first_use.get(id(v), v.generation), []).append(v)
     for f in functions:
         columns.setdefault(2 * f.generation + 1, []).append(f)
     return dict(sorted(columns.items()))

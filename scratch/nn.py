@@ -1,4 +1,4 @@
-"""Layers and models: ``Parameter``, ``Module``, ``Linear``, ``Conv2d``, ``MLP``, ``SmallCNN``.
+"""Layers and models: ``Parameter``, ``Module``, ``Linear``, ``Conv2d``, ``MLP``, ``SmallCNN``, ``ConvNet``.
 
 A ``Module`` finds its parameters by looking through its attributes: a ``Parameter``, another
 ``Module``, or a list/tuple of them. No registration calls are needed, and the names follow the
@@ -7,8 +7,9 @@ attribute path (``layers.0.W``), which is how the torch bridges below map weight
 Initialisation is torch's default for ``nn.Linear`` and ``nn.Conv2d``: weights and biases uniform in
 [-1/sqrt(fan_in), 1/sqrt(fan_in)], where fan_in is the number of inputs of one output unit (in_features,
 or C*KH*KW for a kernel). The weight variance is then 1 / (3 fan_in), so the variance of a
-pre-activation (a sum of fan_in terms) does not depend on the width of the layer. (The lab's torch ``nets.MLP`` uses orthogonal weights instead; the bridges copy
-weights, so the initialisation does not matter for them.)
+pre-activation (a sum of fan_in terms) does not depend on the width of the layer. (The lab's torch
+``nets.MLP`` uses orthogonal weights instead; the bridges copy weights, so the initialisation does not
+matter for them.)
 """
 
 from __future__ import annotations
@@ -184,6 +185,73 @@ class SmallCNN(Module):
         return self.fc(h.reshape(len(h), -1))
 
 
+class ConvNet(Module):
+    """Convolutions with ReLU, a ReLU Linear layer, a Linear output: nets.NatureCNN with a classifier head.
+
+    (N, C, H, W) floats -> [conv -> ReLU] per entry of ``convs`` -> flatten (N, D) -> Linear -> ReLU
+    -> (N, features) -> Linear -> (N, out_dim) logits. With ``NATURE_SMALL`` as ``convs`` this is the
+    network ``lab fit digits --net nature`` trains on the 8x8 digits, layer for layer, so its weights
+    move between the engines with the bridges below.
+
+    Args:
+        in_shape: (C, H, W) of one image.
+        convs: (out_channels, kernel, stride, padding) of each convolution, first to last.
+        features: Width of the ReLU Linear layer after the convolutions.
+        out_dim: Outputs of the final Linear layer (no activation after it).
+        seed: Seed of the weight initialisation.
+    """
+
+    def __init__(
+        self,
+        in_shape: tuple[int, int, int],
+        convs: tuple[tuple[int, int, int, int], ...],
+        features: int,
+        out_dim: int,
+        seed: int | None = 0,
+    ) -> None:
+        rng = np.random.default_rng(seed)
+        channels, height, width = in_shape
+        self.in_shape, self.features, self.out_dim = tuple(in_shape), features, out_dim
+        self.convs = []
+        for out_channels, kernel, stride, padding in convs:
+            self.convs.append(Conv2d(channels, out_channels, kernel, stride, padding, rng=rng))
+            channels = out_channels
+            height = ops.conv_output_size(height, kernel, stride, padding)
+            width = ops.conv_output_size(width, kernel, stride, padding)
+        self.fc = Linear(channels * height * width, features, rng=rng)
+        self.head = Linear(features, out_dim, rng=rng)
+
+    def forward(self, x: Any) -> Variable:
+        x = as_variable(x)
+        for conv in self.convs:
+            x = ops.relu(conv(x))  # (N, OC, OH, OW)
+        x = ops.relu(self.fc(x.reshape(len(x), -1)))  # (N, features)
+        return self.head(x)
+
+
+# nets.NatureCNN's "small" geometry (3x3 kernels, strides 1, 2, 1, padding 1) at its default widths.
+NATURE_SMALL: tuple[tuple[int, int, int, int], ...] = ((32, 3, 1, 1), (64, 3, 2, 1), (64, 3, 1, 1))
+
+
+def xor_slide_network() -> MLP:
+    """The hand-built XOR network of the course slide, 2 -> 2 (ReLU) -> 1.
+
+    h = relu(x W + b) with W = [[1, 1], [1, 1]] and b = [0, -1], so h = (x1 + x2, x1 + x2 - 1)+;
+    y = h W' with W' = [1, -2] (a column) and no bias. On the truth table's inputs (0, 0), (0, 1),
+    (1, 0), (1, 1) the output is 0, 1, 1, 0: the second unit fires only for (1, 1) and cancels the
+    first twice over.
+    """
+    model = MLP(2, (2,), 1, activation="relu")
+    hidden, output = model.layers
+    hidden.W.data = np.array([[1.0, 1.0], [1.0, 1.0]])  # (in, out): column j feeds hidden unit j
+    hidden.b.data = np.array([0.0, -1.0])
+    output.W.data = np.array([[1.0], [-2.0]])
+    output.b.data = np.array([0.0])
+    for param, name in ((hidden.W, "W"), (hidden.b, "b"), (output.W, "W'"), (output.b, "b'")):
+        param.name = name  # the slide's names, for graph pictures
+    return model
+
+
 # ==================================================================================================
 # Training helpers
 # ==================================================================================================
@@ -210,7 +278,7 @@ def accuracy(model: Module, x: Any, labels: Any) -> float:
 
 
 # ==================================================================================================
-# Bridges to the lab's torch nets.MLP
+# Bridges to the lab's torch nets
 # ==================================================================================================
 # nets.MLP(in_shape, hidden, out_dim, activation) keeps Linear, activation, Linear, ... in ``layers``
 # (an nn.Sequential), so scratch layer i is the torch module ``layers.{2 i}``. Two layouts hold an MLP:
@@ -218,22 +286,41 @@ def accuracy(model: Module, x: Any, labels: Any) -> float:
 #   "classifier": tasks.models.Classifier(nets.MLP(in_dim, hidden, out_dim=None, activation), out_dim),
 #                 what `lab fit xor/playground/digits --net mlp` trains: the hidden layers are
 #                 ``encoder.layers.{2 i}`` and the last Linear is the head, ``head.linear``.
+# A ConvNet has the classifier layout only: Classifier(nets.NatureCNN(in_shape, features), out_dim)
+# keeps conv, ReLU, conv, ... in ``encoder.conv`` (convolution i is ``encoder.conv.{2 i}``), the ReLU
+# Linear layer as ``encoder.fc.0`` and the head as ``head.linear``.
+# Linear weights are stored transposed in torch, (out, in); kernels have the same layout in both.
 # scratch imports no other lab package (ARCHITECTURE.md), so the bridges work on plain state dicts;
 # torch itself is imported on use.
 
 LAYOUTS = ("mlp", "classifier")
+Bridged = MLP | ConvNet
 
 
-def torch_layer_names(model: MLP, layout: str = "mlp") -> list[str]:
-    """The torch module name of each Linear layer of ``model``, first to last, in ``layout``."""
+def weight_layers(model: Bridged) -> list[Linear | Conv2d]:
+    """The layers holding ``model``'s weights, first to last."""
+    return model.layers if isinstance(model, MLP) else [*model.convs, model.fc, model.head]
+
+
+def torch_layer_names(model: Bridged, layout: str = "mlp") -> list[str]:
+    """The torch module name of each of ``weight_layers(model)`` in ``layout``."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}")
+    if isinstance(model, ConvNet):
+        if layout != "classifier":
+            raise ValueError(f"a ConvNet has the classifier layout only, not '{layout}'")
+        return [f"encoder.conv.{2 * i}" for i in range(len(model.convs))] + ["encoder.fc.0", "head.linear"]
     if layout == "mlp":
         return [f"layers.{2 * i}" for i in range(len(model.layers))]
-    if layout == "classifier":
-        return [f"encoder.layers.{2 * i}" for i in range(len(model.layers) - 1)] + ["head.linear"]
-    raise ValueError(f"unknown layout '{layout}'; valid: {', '.join(LAYOUTS)}")
+    return [f"encoder.layers.{2 * i}" for i in range(len(model.layers) - 1)] + ["head.linear"]
 
 
-def to_torch_state_dict(model: MLP, layout: str = "mlp") -> dict[str, torch.Tensor]:
+def torch_weight(layer: Linear | Conv2d) -> np.ndarray:
+    """The layer's weight in torch's layout: Linear (out, in), Conv2d (OC, C, KH, KW) as it is."""
+    return layer.W.data.T if isinstance(layer, Linear) else layer.W.data
+
+
+def to_torch_state_dict(model: Bridged, layout: str = "mlp") -> dict[str, torch.Tensor]:
     """The torch state dict holding ``model``'s weights in ``layout`` ("mlp" or "classifier").
 
     Tensors are float64; load them into a ``.double()`` module for bit-level agreement.
@@ -241,18 +328,19 @@ def to_torch_state_dict(model: MLP, layout: str = "mlp") -> dict[str, torch.Tens
     import torch
 
     state = {}
-    for name, layer in zip(torch_layer_names(model, layout), model.layers, strict=True):
-        state[f"{name}.weight"] = torch.tensor(layer.W.data.T.copy())  # torch: (out, in)
+    for name, layer in zip(torch_layer_names(model, layout), weight_layers(model), strict=True):
+        state[f"{name}.weight"] = torch.tensor(torch_weight(layer).copy())
         state[f"{name}.bias"] = torch.tensor(layer.b.data.copy())
     return state
 
 
-def from_torch_state_dict(model: MLP, state: dict[str, Any], layout: str | None = None) -> MLP:
+def from_torch_state_dict(model: Bridged, state: dict[str, Any], layout: str | None = None) -> Bridged:
     """Copies the weights of a torch state dict into ``model`` (in place) and returns it.
 
     Args:
-        model: A scratch MLP of the same architecture.
-        state: ``module.state_dict()`` of a nets.MLP or a tasks Classifier around one; any dtype/device.
+        model: A scratch MLP or ConvNet of the same architecture.
+        state: ``module.state_dict()`` of a nets.MLP or a tasks Classifier around one (or around a
+            nets.NatureCNN, for a ConvNet); any dtype/device.
         layout: "mlp" or "classifier"; None picks "classifier" when the keys start with "encoder.".
 
     Raises:
@@ -263,15 +351,17 @@ def from_torch_state_dict(model: MLP, state: dict[str, Any], layout: str | None 
     expected = to_torch_state_dict(model, layout)
     if set(state) != set(expected):
         raise ValueError(
-            f"state dict keys {sorted(state)} do not match the {layout} layout of this MLP, "
-            f"{sorted(expected)} (in_dim={model.in_dim}, hidden={model.hidden}, out_dim={model.out_dim})"
+            f"state dict keys {sorted(state)} do not match the {layout} layout of this "
+            f"{type(model).__name__}, {sorted(expected)}"
         )
     arrays = {key: _float64_array(value) for key, value in state.items()}
     for key, array in arrays.items():
         if array.shape != tuple(expected[key].shape):
-            raise ValueError(f"{key}: shape {array.shape} where the MLP needs {tuple(expected[key].shape)}")
-    for name, layer in zip(torch_layer_names(model, layout), model.layers, strict=True):
-        layer.W.data = arrays[f"{name}.weight"].T.copy()  # (out, in) -> (in, out)
+            needs = tuple(expected[key].shape)
+            raise ValueError(f"{key}: shape {array.shape} where the {type(model).__name__} needs {needs}")
+    for name, layer in zip(torch_layer_names(model, layout), weight_layers(model), strict=True):
+        weight = arrays[f"{name}.weight"]
+        layer.W.data = (weight.T if isinstance(layer, Linear) else weight).copy()  # back to scratch's layout
         layer.b.data = arrays[f"{name}.bias"].copy()
     return model
 

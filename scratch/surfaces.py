@@ -248,7 +248,8 @@ def steps_to_minimum(trajectory: np.ndarray, surface: Surface | str, tol: float 
     """The first step at which the trajectory is within ``tol`` (Euclidean) of a minimum; None if never."""
     surface = get_surface(surface) if isinstance(surface, str) else surface
     minima = np.array(surface.minima)  # (M, 2)
-    distance = np.linalg.norm(trajectory[:, None, :] - minima[None], axis=-1).min(axis=1)  # (T,)
+    with np.errstate(all="ignore"):  # a diverged trajectory is far away, not an error
+        distance = np.linalg.norm(trajectory[:, None, :] - minima[None], axis=-1).min(axis=1)  # (T,)
     hits = np.flatnonzero(distance < tol)
     return int(hits[0]) if hits.size else None
 
@@ -261,31 +262,88 @@ def grid(surface: Surface, n: int = 200) -> tuple[np.ndarray, np.ndarray, np.nda
     return x, y, surface(x, y)
 
 
-def plot_trajectories(surface: Surface, trajectories: dict[str, np.ndarray], path: str | Path) -> Path:
-    """Writes a PNG: log-spaced contours of the surface, its minima, and one line per trajectory."""
+def contour_axes(surface: Surface, dpi: int = 100) -> tuple[Any, Any]:
+    """A 6 x 5 inch matplotlib ``(figure, axes)``: log-spaced contours of the surface, its minima marked."""
     from matplotlib.figure import Figure
 
     x, y, z = grid(surface)
-    fig = Figure(figsize=(6, 5))
+    fig = Figure(figsize=(6, 5), dpi=dpi)
     ax = fig.add_subplot()
     # Log-spaced levels: the interesting structure sits near the minimum, far below the walls.
     levels = surface.min_value + np.logspace(-3, np.log10(z.max() - surface.min_value + 1e-12), 30)
     ax.contour(x, y, z, levels=levels, cmap="viridis", linewidths=0.6)
-    for name, points in trajectories.items():
-        ax.plot(points[:, 0], points[:, 1], ".-", markersize=2, linewidth=1, label=name)
     ax.plot(*np.array(surface.minima).T, "r*", markersize=12, label="minimum")
     ax.set(xlim=surface.x_range, ylim=surface.y_range, title=surface.name, xlabel="x", ylabel="y")
+    return fig, ax
+
+
+def plot_trajectories(surface: Surface, trajectories: dict[str, np.ndarray], path: str | Path) -> Path:
+    """Writes a PNG: log-spaced contours of the surface, its minima, and one line per trajectory."""
+    fig, ax = contour_axes(surface)
+    for name, points in trajectories.items():
+        ax.plot(points[:, 0], points[:, 1], ".-", markersize=2, linewidth=1, label=name)
     ax.legend(fontsize=8)
     return _save_png(fig, Path(path))
 
 
+def animate_trajectories(
+    surface: Surface,
+    trajectories: dict[str, np.ndarray],
+    path: str | Path,
+    frames: int = 50,
+    dpi: int = 80,
+) -> Path:
+    """Writes an animated GIF of the trajectories growing step by step over the contour plot.
+
+    Args:
+        surface: The surface drawn underneath.
+        trajectories: ``{name: (T + 1, 2) points}``, all of the same length.
+        path: The .gif to write (through a temporary file and a rename).
+        frames: About this many frames, evenly spaced over the steps; the last one is held longer.
+        dpi: Resolution: the picture is 6 x 5 inches.
+
+    Returns:
+        ``path``.
+    """
+    import imageio.v3 as iio
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig, ax = contour_axes(surface, dpi)
+    canvas = FigureCanvasAgg(fig)  # renders into memory: each frame becomes an array
+    lines, heads = {}, {}
+    for name in trajectories:
+        lines[name] = ax.plot([], [], ".-", markersize=2, linewidth=1, label=name)[0]
+        heads[name] = ax.plot([], [], "o", markersize=5, color=lines[name].get_color())[0]
+    ax.legend(fontsize=8, loc="upper right")
+    steps = len(next(iter(trajectories.values()))) - 1
+    images = []
+    for k in np.unique(np.linspace(0, steps, frames).round().astype(int)):
+        for name, points in trajectories.items():
+            lines[name].set_data(points[: k + 1, 0], points[: k + 1, 1])
+            heads[name].set_data(points[k : k + 1, 0], points[k : k + 1, 1])
+        ax.set_title(f"{surface.name}, step {k}")
+        canvas.draw()
+        images.append(np.asarray(canvas.buffer_rgba())[..., :3].copy())  # (H, W, 3) uint8
+    durations = [80] * (len(images) - 1) + [1500]
+
+    def write(tmp: str) -> None:
+        iio.imwrite(tmp, np.stack(images), extension=".gif", duration=durations, loop=0)
+
+    return _save_file(Path(path), write)
+
+
 def _save_png(fig: Any, path: Path) -> Path:
-    """Saves through a temporary file and a rename, so a reader never sees half a PNG."""
+    """Saves a figure as a PNG through a temporary file and a rename, so a reader never sees half a PNG."""
+    return _save_file(path, lambda tmp: fig.savefig(tmp, dpi=100))
+
+
+def _save_file(path: Path, write: Callable[[str], Any]) -> Path:
+    """Calls ``write(temporary path)`` in ``path``'s folder, then renames the file to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import nets
 from core.compute import DEVICES, seed_everything
 from core.config import option
+from tasks import scratch_fit
 from tasks.loop import Tensors, fit
 from tasks.models import Classifier
 
@@ -50,6 +51,11 @@ class DigitsConfig:
     warmup: float = option(0.05, "share of all steps spent warming up the learning rate", min=0.0, max=0.5)
     schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=("cosine", "constant"))
     device: str = option("auto", "auto (CUDA when available), cpu or cuda", choices=DEVICES)
+    engine: str = option("torch", "torch, or scratch: the numpy engine", choices=scratch_fit.ENGINES)
+    compare: bool = option(True, "with engine=scratch: also train torch from the same start, report both")
+
+    def check(self) -> None:
+        scratch_fit.check_engine(NAME, self.engine, self.net)
 
 
 def load_split(test_fraction: float, seed: int) -> tuple[Tensors, Tensors]:
@@ -124,7 +130,8 @@ def run(config: DigitsConfig, run_dir: Path, progress: bool = True, resume: bool
         images, labels = batch
         return (random_shift(images, shift, generator), labels) if shift else batch
 
-    result = fit(
+    fit_with = scratch_fit.fit if config.engine == "scratch" else fit
+    result = fit_with(
         task=NAME,
         config=config,
         model=model,

@@ -20,6 +20,7 @@ import torch
 import nets
 from core.compute import DEVICES, seed_everything
 from core.config import option
+from tasks import scratch_fit
 from tasks.loop import fit, predict
 from tasks.models import Classifier
 
@@ -53,6 +54,11 @@ class PlaygroundConfig:
     schedule: str = option("cosine", "learning-rate schedule after warm-up", choices=("cosine", "constant"))
     gif: bool = option(True, "also write boundary.gif, the decision boundary over training")
     device: str = option("auto", "auto (CUDA when available), cpu or cuda", choices=DEVICES)
+    engine: str = option("torch", "torch, or scratch: the numpy engine", choices=scratch_fit.ENGINES)
+    compare: bool = option(True, "with engine=scratch: also train torch from the same start, report both")
+
+    def check(self) -> None:
+        scratch_fit.check_engine(NAME, self.engine, self.net)
 
 
 def make_points(
@@ -216,7 +222,8 @@ def run(
                 render_frame(boundary_grid(model, resolution=80), train[0].numpy(), train[1].numpy())
             )
 
-    result = fit(
+    fit_with = scratch_fit.fit if config.engine == "scratch" else fit
+    result = fit_with(
         task=NAME,
         config=config,
         model=model,

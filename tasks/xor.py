@@ -15,6 +15,7 @@ import torch
 import nets
 from core.compute import DEVICES, seed_everything
 from core.config import option
+from tasks import scratch_fit
 from tasks.loop import fit
 from tasks.models import Classifier
 
@@ -36,6 +37,12 @@ class XorConfig:
     activation: str = option("tanh", "hidden activation", choices=("tanh", "relu"))
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0, max=1.0)
     device: str = option("auto", "auto (CUDA when available), cpu or cuda", choices=DEVICES)
+    engine: str = option("torch", "torch, or scratch: the numpy engine", choices=scratch_fit.ENGINES)
+    compare: bool = option(True, "with engine=scratch: also train torch from the same start, report both")
+    slide: bool = option(False, "also run the slide's hand-built XOR network on both engines")
+
+    def check(self) -> None:
+        scratch_fit.check_engine(NAME, self.engine, self.net)
 
 
 def xor_table() -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,7 +73,8 @@ def run(config: XorConfig, run_dir: Path, progress: bool = True, resume: bool = 
     seed_everything(config.seed)  # before the model exists, so its initial weights repeat
     data = xor_table()
     model = build_model(config)
-    return fit(
+    fit_with = scratch_fit.fit if config.engine == "scratch" else fit
+    metrics = fit_with(
         task=NAME,
         config=config,
         model=model,
@@ -76,3 +84,4 @@ def run(config: XorConfig, run_dir: Path, progress: bool = True, resume: bool = 
         progress=progress,
         resume=resume,
     ).metrics
+    return scratch_fit.with_slide_network(metrics, run_dir) if config.slide else metrics

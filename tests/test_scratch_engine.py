@@ -621,3 +621,11 @@ def test_layers_put_every_arrow_forward() -> None:
     for f in functions:
         assert all(column[id(x)] < column[id(f)] for x in f.inputs)
         assert all(column[id(f)] < column[id(r())] for r in f.outputs)
+
+
+def test_leaves_stand_just_before_their_first_use() -> None:
+    x, w, b = Variable(np.ones((2, 3)), name="x"), Variable(np.ones((3, 4)), name="W"), Variable(np.ones(4))
+    y = ops.tanh(x @ w) + b  # b is first used two functions after W
+    column = {id(node): col for col, nodes in graph.layers(y).items() for node in nodes}
+    assert column[id(x)] == column[id(w)] == 0
+    assert column[id(b)] == column[id(y.creator)] - 1

@@ -186,3 +186,51 @@ def test_predict_is_the_arg_max_of_the_logits() -> None:
     np.testing.assert_array_equal(labels, model(x).data.argmax(axis=1))
     assert len(set(labels.tolist())) > 1  # not a constant answer
     assert nn.accuracy(model, x, labels) == 1.0 and nn.accuracy(model, x, (labels + 1) % 4) == 0.0
+
+
+def test_convnet_is_the_digits_nature_classifier_layer_for_layer() -> None:
+    # `lab fit digits --net nature` trains Classifier(nets.NatureCNN((1, 8, 8), 256), 10): "small" geometry.
+    from tasks.models import Classifier
+
+    torch.manual_seed(0)
+    torch_net = Classifier(nets.NatureCNN((1, 8, 8), out_dim=16, channels=(4, 6, 5)), num_classes=3).double()
+    convs = tuple(zip((4, 6, 5), *nets.cnn.NATURE_GEOMETRIES["small"], strict=True))  # (channels, k, s, p)
+    model = nn.from_torch_state_dict(nn.ConvNet((1, 8, 8), convs, 16, 3, seed=1), torch_net.state_dict())
+    x = np.random.default_rng(9).uniform(size=(5, 1, 8, 8))
+    np.testing.assert_allclose(
+        model(x).data, torch_net(torch.tensor(x)).detach().numpy(), rtol=1e-10, atol=1e-12
+    )
+    # And back: scratch weights in the torch net give the scratch outputs.
+    other = nn.ConvNet((1, 8, 8), convs, 16, 3, seed=2)
+    torch_net.load_state_dict(nn.to_torch_state_dict(other, layout="classifier"), strict=True)
+    np.testing.assert_allclose(
+        torch_net(torch.tensor(x)).detach().numpy(), other(x).data, rtol=1e-10, atol=1e-12
+    )
+    nature_defaults = tuple(zip((32, 64, 64), *nets.cnn.NATURE_GEOMETRIES["small"], strict=True))
+    assert nature_defaults == nn.NATURE_SMALL
+    with pytest.raises(ValueError, match=r"^a ConvNet has the classifier layout only, not 'mlp'$"):
+        nn.to_torch_state_dict(other, layout="mlp")
+
+
+def test_convnet_gradients_match_torch() -> None:
+    model = nn.ConvNet((2, 6, 6), ((3, 3, 2, 1), (4, 3, 1, 1)), 5, 4, seed=3)
+    x = np.random.default_rng(10).normal(size=(3, 2, 6, 6))
+    labels = np.array([0, 3, 1])
+    ops.cross_entropy(model(x), labels).backward()
+    params = {name: torch.tensor(p.data, requires_grad=True) for name, p in model.named_parameters()}
+    h = torch.tensor(x)
+    for i, stride in enumerate((2, 1)):
+        h = F.relu(F.conv2d(h, params[f"convs.{i}.W"], params[f"convs.{i}.b"], stride=stride, padding=1))
+    h = F.relu(h.flatten(1) @ params["fc.W"] + params["fc.b"])
+    F.cross_entropy(h @ params["head.W"] + params["head.b"], torch.tensor(labels)).backward()
+    for name, p in model.named_parameters():
+        np.testing.assert_allclose(
+            p.grad.data, params[name].grad.numpy(), rtol=1e-9, atol=1e-12, err_msg=name
+        )
+
+
+def test_xor_slide_network_is_the_slides() -> None:
+    model = nn.xor_slide_network()
+    np.testing.assert_array_equal(model(XOR_INPUTS).data[:, 0], XOR_LABELS)
+    assert [p.name for p in model.parameters()] == ["W", "b", "W'", "b'"]
+    assert model.activation == "relu" and model.hidden == (2,)

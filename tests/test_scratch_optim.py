@@ -219,3 +219,16 @@ def test_plot_trajectories_writes_a_png(tmp_path: Path) -> None:
     out = surfaces.plot_trajectories(s, paths, tmp_path / "plots" / "rosenbrock.png")
     assert out.read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in out.parent.iterdir()] == ["rosenbrock.png"]
+
+
+def test_animate_trajectories_writes_a_growing_gif(tmp_path: Path) -> None:
+    import imageio.v3 as iio
+
+    paths = {name: surfaces.run_trajectory("quadratic", name, 30) for name in ("sgd", "adam")}
+    out = surfaces.animate_trajectories(
+        surfaces.get_surface("quadratic"), paths, tmp_path / "a.gif", frames=7
+    )
+    frames = iio.imread(out, index=None)
+    assert out == tmp_path / "a.gif" and sorted(p.name for p in tmp_path.iterdir()) == ["a.gif"]
+    assert frames.shape[0] == 7 and frames.shape[1:] == (400, 480, 3)  # 6 x 5 inches at 80 dpi
+    assert not np.array_equal(frames[0], frames[-1])  # the paths grow
