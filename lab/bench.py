@@ -15,6 +15,8 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
     from benchmarks import env_throughput, train_throughput
     from envs.vector import available_cpus
 
+    if args.what == "fit":
+        return bench_fit(args)
     if args.what == "env":
         result = env_throughput.run(
             args.seconds, args.repeats, max(8, 2 * available_cpus()), None, list(env_throughput.SYSTEMS)
@@ -47,4 +49,26 @@ def cmd_bench(args: argparse.Namespace) -> dict[str, Any]:
             print(json.dumps(jsonable(result)))
         failed = ", ".join(result["failures"])
         raise TrainingStopped(f"benchmark systems failed: {failed} (their errors are printed above)")
+    return result
+
+
+def bench_fit(args: argparse.Namespace) -> dict[str, Any]:
+    """``lab bench fit [--systems fp32,bf16,...] [--device cpu|cuda]``: ``benchmarks/fit_levers.py``."""
+    import torch
+
+    from benchmarks import fit_levers
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("lab bench fit --device cuda: no CUDA device is available; use --device cpu")
+    options = fit_levers.build_parser().parse_args(
+        ["--device", args.device] + (["--levers", args.systems] if args.systems else [])
+    )
+    try:
+        sizes = fit_levers.selection(options.sizes, fit_levers.SIZES, "size")
+        levers = fit_levers.selection(options.levers, fit_levers.LEVERS, "lever")
+    except ValueError as error:
+        raise UsageError(f"lab bench fit: {error}") from None
+    result = fit_levers.run(sizes, levers, options)
+    if not args.json:
+        fit_levers.print_report(result)
     return result

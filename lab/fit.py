@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,18 @@ from lab.train import print_config_help
 def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
     """Runs ``lab fit TASK`` or ``lab fit --resume DIR``; returns the metrics (without history)."""
     import tasks
+    from agents.engine import TrainingStopped
     from core.config import apply_overrides, validate
     from core.runs import new_run_dir
+    from tasks import distributed
 
+    where = distributed.ranks()  # a rank of a data-parallel run, or the only process
+    procs = where.world if where.world > 1 else args.procs
+    if where.world > 1 and not (args.run_dir or args.resume):
+        raise UsageError("lab fit under torchrun: give every rank the same --run-dir DIR")
     if args.resume:
         spec, config, run_dir = fit_to_resume(args)
+        check_levers(config, procs)
     else:
         if not args.task:
             raise UsageError("lab fit: give a task (see `lab list tasks`), or --resume DIR")
@@ -28,30 +36,57 @@ def cmd_fit(args: argparse.Namespace) -> dict[str, Any]:
             print_config_help(config)
             raise SystemExit(0)
         changes = {"net": args.net, "epochs": args.epochs, "seed": args.seed, "device": args.device}
-        config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+        # --engine torch is every task's engine; it needs a field only to name another engine.
+        changes["engine"] = args.engine if args.engine != "torch" or hasattr(config, "engine") else None
+        given = {k: v for k, v in changes.items() if v is not None}
+        if missing := [k for k in given if not hasattr(config, k)]:
+            raise UsageError(no_such_setting(spec.name, missing))
+        config = dataclasses.replace(config, **given)
         config = apply_overrides(config, args.overrides)
         validate(config)
         if config.net not in spec.nets:
             raise UsageError(
                 f"task {spec.name!r} cannot use net {config.net!r}; valid nets: {', '.join(spec.nets)}"
             )
+        check_levers(config, procs)
         if args.run_dir:
             run_dir = Path(args.run_dir)
-            if (run_dir / "config.json").exists():
+            # Across processes rank 0 checks: the others could see the config.json it has just written.
+            if where.main and (run_dir / "config.json").exists():
                 raise UsageError(f"{run_dir} already holds a run; resume it with: lab fit --resume {run_dir}")
         else:
             run_dir = new_run_dir("runs", f"fit-{spec.name}-{config.net}")
-        require_writable(run_dir)
-    with stoppable_run(lambda: fit_kept(run_dir)):
-        metrics = spec.run(config, run_dir, progress=not args.no_progress, resume=bool(args.resume))
+        if where.main:
+            require_writable(run_dir)
+    if procs > 1 and where.world == 1:
+        return launch_fit(args, run_dir, procs)
+    try:
+        with stoppable_run(lambda: fit_kept(run_dir)):
+            metrics = spec.run(config, run_dir, progress=not args.no_progress, resume=bool(args.resume))
+    except distributed.RankStopped as error:
+        raise TrainingStopped(str(error)) from None
     if not args.json:
+        for line in metrics.get("report", []):  # what a task has to say beyond its metric
+            print(line)
         metric_name = metrics.get("metric", "test_accuracy")
         value = metrics.get("test_accuracy", metrics.get("test_metric"))
         print(
             f"{spec.name} with {config.net}: {metric_name} {value:.4f}, train loss "
             f"{metrics['train_loss']:.4f}, {metrics['seconds']:.1f} s -> {run_dir}"
         )
-    return {k: v for k, v in metrics.items() if k != "history"}
+    return {k: v for k, v in metrics.items() if k not in ("history", "report")}
+
+
+def no_such_setting(task: str, keys: list[str]) -> str:
+    """One line for a flag (``--engine scratch``, ``--epochs``) that task ``task`` has no setting for."""
+    import tasks
+    from core.config import config_fields
+
+    if "engine" in keys:
+        engines = [name for name in tasks.names() if "engine" in config_fields(tasks.get(name).config_class)]
+        return f"task {task!r} runs on the torch engine only; --engine scratch runs: {', '.join(engines)}"
+    flags = ", ".join(f"--{key}" for key in keys)
+    return f"task {task!r} has no {flags} setting; see `lab fit {task} --help-config`"
 
 
 def fit_to_resume(args: argparse.Namespace) -> tuple[Any, Any, Path]:
@@ -60,6 +95,7 @@ def fit_to_resume(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     from core.checkpoint import latest_checkpoint
     from core.config import config_from_dict, validate
     from core.runs import read_run_config, run_dir_of
+    from tasks.distributed import is_main
     from tasks.loop import EPOCH_PREFIX, TaskError
 
     run_dir = run_dir_of(args.resume)
@@ -69,7 +105,8 @@ def fit_to_resume(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     if args.task and args.task != task:
         raise UsageError(f"{run_dir} is a run of task {task!r}, not {args.task!r}")
     spec = tasks.get(task)
-    fixed = [name for name, given in (("--net", args.net), ("--seed", args.seed)) if given is not None]
+    flags = (("--net", args.net), ("--seed", args.seed), ("--engine", args.engine))
+    fixed = [name for name, given in flags if given is not None]
     if fixed or args.overrides:
         raise UsageError(
             f"{', '.join(fixed + (['--set'] if args.overrides else []))} cannot change when resuming "
@@ -84,17 +121,61 @@ def fit_to_resume(args: argparse.Namespace) -> tuple[Any, Any, Path]:
     validate(config)
     if latest_checkpoint(run_dir / "checkpoints", prefix=EPOCH_PREFIX) is None:
         raise UsageError(f"{run_dir} has no epoch checkpoint to resume from")
-    require_writable(run_dir, run_dir / "checkpoints")
+    if is_main():  # the other ranks of a data-parallel run only read it
+        require_writable(run_dir, run_dir / "checkpoints")
     return spec, config, run_dir
 
 
 def fit_kept(run_dir: Path) -> str:
     """What a stopped ``lab fit`` run keeps, in words, with the command that continues it."""
     from core.checkpoint import latest_checkpoint
+    from tasks.distributed import ranks
     from tasks.loop import EPOCH_PREFIX
 
     sidecar = latest_checkpoint(run_dir / "checkpoints", prefix=EPOCH_PREFIX)
     if sidecar is None:
         return "no epoch had finished, so there is nothing to resume"
     epoch = int(sidecar.stem[len(EPOCH_PREFIX) :])
-    return f"the checkpoint after epoch {epoch} is kept. Resume with: lab fit --resume {run_dir}"
+    world = ranks().world
+    procs = f" --procs {world}" if world > 1 else ""
+    return f"the checkpoint after epoch {epoch} is kept. Resume with: lab fit --resume {run_dir}{procs}"
+
+
+def check_levers(config: Any, procs: int) -> None:
+    """Refuses, before anything is written or launched, levers that cannot run (TaskError, exit 2)."""
+    from core.compute import resolve_device
+    from tasks.loop import Levers, TaskError, levers_of
+    from tasks.loop import check_levers as check
+
+    if procs > 1 and getattr(config, "engine", "torch") != "torch":
+        raise UsageError(
+            f"--procs {procs} runs the torch fit loop; the {config.engine} engine runs in one process"
+        )
+    levers = levers_of(config)
+    if levers == Levers() and procs == 1:
+        return  # the plain loop: the task reports its own errors (an absent CUDA device among them)
+    try:
+        device = resolve_device(config.device)
+    except ValueError as error:
+        raise TaskError(f"device={config.device} cannot be used ({error}); use device=cpu or auto") from None
+    check(levers, procs, device)
+
+
+def launch_fit(args: argparse.Namespace, run_dir: Path, procs: int) -> None:
+    """``lab fit ... --procs N``: the same command in N processes (torchrun); rank 0 prints its outcome."""
+    from tasks.distributed import launch
+
+    argv = ["fit", "--resume", str(run_dir)] if args.resume else ["fit", args.task, "--run-dir", str(run_dir)]
+    flags = {"--net": args.net, "--epochs": args.epochs, "--seed": args.seed, "--device": args.device}
+    flags["--engine"] = args.engine
+    for flag, value in flags.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    for item in args.overrides:
+        argv += ["--set", item]
+    argv += [flag for flag, given in (("--json", args.json), ("--no-progress", args.no_progress)) if given]
+    outcome = launch(argv, procs)
+    if outcome.message:  # a rank other than 0 failed; what it said is in its log, quoted here
+        print(f"lab: {outcome.message}", file=sys.stderr)
+    if outcome.status:
+        raise SystemExit(outcome.status)

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nets.sequence import check_sequence_args
 
@@ -161,6 +162,9 @@ class TransformerEncoder(nn.Module):
         self.blocks.apply(init_transformer_weights)
         self.ln_f = nn.LayerNorm(d_model)
         self.out_dim = d_model
+        # Activation checkpointing, switched on by a training loop: in a pass that records gradients
+        # each block keeps only its input and recomputes its activations during backward.
+        self.checkpoint_blocks = False
 
     def initial_state(
         self, batch_size: int, device: torch.device | str | None = None
@@ -224,8 +228,16 @@ class TransformerEncoder(nn.Module):
             allowed = allowed | torch.eye(T, dtype=torch.bool, device=h.device)  # no query without keys
             attn_mask, is_causal = allowed.unsqueeze(1), False  # (B, 1, T, T)
         for block in self.blocks:
-            x = block(x, attn_mask, is_causal)
+            x = self._run_block(block, x, attn_mask, is_causal)
         return self.ln_f(x)
+
+    def _run_block(
+        self, block: Block, x: torch.Tensor, attn_mask: torch.Tensor | None, is_causal: bool = False
+    ) -> torch.Tensor:
+        """``block(x, ...)``, through non-reentrant activation checkpointing when it is switched on."""
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return checkpoint(block, x, attn_mask, is_causal, use_reentrant=False)
+        return block(x, attn_mask, is_causal)
 
     def _forward_memory(
         self,
@@ -259,7 +271,7 @@ class TransformerEncoder(nn.Module):
         # Positions are window slots, so the newest step is always at position M.
         x = self.drop(windows + self.pos(torch.arange(W, device=h.device)))
         for block in self.blocks:
-            x = block(x, allowed.unsqueeze(1))
+            x = self._run_block(block, x, allowed.unsqueeze(1))
         y = self.ln_f(x[:, -1]).view(B, T, D)  # output of each window's newest step
 
         # Keep the last M inputs; only those of each row's latest episode stay valid.
