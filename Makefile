@@ -25,10 +25,19 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/lab demo
 
+# The window tests of `lab watch --human` draw on a virtual display (Xvfb, seen through xwininfo).
+# Installed here when missing and possible (apt, as root); where not, those tests skip and say why.
+XVFB_SETUP = command -v Xvfb >/dev/null 2>&1 && command -v xwininfo >/dev/null 2>&1 || \
+	{ { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xvfb x11-utils || \
+	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq xvfb x11-utils; }; } \
+	  >/dev/null 2>&1 || echo "note: could not install Xvfb (apt-get install xvfb x11-utils); the window tests will skip"; }
+
 test: install
+	@$(XVFB_SETUP)
 	$(PY) -m pytest -q -m "slow or not slow" --durations=15
 
 test-fast: install
+	@$(XVFB_SETUP)
 	$(PY) -m pytest -q -m "not slow"
 
 lint: install
