@@ -47,7 +47,6 @@ import os
 import socket
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,8 +62,8 @@ from envs.vector import (
     DEFAULT_MAX_RESTARTS,
     DEFAULT_RESTART_WINDOW,
     DEFAULT_STEP_TIMEOUT,
-    FAILURE_KINDS,
     EnvWorkerError,
+    WorkerRecovery,
     _last_line,
     _WorkerFailure,
     available_cpus,
@@ -314,7 +313,7 @@ _RemoteEnvGroup = ray.remote(_EnvGroup)
 # -- the vector env -------------------------------------------------------------------------------
 
 
-class RayVectorEnv(VectorEnv):
+class RayVectorEnv(WorkerRecovery, VectorEnv):
     """Steps ``len(env_fns)`` envs in Ray actors, ``envs_per_worker`` per actor.
 
     The interface, semantics and failure recovery of :class:`envs.vector.SubprocVectorEnv`; see
@@ -345,6 +344,8 @@ class RayVectorEnv(VectorEnv):
         failure_counts: failures so far by kind: ``{"exception": n, "crash": n, "hang": n}``.
         dropped_episodes: sub-env episodes cut short by a restart during ``step``.
     """
+
+    unit = "actor"
 
     def __init__(
         self,
@@ -385,9 +386,7 @@ class RayVectorEnv(VectorEnv):
         self.start_timeout = None if start_timeout is None else float(start_timeout)
         self.max_restarts = max_restarts
         self.restart_window = restart_window
-        self.restarts = 0
-        self.failure_counts = dict.fromkeys(FAILURE_KINDS, 0)
-        self.dropped_episodes = 0
+        self._init_recovery()
 
         # One sub-env in this process tells the spaces and metadata, as in SubprocVectorEnv.
         dummy = env_fns[0]()
@@ -418,7 +417,6 @@ class RayVectorEnv(VectorEnv):
         self._reset_seeds: list[int | None] = [None] * self.num_envs  # the last seeds given to reset
         self._num_steps = 0
         self._pending_step: list[list[Any]] | None = None  # the step's object refs, one list per actor
-        self._failure_steps: deque[int] = deque()  # step index of each recent failure
         self._slices = [
             slice(start, min(start + envs_per_worker, self.num_envs))
             for start in range(0, self.num_envs, envs_per_worker)
@@ -474,7 +472,7 @@ class RayVectorEnv(VectorEnv):
             ray.kill(actor, no_restart=True)
         self._actors[worker] = self._step_calls[worker] = self._reset_calls[worker] = None
 
-    def _restart_actor(self, worker: int, grace: float) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
+    def _restart(self, worker: int, grace: float) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
         """Replaces a failed actor; returns the reset infos and observations of its new sub-envs."""
         self._kill_actor(worker, grace)
         part = self._slices[worker]
@@ -486,45 +484,6 @@ class RayVectorEnv(VectorEnv):
         deadline = None if self.start_timeout is None else time.monotonic() + self.start_timeout
         _, infos, observations = self._receive(worker, refs, deadline, self.start_timeout)
         return infos, observations
-
-    def _seed_base(self, index: int) -> int:
-        last = self._reset_seeds[index]
-        return last if last is not None else (self._seed or 0) + index
-
-    def _recover(self, failure: _WorkerFailure) -> tuple[list[dict[str, Any]], list[np.ndarray]]:
-        """Counts a failure, restarts the actor (again, if the restart fails too) or gives up."""
-        while True:
-            self._count_failure(failure)
-            # An actor that reported an exception still answers: it may close its envs first.
-            grace = 1.0 if failure.kind == "exception" else 0.0
-            try:
-                return self._restart_actor(failure.worker, grace)
-            except _WorkerFailure as again:
-                failure = again
-
-    def _count_failure(self, failure: _WorkerFailure) -> None:
-        self.restarts += 1
-        self.failure_counts[failure.kind] += 1
-        self._failure_steps.append(self._num_steps)
-        while self._failure_steps and self._failure_steps[0] <= self._num_steps - self.restart_window:
-            self._failure_steps.popleft()
-        recent = len(self._failure_steps)
-        if recent > self.max_restarts:
-            if failure.details:
-                logger.error("RayVectorEnv: last worker failure:\n%s", failure.details)
-            self.close(terminate=True)
-            raise EnvWorkerError(
-                f"env worker failed {recent} time{'s' if recent != 1 else ''} within {self.restart_window} steps "
-                f"(max_restarts={self.max_restarts}); last error: {failure.kind}: {failure.summary}"
-            )
-        logger.warning(
-            "RayVectorEnv: %s: %s; restarting the actor and dropping its episodes (restart %d, %s)%s",
-            failure.kind,
-            failure.summary,
-            self.restarts,
-            ", ".join(f"{kind} {count}" for kind, count in self.failure_counts.items()),
-            f"\n{failure.details}" if failure.details else "",
-        )
 
     # -- plumbing -------------------------------------------------------------------------------
 

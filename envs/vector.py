@@ -102,6 +102,75 @@ class _WorkerFailure(Exception):
         self.worker, self.kind, self.summary, self.details = worker, kind, summary, details
 
 
+class WorkerRecovery:
+    """The restart bookkeeping that :class:`SubprocVectorEnv` and ``envs.ray_vector.RayVectorEnv`` share.
+
+    A failed worker (a process, or a Ray actor) is counted, logged and restarted through the class's
+    ``_restart(worker, grace)``; more than ``max_restarts`` failures within ``restart_window`` vector
+    steps close the env and raise :class:`EnvWorkerError`. The class sets ``max_restarts``,
+    ``restart_window``, ``_seed``, ``_reset_seeds`` and ``_num_steps`` and calls :meth:`_init_recovery`.
+    """
+
+    unit = "worker"  # what one restart replaces, for the log
+    max_restarts: int
+    restart_window: int
+    _seed: int | None
+    _reset_seeds: list[int | None]
+    _num_steps: int
+
+    def _init_recovery(self) -> None:
+        self.restarts = 0
+        self.failure_counts = dict.fromkeys(FAILURE_KINDS, 0)
+        self.dropped_episodes = 0
+        self._failure_steps: deque[int] = deque()  # step index of each recent failure
+
+    def _restart(self, worker: int, grace: float) -> Any:
+        raise NotImplementedError
+
+    def _seed_base(self, index: int) -> int:
+        last = self._reset_seeds[index]
+        return last if last is not None else (self._seed or 0) + index
+
+    def _recover(self, failure: _WorkerFailure) -> Any:
+        """Counts a failure, restarts the worker (again, if the restart fails too) or gives up."""
+        while True:
+            self._count_failure(failure)
+            # A worker that raised is exiting by itself (it closes its envs first); crashed and
+            # hung ones are killed at once.
+            grace = 1.0 if failure.kind == "exception" else 0.0
+            try:
+                return self._restart(failure.worker, grace)
+            except _WorkerFailure as again:
+                failure = again
+
+    def _count_failure(self, failure: _WorkerFailure) -> None:
+        name = type(self).__name__
+        self.restarts += 1
+        self.failure_counts[failure.kind] += 1
+        self._failure_steps.append(self._num_steps)
+        while self._failure_steps and self._failure_steps[0] <= self._num_steps - self.restart_window:
+            self._failure_steps.popleft()
+        recent = len(self._failure_steps)
+        if recent > self.max_restarts:
+            if failure.details:
+                logger.error("%s: last worker failure:\n%s", name, failure.details)
+            self.close(terminate=True)  # type: ignore[attr-defined]  # VectorEnv's
+            raise EnvWorkerError(
+                f"env worker failed {recent} time{'s' if recent != 1 else ''} within {self.restart_window} steps "
+                f"(max_restarts={self.max_restarts}); last error: {failure.kind}: {failure.summary}"
+            )
+        logger.warning(
+            "%s: %s: %s; restarting the %s and dropping its episodes (restart %d, %s)%s",
+            name,
+            failure.kind,
+            failure.summary,
+            self.unit,
+            self.restarts,
+            ", ".join(f"{kind} {count}" for kind, count in self.failure_counts.items()),
+            f"\n{failure.details}" if failure.details else "",
+        )
+
+
 def available_cpus() -> int:
     """Cores this process may run on (the affinity mask, which containers restrict)."""
     try:
@@ -276,7 +345,7 @@ def merge_infos(infos: Sequence[dict[str, Any]], num_envs: int) -> dict[str, Any
     return merged
 
 
-class SubprocVectorEnv(VectorEnv):
+class SubprocVectorEnv(WorkerRecovery, VectorEnv):
     """Steps ``len(env_fns)`` envs in worker processes, ``envs_per_worker`` per worker.
 
     A failed worker (exception, crash or hang) is restarted and its sub-envs' episodes dropped;
@@ -340,9 +409,7 @@ class SubprocVectorEnv(VectorEnv):
         self.step_timeout = None if step_timeout is None else float(step_timeout)
         self.max_restarts = max_restarts
         self.restart_window = restart_window
-        self.restarts = 0
-        self.failure_counts = dict.fromkeys(FAILURE_KINDS, 0)
-        self.dropped_episodes = 0
+        self._init_recovery()
 
         # One sub-env in this process tells the spaces and metadata, as in Gymnasium's async env.
         dummy = env_fns[0]()
@@ -377,7 +444,6 @@ class SubprocVectorEnv(VectorEnv):
         self._pending_step: dict[int, _WorkerFailure] | None = (
             None  # failures at send, between step_async/wait
         )
-        self._failure_steps: deque[int] = deque()  # step index of each recent failure
         self._slices = [
             slice(start, min(start + envs_per_worker, self.num_envs))
             for start in range(0, self.num_envs, envs_per_worker)
@@ -453,7 +519,7 @@ class SubprocVectorEnv(VectorEnv):
             self._pipes[worker].close()
         self._pipes[worker] = self._processes[worker] = self._pollers[worker] = None
 
-    def _restart_worker(self, worker: int, grace: float) -> list[dict[str, Any]]:
+    def _restart(self, worker: int, grace: float) -> list[dict[str, Any]]:
         """Replaces a failed worker; returns the reset infos of its new sub-envs."""
         self._stop_worker(worker, grace)
         part = self._slices[worker]
@@ -463,46 +529,6 @@ class SubprocVectorEnv(VectorEnv):
         ]
         self._start_worker(worker, reset_seeds=seeds)
         return self._receive(worker, self._deadline())[1]
-
-    def _seed_base(self, index: int) -> int:
-        last = self._reset_seeds[index]
-        return last if last is not None else (self._seed or 0) + index
-
-    def _recover(self, failure: _WorkerFailure) -> list[dict[str, Any]]:
-        """Counts a failure, restarts the worker (again, if the restart fails too) or gives up."""
-        while True:
-            self._count_failure(failure)
-            # A worker that raised is exiting by itself (it closes its envs first); crashed and
-            # hung ones are killed at once.
-            grace = 1.0 if failure.kind == "exception" else 0.0
-            try:
-                return self._restart_worker(failure.worker, grace)
-            except _WorkerFailure as again:
-                failure = again
-
-    def _count_failure(self, failure: _WorkerFailure) -> None:
-        self.restarts += 1
-        self.failure_counts[failure.kind] += 1
-        self._failure_steps.append(self._num_steps)
-        while self._failure_steps and self._failure_steps[0] <= self._num_steps - self.restart_window:
-            self._failure_steps.popleft()
-        recent = len(self._failure_steps)
-        if recent > self.max_restarts:
-            if failure.details:
-                logger.error("SubprocVectorEnv: last worker failure:\n%s", failure.details)
-            self.close(terminate=True)
-            raise EnvWorkerError(
-                f"env worker failed {recent} time{'s' if recent != 1 else ''} within {self.restart_window} steps "
-                f"(max_restarts={self.max_restarts}); last error: {failure.kind}: {failure.summary}"
-            )
-        logger.warning(
-            "SubprocVectorEnv: %s: %s; restarting the worker and dropping its episodes (restart %d, %s)%s",
-            failure.kind,
-            failure.summary,
-            self.restarts,
-            ", ".join(f"{kind} {count}" for kind, count in self.failure_counts.items()),
-            f"\n{failure.details}" if failure.details else "",
-        )
 
     # -- plumbing -------------------------------------------------------------------------------
 
