@@ -19,6 +19,14 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Every test starts with one torch thread and leaves it so, whatever the code under test set."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Fault injection shared by the reliability and engine tests: read-only directories, a full disk
 # ---------------------------------------------------------------------------------------------

@@ -26,15 +26,6 @@ TINY = dict(
 )  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These nets are small: a second intra-op thread only adds synchronisation (10x slower on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**changes) -> dqn.DQNConfig:
     return dqn.DQNConfig(**{**TINY, **changes})
 

@@ -32,14 +32,6 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     """A folder of 30 small Python-like files (so the split by file has files on both sides)."""

@@ -52,15 +52,6 @@ DIGITS = [
 
 
 @pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Small nets: a second intra-op thread only adds synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
 def checkpoint_every_epoch(monkeypatch):
     """Epochs of a few milliseconds would otherwise share one checkpoint (tasks.loop.CHECKPOINT_SECONDS)."""
     monkeypatch.setattr(loop, "CHECKPOINT_SECONDS", 0.0)
