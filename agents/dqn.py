@@ -12,6 +12,9 @@ rewards, m <= n stops at an episode end (agents/buffers.py builds both at sample
 dueling heads Q = V + A - mean(A) (Wang et al. 2016), prioritized replay with importance weights
 w_i (Schaul et al. 2016), and a target net copied every ``target_network_frequency`` agent steps
 (tau = 1) or moved towards the online net by Polyak averaging, theta' <- tau theta + (1 - tau) theta'.
+Pixels: ``augment=shift`` is DrQ (Kostrikov et al. 2021): each sampled s and s' is shifted by up to 4
+pixels, independently, before both Q values are computed. ``init_encoder`` starts the encoder from a
+pre-trained one (a ``lab fit ssl`` run), ``freeze_encoder`` keeps it fixed.
 
 Same-step autoreset: when an episode ends, the vector env already returns the next episode's first
 observation; the transition is stored with ``infos["final_obs"]`` as its next observation, so no
@@ -36,10 +39,12 @@ import envs
 import nets
 from agents.buffers import ReplayBuffer
 from agents.engine import AsyncLearner, EvalListener, TrainingRun, parse_until
+from agents.ppo import setup_encoders
 from core.checkpoint import load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, keep_freed_memory
 from core.config import config_from_dict as rebuild_config
 from core.config import option
+from nets.augment import SHIFT_PAD, random_shift
 
 ALGO = "dqn"
 BUFFER_FILE = "replay_buffer.npz"  # in checkpoints/, next to the newest checkpoint (save_buffer)
@@ -117,6 +122,14 @@ class DQNConfig:
     checkpoint_every: int = option(50_000, "agent steps between checkpoints", min=1)
     keep_checkpoints: int = option(2, "checkpoints kept on disk", min=1)
     save_buffer: bool = option(False, "checkpoint the replay memory too (large)")
+    augment: Literal["none", "shift"] = option(
+        "none", "pixels: DrQ, each sampled observation and next observation shifted (pad 4, random crop)"
+    )
+    init_encoder: str | None = option(
+        None,
+        "start the encoder from the encoder.* tensors of this run or checkpoint (e.g. a `lab fit ssl` run)",
+    )
+    freeze_encoder: bool = option(False, "keep the encoder's weights fixed; the Q head learns")
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
@@ -139,7 +152,7 @@ CONFIG = DQNConfig
 
 def feed_forward_nets() -> tuple[str, ...]:
     """The registry's nets that map one observation to features (no sequence memory)."""
-    return tuple(name for name in nets.names() if nets.kind(name) != "sequence")
+    return tuple(name for name in nets.names() if nets.kind(name) in ("vector", "image"))
 
 
 def build_encoder(config: DQNConfig, obs_shape: tuple[int, ...]) -> nn.Module:
@@ -307,6 +320,7 @@ class DQNTrainer:
         space = self.vec_env.single_observation_space
         obs_shape, self.num_actions = tuple(space.shape), int(self.vec_env.single_action_space.n)
         self.q_network = QNetwork(config, obs_shape, self.num_actions).to(device)
+        setup_encoders(config, [self.q_network.encoder], obs_shape, resumed="model" in saved)
         self.target_network = QNetwork(config, obs_shape, self.num_actions).to(device)
         self.target_network.load_state_dict(self.q_network.state_dict())
         self.optimizer = torch.optim.Adam(
@@ -346,6 +360,8 @@ class DQNTrainer:
         self.actions = np.zeros(config.num_envs, dtype=np.int64)  # the actions of the step in flight
         self.last = PhaseStats(torch.full((), float("nan")), torch.full((), float("nan")), 0, 0, 0)
         self.learner: AsyncLearner[PhaseStats] = AsyncLearner(config.overlap, "dqn-learner")
+        # augment=shift: the shifts come from a generator only the learner uses (with overlap, a thread).
+        self.augment_generator = torch.Generator().manual_seed(config.seed + run.global_step)
 
     def new_buffer(self, obs_shape: tuple[int, ...], dtype: np.dtype) -> ReplayBuffer:
         config = self.config
@@ -553,6 +569,10 @@ def dqn_update(trainer: DQNTrainer, batches: Iterable[Any], learning_rate: float
     for batch in batches:
         b_obs = torch.as_tensor(batch.obs, device=device)
         b_next_obs = torch.as_tensor(batch.next_obs, device=device)
+        if config.augment == "shift":
+            # DrQ (Kostrikov et al. 2021, K = M = 1): s and s' shifted independently, every step anew.
+            b_obs = random_shift(b_obs, SHIFT_PAD, trainer.augment_generator)
+            b_next_obs = random_shift(b_next_obs, SHIFT_PAD, trainer.augment_generator)
         b_actions = torch.as_tensor(batch.actions, device=device)
         b_returns = torch.as_tensor(batch.returns, device=device)
         b_discounts = torch.as_tensor(batch.discounts, device=device)

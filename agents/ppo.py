@@ -11,6 +11,12 @@ Optional memory: the encoder's features go through an LSTM, a GRU or a causal Tr
 (time order kept) and re-run the memory from the state saved at the start of the rollout, with the
 memory reset wherever an episode started.
 
+Optional augmentation of pixels, ``augment=shift``: DrAC (Raileanu et al. 2021) shifts a share
+(``drac_share``) of each minibatch's frames by up to 4 pixels and pulls the policy and value on them
+towards those on the originals (:func:`drac_loss`); the clipped ratio only ever sees the originals,
+whose probabilities the rollout recorded. ``init_encoder`` starts the encoder from a pre-trained one (a ``lab fit ssl``
+run, :func:`load_encoder_tensors`), ``freeze_encoder`` keeps it fixed.
+
 Tensors in the rollout are time-major: ``(T, N, ...)`` with T = num_steps and N = num_envs.
 
 The file reads top-down: the config, the network, the greedy policy, then ``train`` (a short loop
@@ -26,14 +32,16 @@ from typing import Any, Literal, NamedTuple
 import numpy as np
 import torch
 import torch.nn as nn
-from torch.distributions import Categorical
+from torch.distributions import Categorical, kl_divergence
 
 import nets
 from agents.engine import AsyncLearner, EvalListener, TrainingRun, parse_until
-from core.checkpoint import load_checkpoint
+from core.checkpoint import CheckpointError, load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
 from core.config import config_from_dict as rebuild_config
 from core.config import option
+from core.runs import locate_checkpoint
+from nets.augment import AUGMENTS, SHIFT_PAD, shift_images
 
 ALGO = "ppo"
 
@@ -77,6 +85,19 @@ class PPOConfig:
     max_grad_norm: float = option(0.5, "gradient clipping norm", min=0.0)
     target_kl: float | None = option(None, "stop the epochs early above this KL")
     reward_scale: float = option(1.0, "multiply env rewards by this", min=0.0)
+    augment: Literal["none", "shift"] = option(
+        "none",
+        "pixels: shift (pad 4, random crop) with DrAC's regulariser; the ratio keeps the original frames",
+    )
+    drac_coef: float = option(0.1, "augment: weight of DrAC's policy KL and value gap (original vs shifted)", min=0.0)  # fmt: skip
+    # DrAC's second pass costs a forward and backward per regularised frame; a quarter of each
+    # minibatch keeps that cost small and still regularises thousands of frames per update.
+    drac_share: float = option(0.25, "augment: share of each minibatch (of its envs, with memory) whose shifted copy DrAC sees", min=0.01, max=1.0)  # fmt: skip
+    init_encoder: str | None = option(
+        None,
+        "start the encoder from the encoder.* tensors of this run or checkpoint (e.g. a `lab fit ssl` run)",
+    )
+    freeze_encoder: bool = option(False, "keep the encoder's weights fixed; the head (and memory) learn")
     threads: int = option(
         1,
         "CPU threads of the learner (0: one per core); inference with env workers uses one",
@@ -137,6 +158,60 @@ CONFIG = PPOConfig
 def build_encoder(config: PPOConfig, obs_shape: tuple[int, ...]) -> nn.Module:
     """The config's encoder; the MLP uses tanh, as CleanRL's PPO."""
     return nets.build_encoder(config.net, obs_shape, config.hidden, activation="tanh")
+
+
+def setup_encoders(config: Any, encoders: list[nn.Module], obs_shape: tuple[int, ...], resumed: bool) -> None:
+    """Applies the encoder options of a PPO or DQN config to freshly built ``encoders``: checks
+    that ``augment`` has images to shift, loads ``init_encoder`` (not on resume: the checkpoint
+    holds the weights) and freezes them with ``freeze_encoder``.
+
+    Raises:
+        ValueError: augmentation of non-image observations, or an ``init_encoder`` that does not fit.
+        CheckpointError: nothing loadable at ``init_encoder``.
+    """
+    if config.augment != "none" and len(obs_shape) != 3:
+        raise ValueError(
+            f"augment={config.augment} needs image observations (C, H, W), this env gives {obs_shape}; "
+            f"valid: {', '.join(AUGMENTS)} (none for vectors)"
+        )
+    if config.init_encoder and not resumed:
+        load_encoder_tensors(config.init_encoder, encoders)
+    for encoder in encoders if config.freeze_encoder else []:
+        encoder.requires_grad_(False)  # Adam skips parameters without gradients
+
+
+def load_encoder_tensors(path: str, encoders: list[nn.Module]) -> None:
+    """Copies the ``encoder.*`` tensors of the newest checkpoint at ``path`` into each encoder.
+
+    Any run whose model keeps its encoder under ``encoder`` fits: ``lab fit ssl`` and ``lab fit
+    digits`` runs, PPO and DQN agents. Only those tensors are read (never a head, a projector or a
+    target network), and every tensor of the encoder must be there with its shape.
+
+    Raises:
+        CheckpointError: nothing loadable at ``path``, or no model in it.
+        ValueError: a tensor of the encoder missing there, or of another shape.
+    """
+    sidecar, _ = locate_checkpoint(path)
+    state, _ = load_checkpoint(sidecar)
+    if not isinstance(state.get("model"), dict):
+        raise CheckpointError(f"init_encoder: {sidecar} holds no model weights")
+    prefix = "encoder."
+    source = {key[len(prefix) :]: value for key, value in state["model"].items() if key.startswith(prefix)}
+    for encoder in encoders:
+        target = encoder.state_dict()
+        missing = sorted(target.keys() - source.keys())
+        if missing:
+            raise ValueError(
+                f"init_encoder: {sidecar} has no tensor encoder.{missing[0]} ({len(missing)} of {len(target)} "
+                "missing); pre-train the same net on the same observation shape"
+            )
+        for name, tensor in target.items():
+            if source[name].shape != tensor.shape:
+                raise ValueError(
+                    f"init_encoder: encoder.{name} is {tuple(source[name].shape)} in {sidecar} but "
+                    f"{tuple(tensor.shape)} here; pre-train the same net on the same observation shape"
+                )
+        encoder.load_state_dict({name: source[name] for name in target})
 
 
 class ActorCritic(nn.Module):
@@ -347,6 +422,7 @@ class UpdateStats(NamedTuple):
     all_skipped: bool
     rollout: Rollout
     learning_rate: float
+    drac: torch.Tensor | None = None  # augment=shift: DrAC's regulariser of the last minibatch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +497,8 @@ class PPOTrainer:
         space = self.vec_envs[0].single_observation_space
         obs_shape, num_actions = tuple(space.shape), int(self.vec_envs[0].single_action_space.n)
         self.agent = ActorCritic(config, obs_shape, num_actions).to(device)
+        encoders = [e for e in (self.agent.encoder, self.agent.critic_encoder) if e is not None]
+        setup_encoders(config, encoders, obs_shape, resumed="model" in run.saved)
         self.optimizer = torch.optim.Adam(
             self.agent.parameters(), lr=config.learning_rate, eps=1e-5, **adam_kernel(device)
         )
@@ -472,11 +550,13 @@ class PPOTrainer:
             float(1 - (rollout.returns - rollout.values).var() / variance) if variance > 0 else float("nan")
         )
         record = {key: getattr(stats, key).item() for key in ("loss", "policy_loss", "value_loss", "entropy")}
-        run.log(step, record, {
+        drac = {} if stats.drac is None else {"drac": stats.drac.item()}
+        run.log(step, {**record, **drac}, {
             "charts/learning_rate": stats.learning_rate,
             "losses/value_loss": record["value_loss"], "losses/policy_loss": record["policy_loss"],
             "losses/entropy": record["entropy"], "losses/approx_kl": float(stats.approx_kl),
             "losses/clipfrac": float(stats.clipfrac), "losses/explained_variance": explained_variance,
+            **{f"losses/{key}": value for key, value in drac.items()},
         })  # fmt: skip
         self.completed_updates, self.completed_steps = update + 1, step
         if not wrap_up:
@@ -660,13 +740,16 @@ def ppo_update(
     """``update_epochs`` passes of minibatch SGD over one rollout on
 
         L = -min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t) + c_v * L_value - c_e * H[pi],
-        r_t = pi(a_t | s_t) / pi_old(a_t | s_t).
+        r_t = pi(a_t | s_t) / pi_old(a_t | s_t),
+
+    plus, with ``augment=shift``, DrAC's ``alpha_r * G`` (:func:`minibatch_drac`) on shifted copies
+    of ``drac_share`` of the minibatch's frames; the ratio itself only ever sees the original frames.
 
     Returns:
         The last minibatch's losses, the approximate KL and the clip fraction.
     """
     optimizer.param_groups[0]["lr"] = learning_rate
-    clip_fractions, approx_kl, skipped = [], torch.zeros((), device=rollout.obs.device), 0
+    clip_fractions, approx_kl, skipped, drac = [], torch.zeros((), device=rollout.obs.device), 0, None
     for _epoch in range(config.update_epochs):
         for mb_index in minibatch_indices(config, np_rng):
             mb = slice_minibatch(mb_index, config, rollout)
@@ -699,6 +782,9 @@ def ppo_update(
                 value_loss = 0.5 * ((new_values - mb.returns) ** 2).mean()
 
             loss = policy_loss - config.ent_coef * entropy + config.vf_coef * value_loss
+            if config.augment == "shift":
+                drac = minibatch_drac(forward, mb, rollout, config, new_logits, new_values, np_rng, autocast)
+                loss = loss + config.drac_coef * drac
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
@@ -712,8 +798,70 @@ def ppo_update(
     return UpdateStats(
         loss=loss, policy_loss=policy_loss, value_loss=value_loss, entropy=entropy, approx_kl=approx_kl,
         clipfrac=torch.stack(clip_fractions).mean(), skipped=skipped, all_skipped=skipped == len(clip_fractions),
-        rollout=rollout, learning_rate=learning_rate,
+        rollout=rollout, learning_rate=learning_rate, drac=None if drac is None else drac.detach(),
     )  # fmt: skip
+
+
+def minibatch_drac(
+    forward: nn.Module,
+    mb: Minibatch,
+    rollout: Rollout,
+    config: PPOConfig,
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    np_rng: np.random.Generator,
+    autocast: torch.autocast,
+) -> torch.Tensor:
+    """DrAC's regulariser on the first ``drac_share`` of the minibatch's columns (single steps, or
+    whole env sequences with memory), each frame stack shifted by its own offset.
+
+    The minibatch is already a random draw, so its first columns are a random subset too; the
+    offsets come from the update's generator, which resumes with the run and is the learner
+    thread's own.
+    """
+    columns = max(1, round(config.drac_share * mb.obs.shape[1]))
+    obs = mb.obs[:, :columns]  # (T, k, C, H, W)
+    frames = obs.flatten(0, 1)
+    offsets = torch.as_tensor(np_rng.integers(0, 2 * SHIFT_PAD + 1, size=(2, frames.shape[0])))
+    shifted = shift_images(frames, offsets, SHIFT_PAD).view_as(obs)
+    state = None if mb.envs is None else select_state(rollout.start_state, mb.envs[:columns])
+    return drac_loss(
+        forward, shifted, state, mb.starts[:, :columns], logits[:, :columns], values[:, :columns], autocast
+    )
+
+
+def drac_loss(
+    forward: nn.Module,
+    shifted_obs: torch.Tensor,
+    state: Any,
+    starts: torch.Tensor,
+    logits: torch.Tensor,
+    values: torch.Tensor,
+    autocast: torch.autocast,
+) -> torch.Tensor:
+    """DrAC's regulariser (Raileanu et al. 2021): the policy and value on augmented frames f(s) are
+    pulled towards those on the original frames s, which are held fixed,
+
+        G = KL[pi(. | s) || pi(. | f(s))] + 0.5 * (V(s) - V(f(s)))^2,
+
+    with the exact KL of the two categorical distributions (the paper samples it).
+
+    Args:
+        forward: the actor-critic, ``(T, B, *obs_shape)`` -> logits (T, B, A), values (T, B), state.
+        shifted_obs: f(s), ``(T, B, *obs_shape)``.
+        state, starts: the minibatch's memory state and episode starts (T, B), as for ``s``.
+        logits, values: pi's logits (T, B, A) and V (T, B) on the original frames s.
+
+    Returns:
+        G, a scalar; exactly 0 when f is the identity.
+    """
+    with autocast:
+        shifted_logits, shifted_values, _ = forward(shifted_obs, state, starts)
+    policy_gap = kl_divergence(
+        action_distribution(logits.detach()), action_distribution(shifted_logits)
+    ).mean()
+    value_gap = 0.5 * ((values.detach().float() - shifted_values.float()) ** 2).mean()
+    return policy_gap + value_gap
 
 
 def minibatch_indices(config: PPOConfig, np_rng: np.random.Generator) -> list[np.ndarray]:

@@ -37,6 +37,11 @@ ppo-ours-groups               the same with ``env_groups=2`` too: two env groups
                               workers, stepped in turn, so that one group's actions are computed
                               while the other's emulators run (not the preset's default: not
                               reliably faster on 2 cores, benchmarks/RESULTS.md)
+ppo-ours-augment              ppo-ours with ``augment=shift``: pad-4 random shifts and DrAC's
+                              regulariser on a quarter of each minibatch (``drac_share``, a second
+                              forward and backward pass over those frames)
+ppo-ours-overlap-augment      ppo-ours-overlap with ``augment=shift`` (what a user of the preset pays)
+ppo-ours-overlap-augment-full the same with ``drac_share=1``: DrAC on the whole minibatch, as in the paper
 ppo-sb3                       SB3 ``PPO("CnnPolicy")`` (its NatureCNN) over ``SubprocVecEnv`` of our
                               single-env stack (``envs.make``), as an SB3 user would run it (torch's
                               default threads)
@@ -62,6 +67,8 @@ dqn-preset                    the Mario DQN preset as shipped (double DQN, dueli
                               returns, the learner thread, bf16 learning where native), with the
                               benchmark's buffer and learning_starts
 dqn-preset-serial             the same with ``overlap=False, bf16=False`` (the preset before session 5)
+dqn-ours-overlap-augment      dqn-ours-overlap with ``augment=shift`` (DrQ: each sampled observation
+                              and next observation shifted)
 dqn-sb3                       SB3 ``DQN("CnnPolicy")`` over ``DummyVecEnv`` (its default for one env)
 dqn-sb3-1thread               the same after ``torch.set_num_threads(1)``
 dqn-sb3-kept                  dqn-sb3 after ``agents.engine.keep_freed_memory()``: what our malloc
@@ -95,6 +102,9 @@ PPO_SYSTEMS = [
     "ppo-ours-all-threads",
     "ppo-ours-overlap",
     "ppo-ours-groups",
+    "ppo-ours-augment",
+    "ppo-ours-overlap-augment",
+    "ppo-ours-overlap-augment-full",
     "ppo-sb3",
     "ppo-sb3-1thread",
     "ppo-sb3-ours-encoder",
@@ -104,6 +114,7 @@ DQN_SYSTEMS = [
     "dqn-ours-overlap",
     "dqn-ours-overlap-trim",
     "dqn-ours-overlap-async",
+    "dqn-ours-overlap-augment",
     "dqn-ours-baseline",
     "dqn-preset",
     "dqn-preset-serial",
@@ -129,6 +140,10 @@ TARGETS = {
     "ppo-ours-overlap/ppo-sb3": 2.0,  # on the 2-core CPU machine; 1.6 on the GPU box
     "ppo-ours-overlap/emulator-limit": None,  # 0.9 on the GPU box
     "dqn-ours-overlap/dqn-sb3": 2.0,
+    # Augmentation should cost under 10% (>= 0.9); not in the default run, so no verdict is printed.
+    "ppo-ours-overlap-augment/ppo-ours-overlap": None,
+    "ppo-ours-overlap-augment-full/ppo-ours-overlap": None,
+    "dqn-ours-overlap-augment/dqn-ours-overlap": None,
 }
 
 
@@ -151,6 +166,8 @@ def child_ppo_ours(
     threads: int = 1,
     overlap: bool = False,
     env_groups: int = 1,
+    augment: str = "none",
+    drac_share: float | None = None,
 ) -> dict[str, Any]:
     from agents import ppo
     from envs.registry import PRESETS
@@ -169,6 +186,8 @@ def child_ppo_ours(
         "threads": threads,
         "overlap": overlap,
         "env_groups": env_groups,
+        "augment": augment,
+        **({} if drac_share is None else {"drac_share": drac_share}),
         "eval_every": 0,
         "eval_episodes": 1,
         "checkpoint_every": 10**9,
@@ -301,6 +320,7 @@ def child_dqn_ours(
     overlap: bool = False,
     backend: str | None = None,
     keep_freed_memory: bool = True,
+    augment: str = "none",
 ) -> dict[str, Any]:
     return _time_dqn_ours(
         settings,
@@ -310,6 +330,7 @@ def child_dqn_ours(
             "env_backend": backend or ("async" if levers else "sync"),
             "overlap": overlap,
             "keep_freed_memory": keep_freed_memory,
+            "augment": augment,
         },
     )
 
@@ -460,6 +481,11 @@ def run_child(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         "ppo-ours-all-threads": lambda: child_ppo_ours(settings, threads=0),
         "ppo-ours-overlap": lambda: child_ppo_ours(settings, overlap=True),
         "ppo-ours-groups": lambda: child_ppo_ours(settings, overlap=True, env_groups=2),
+        "ppo-ours-augment": lambda: child_ppo_ours(settings, augment="shift"),
+        "ppo-ours-overlap-augment": lambda: child_ppo_ours(settings, overlap=True, augment="shift"),
+        "ppo-ours-overlap-augment-full": lambda: child_ppo_ours(
+            settings, overlap=True, augment="shift", drac_share=1.0
+        ),
         "ppo-sb3": lambda: child_ppo_sb3(settings),
         "ppo-sb3-1thread": lambda: child_ppo_sb3(settings, threads=1),
         "ppo-sb3-ours-encoder": lambda: child_ppo_sb3(settings, our_encoder=True),
@@ -470,6 +496,9 @@ def run_child(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         ),
         "dqn-ours-overlap-async": lambda: child_dqn_ours(
             settings, levers=True, overlap=True, backend="async"
+        ),
+        "dqn-ours-overlap-augment": lambda: child_dqn_ours(
+            settings, levers=True, overlap=True, backend="sync", augment="shift"
         ),
         "dqn-ours-baseline": lambda: child_dqn_ours(settings, levers=False),
         "dqn-preset": lambda: child_dqn_preset(settings, serial=False),
@@ -654,6 +683,12 @@ def run(systems: list[str], settings: dict[str, Any], repeats: int) -> dict[str,
     ratio("dqn-ours/dqn-sb3", "dqn-ours", "dqn-sb3")
     ratio("dqn-ours-overlap/dqn-sb3", "dqn-ours-overlap", "dqn-sb3")
     ratio("dqn-ours-overlap/dqn-ours", "dqn-ours-overlap", "dqn-ours")
+    ratio("ppo-ours-augment/ppo-ours", "ppo-ours-augment", "ppo-ours")
+    ratio("ppo-ours-overlap-augment/ppo-ours-overlap", "ppo-ours-overlap-augment", "ppo-ours-overlap")
+    ratio(
+        "ppo-ours-overlap-augment-full/ppo-ours-overlap", "ppo-ours-overlap-augment-full", "ppo-ours-overlap"
+    )
+    ratio("dqn-ours-overlap-augment/dqn-ours-overlap", "dqn-ours-overlap-augment", "dqn-ours-overlap")
     ratio("dqn-ours-overlap/dqn-ours-overlap-trim", "dqn-ours-overlap", "dqn-ours-overlap-trim")
     ratio("dqn-ours-overlap/dqn-sb3-kept", "dqn-ours-overlap", "dqn-sb3-kept")
     ratio("dqn-sb3-kept/dqn-sb3", "dqn-sb3-kept", "dqn-sb3")

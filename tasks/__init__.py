@@ -1,4 +1,4 @@
-"""Supervised tasks run by ``lab fit TASK``: xor, playground, digits, sequence, sentiment.
+"""Tasks run by ``lab fit TASK``: xor, playground, digits, sequence, sentiment, ssl, lm, optim.
 
 Each task is one module with a config dataclass (every field carries ``help`` and, where they apply,
 ``min``/``max``/``choices`` metadata, so ``--set key=value`` is validated), a ``run(config, run_dir,
@@ -18,7 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from tasks import digits, playground, sentiment, sequence, xor
+from tasks import digits, lm, optim, playground, sentiment, sequence, ssl, xor
 from tasks.loop import TaskError
 
 __all__ = ["TaskError", "TaskSpec", "describe", "get", "names", "run"]
@@ -66,6 +66,9 @@ _REGISTRY: dict[str, TaskSpec] = {
         _spec(digits, digits.DigitsConfig),
         _spec(sequence, sequence.SequenceConfig),
         _spec(sentiment, sentiment.SentimentConfig),
+        _spec(ssl, ssl.SSLConfig),
+        _spec(lm, lm.LMConfig),
+        _spec(optim, optim.OptimConfig),
     )
 }
 

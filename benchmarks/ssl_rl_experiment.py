@@ -1,0 +1,421 @@
+"""Does self-supervision or augmentation make PPO learn Mario 1-1 faster? The experiment of issue 22,
+as a lab user runs it, resumably, one step at a time:
+
+    python -m benchmarks.ssl_rl_experiment frames     # frame stacks: random play + the shipped agent
+    python -m benchmarks.ssl_rl_experiment pretrain   # lab fit ssl data=mario (ATC) on those frames
+    python -m benchmarks.ssl_rl_experiment train      # PPO arms x seeds at a fixed budget
+    python -m benchmarks.ssl_rl_experiment report     # curves with bootstrap bands, table, sticky evals
+    python -m benchmarks.ssl_rl_experiment all        # the four in turn
+
+The arms (``--arms``), each ``lab train mario-1-1`` with the preset's hyperparameters:
+
+==========  =====================================================================================
+baseline    the preset as it is
+augment     ``--set augment=shift``: pad-4 random shifts with DrAC's regulariser
+pretrained  ``--set init_encoder=RUN``: the Nature CNN starts from the ATC encoder of ``pretrain``
+==========  =====================================================================================
+
+Every run lives in ``ROOT/<arm>-s<seed>``; ``train`` skips the runs that reached the budget, resumes
+the ones with a checkpoint (``lab train --resume``) and starts the rest, each as a child process at
+``--nice``, so the script can be stopped and started again at any point. ``report`` reads the runs
+as far as they got (the newest checkpoint's history for unfinished ones), draws furthest x and the
+training clear rate (last 100 episodes) per arm, the mean over seeds with a bootstrap 95% interval,
+next to the shipped run's curve, and tabulates per seed the steps to the first clear and to 50%
+training clears and the final agent's clear rate with sticky actions (p = 0.25).
+
+Gathering frames with the shipped agent needs ``agents`` (to load it), which the task layer may not
+import (ARCHITECTURE.md); this script passes the agent's greedy policy to
+:func:`tasks.ssl.gather_frames` instead, and it also labels every frame with the agent's action for
+the probe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ENV = "mario-1-1"
+SHIPPED = Path("runs/mario-1-1")
+ROOT = Path("runs/ssl-rl")
+FRAMES = Path("runs/ssl-mario-frames.npz")
+ENCODER = Path("runs/ssl-mario-atc")
+STAGES = ("1-1", "1-2", "1-3")
+# Per-env share of random actions while gathering: the agent's play, noisier and noisier, and pure
+# random play; never 0, or the deterministic emulator would replay one episode again and again.
+EPSILONS = (0.03, 0.1, 0.2, 0.3, 0.5, 1.0, 1.0, 1.0)
+ARMS = {
+    "baseline": [],
+    "augment": ["augment=shift"],
+    "pretrained": ["init_encoder={encoder}"],
+}
+# Settings of every arm: no periodic greedy evals (the curves are the training episodes'), frequent
+# checkpoints so that a stopped run loses little.
+COMMON_SETS = ["eval_every=0", "checkpoint_every=20480", "keep_checkpoints=1"]
+STICKY = 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps of the experiment
+# ---------------------------------------------------------------------------------------------
+
+
+def gather(args: argparse.Namespace) -> Path:
+    """Frame stacks of ``--stages``: 8 envs per stage, the shipped agent with EPSILONS random actions."""
+    from agents import load_agent
+    from tasks.ssl import gather_frames
+
+    os.nice(args.nice)
+    agent = load_agent(args.agent, device="cpu")
+
+    def greedy(obs: np.ndarray) -> np.ndarray:
+        actions, _ = agent.policy.act(obs, np.zeros(len(obs), dtype=bool))
+        return actions
+
+    agent.policy.reset(len(EPSILONS))
+    started = time.time()
+    frame_set = gather_frames(
+        args.stages, args.frame_steps, args.seed, policy=greedy, epsilons=EPSILONS, num_envs=len(EPSILONS)
+    )
+    frame_set.save(args.frames)
+    print(
+        f"{len(frame_set)} frame stacks of {', '.join(args.stages)} ({len(np.unique(frame_set.episode))} "
+        f"episodes) in {time.time() - started:.0f} s -> {args.frames}",
+        flush=True,
+    )
+    return args.frames
+
+
+def pretrain(args: argparse.Namespace) -> Path:
+    """``lab fit ssl`` with ATC on the frames: the encoder the ``pretrained`` arm starts from."""
+    if (args.encoder / "metrics.json").exists():
+        print(f"{args.encoder} is pre-trained already", flush=True)
+        return args.encoder
+    resume = (args.encoder / "checkpoints").is_dir()
+    command = (
+        ["fit", "--resume", str(args.encoder)]
+        if resume
+        else ["fit", "ssl", "--run-dir", str(args.encoder), "--epochs", str(args.ssl_epochs),
+              "--seed", str(args.seed), "--set", "data=mario", "--set", f"frames={args.frames}",
+              # The recorded run's temperature (ATC's learnt bilinear product sets its own scale).
+              "--set", "temperature=0.2"]
+    )  # fmt: skip
+    run_lab(command + ["--no-progress", "--json"], args.nice)
+    return args.encoder
+
+
+def train(args: argparse.Namespace) -> None:
+    """Every arm and seed to ``--steps`` agent steps: skipped when there, resumed, or started.
+
+    With ``--pause-at N`` each run stops at its first checkpoint past N agent steps (SIGTERM: it
+    saves and exits), so a session with little time runs a prefix of every run under the schedule
+    of the whole budget; a later call without it continues them."""
+    stop_at = args.pause_at or args.steps
+    # Only a pause stops a child from outside: a run reaching the budget ends by itself, after its
+    # final evaluation and metrics.json.
+    pausing = 0 < args.pause_at < args.steps
+    for seed in args.seeds:
+        for arm in args.arms:
+            run_dir = args.root / f"{arm}-s{seed}"
+            reached = steps_reached(run_dir)
+            if reached >= stop_at:
+                print(
+                    f"{run_dir}: {reached:,} steps, {'done' if reached >= args.steps else 'paused'}",
+                    flush=True,
+                )
+                continue
+            if reached > 0:
+                command = ["train", "--resume", str(run_dir), "--steps", str(args.steps)]
+            else:
+                (run_dir / "config.json").unlink(missing_ok=True)  # a start that saved nothing
+                sets = [item.format(encoder=args.encoder) for item in [*ARMS[arm], *COMMON_SETS]]
+                command = [
+                    "train",
+                    ENV,
+                    "--seed",
+                    str(seed),
+                    "--steps",
+                    str(args.steps),
+                    "--run-dir",
+                    str(run_dir),
+                ]
+                command += [part for item in sets for part in ("--set", item)]
+            stop = (lambda d=run_dir: checkpoint_step(d) >= stop_at) if pausing else None
+            run_lab(command + ["--no-progress"], args.nice, stop)
+
+
+def run_lab(command: list[str], nice: int, stop: Callable[[], bool] | None = None) -> None:
+    """``lab COMMAND`` in a child process at ``nice``; prints the command and its wall time. When
+    ``stop()`` turns true (asked every 30 s) the child gets SIGTERM, which saves and exits 130."""
+    print(f"$ nice -n {nice} lab {' '.join(command)}", flush=True)
+    started = time.time()
+    child = subprocess.Popen([sys.executable, "-m", "lab", *command], preexec_fn=lambda: os.nice(nice))
+    while True:
+        try:
+            status = child.wait(timeout=30)
+            break
+        except subprocess.TimeoutExpired:
+            if stop is not None and stop():
+                child.send_signal(signal.SIGTERM)
+    print(f"  exit {status} after {(time.time() - started) / 60:.1f} min", flush=True)
+    if status not in (0, 130) or (status == 130 and not (stop is not None and stop())):
+        raise SystemExit(status)
+
+
+def checkpoint_step(run_dir: Path) -> int:
+    """The agent step of a run's newest checkpoint, from its file name (0 without one)."""
+    from core.checkpoint import list_checkpoints
+
+    names = list_checkpoints(run_dir / "checkpoints")
+    return int(names[-1].stem.rsplit("_", 1)[-1]) if names else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the runs
+# ---------------------------------------------------------------------------------------------
+
+
+def run_history(run_dir: Path) -> list[dict[str, Any]]:
+    """The per-update records of a run: metrics.json when it finished, else its newest checkpoint's."""
+    from agents.engine import load_training_checkpoint
+
+    metrics = run_dir / "metrics.json"
+    if metrics.exists():
+        return json.loads(metrics.read_text())["history"]
+    loaded = load_training_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    return list(loaded[0].get("history", [])) if loaded else []
+
+
+def steps_reached(run_dir: Path) -> int:
+    history = run_history(run_dir)
+    return int(history[-1]["step"]) if history else 0
+
+
+def curve(history: list[dict[str, Any]], key: str, grid: np.ndarray) -> np.ndarray:
+    """``key`` of the records interpolated at the agent steps of ``grid`` (NaN before the first
+    finite value and after the last record)."""
+    steps = np.array([record["step"] for record in history], dtype=float)
+    values = np.array([record.get(key, math.nan) for record in history], dtype=float)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.full(len(grid), math.nan)
+    out = np.interp(grid, steps[finite], values[finite])
+    out[(grid < steps[finite][0]) | (grid > steps[-1])] = math.nan
+    return out
+
+
+def bootstrap_band(
+    curves: np.ndarray, rng: np.random.Generator, samples: int = 2000
+) -> tuple[np.ndarray, ...]:
+    """Mean over seeds (rows) and the 2.5 / 97.5 percentiles of the means of resampled seeds; NaN
+    where no seed has reached that step."""
+    with warnings.catch_warnings():  # the steps no seed reached yet are NaN columns, by design
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(curves, axis=0)
+        if len(curves) < 2:
+            return mean, mean, mean
+        picks = rng.integers(0, len(curves), (samples, len(curves)))
+        means = np.nanmean(curves[picks], axis=1)  # (samples, grid)
+        return mean, np.nanpercentile(means, 2.5, axis=0), np.nanpercentile(means, 97.5, axis=0)
+
+
+def sticky_clear_rate(run_dir: Path, episodes: int, seed: int) -> float | None:
+    """Greedy clear rate of the run's newest weights with sticky actions (p = 0.25) and the
+    preset's evaluation starts; None when the run has no checkpoint."""
+    import envs
+    from agents import load_agent
+    from agents.episodes import evaluate
+    from core.checkpoint import CheckpointError
+
+    try:
+        agent = load_agent(run_dir, device="cpu")
+    except CheckpointError:
+        return None
+    overrides = {**envs.eval_overrides(ENV), "sticky_prob": STICKY}
+    summary = evaluate(agent.policy, lambda n: envs.make_vec(ENV, n, seed=seed, **overrides), episodes, seed)
+    return float(summary["clear_rate"])
+
+
+def report(args: argparse.Namespace) -> dict[str, Any]:
+    """The plot, the per-seed table (printed as Markdown) and a JSON record of both."""
+    from agents.engine import first_step_reaching
+
+    rng = np.random.default_rng(0)
+    runs = {
+        arm: {seed: run_history(args.root / f"{arm}-s{seed}") for seed in args.seeds} for arm in args.arms
+    }
+    shipped = run_history(args.shipped)
+    grid = np.arange(0, args.steps + 1, 4096, dtype=float)
+    rows, bands = [], {}
+    for arm, histories in runs.items():
+        present = {seed: history for seed, history in histories.items() if history}
+        for seed, history in present.items():
+            sticky = None if args.sticky_episodes == 0 else sticky_clear_rate(
+                args.root / f"{arm}-s{seed}", args.sticky_episodes, seed=12345
+            )  # fmt: skip
+            rows.append({
+                "arm": arm, "seed": seed, "steps": int(history[-1]["step"]),
+                "first_clear": first_step_reaching(history, "clear_rate", 1e-9),
+                "clears_50": first_step_reaching(history, "clear_rate", 0.5),
+                "final_clear_rate": history[-1].get("clear_rate"), "final_x": history[-1].get("x_pos_max_mean"),
+                "sticky_clear_rate": sticky,
+            })  # fmt: skip
+        if present:
+            bands[arm] = {
+                key: bootstrap_band(np.stack([curve(h, key, grid) for h in present.values()]), rng)
+                for key in ("x_pos_max_mean", "clear_rate")
+            }
+            bands[arm]["seeds"] = len(present)
+    reference = {
+        "first_clear": first_step_reaching(shipped, "clear_rate", 1e-9),
+        "clears_50": first_step_reaching(shipped, "clear_rate", 0.5),
+    }
+    plot(grid, bands, {key: curve(shipped, key, grid) for key in ("x_pos_max_mean", "clear_rate")}, args)
+    result = {"budget": args.steps, "rows": rows, "shipped": reference, "plot": str(args.plot),
+              "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    print_table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def plot(
+    grid: np.ndarray, bands: dict[str, Any], shipped: dict[str, np.ndarray], args: argparse.Namespace
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from core.files import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    panels = (("x_pos_max_mean", "furthest x (last 100 episodes)"), ("clear_rate", "flag reached (last 100)"))
+    for axis, (key, label) in zip(axes, panels, strict=True):
+        axis.plot(
+            grid,
+            shipped[key],
+            color="0.5",
+            linestyle="--",
+            linewidth=1,
+            label="shipped run (seed 1, 2M schedule)",
+        )
+        for index, (arm, band) in enumerate(bands.items()):
+            mean, low, high = band[key]
+            color = f"C{index}"
+            # Markers keep a short smoke run's few points visible.
+            marker = "o" if len(grid) < 10 else None
+            axis.plot(grid, mean, color=color, marker=marker, label=f"{arm} (n={band['seeds']})")
+            axis.fill_between(grid, low, high, color=color, alpha=0.2, linewidth=0)
+        axis.set_xlabel("agent steps")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[1].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"PPO on {ENV}: mean over seeds, bootstrap 95% band", fontsize=10)
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, args.plot)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    def steps(value: int | None) -> str:
+        return "-" if value is None else f"{value / 1000:.0f}k"
+
+    def rate(value: float | None) -> str:
+        return "-" if value is None or not math.isfinite(value) else f"{value:.2f}"
+
+    print(f"| arm | seed | steps run | first clear | 50% clears | clear rate (last 100) | furthest x | "
+          f"sticky clear rate (p={STICKY}) |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for row in result["rows"]:
+        x = row["final_x"]
+        print(
+            f"| {row['arm']} | {row['seed']} | {steps(row['steps'])} | {steps(row['first_clear'])} | "
+            f"{steps(row['clears_50'])} | {rate(row['final_clear_rate'])} | "
+            f"{'-' if x is None or not math.isfinite(x) else f'{x:.0f}'} | {rate(row['sticky_clear_rate'])} |"
+        )
+    shipped = result["shipped"]
+    print(
+        f"shipped run: first clear {steps(shipped['first_clear'])}, 50% clears {steps(shipped['clears_50'])}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=("frames", "pretrain", "train", "report", "all"))
+    parser.add_argument(
+        "--root", type=Path, default=ROOT, help=f"run directories of the arms (default {ROOT})"
+    )
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
+    parser.add_argument("--steps", type=int, default=500_000, help="agent steps per run (default 500000)")
+    parser.add_argument("--pause-at", type=int, default=0, help="stop each run past this many steps for now")
+    parser.add_argument("--nice", type=int, default=5, help="niceness of the child processes (default 5)")
+    parser.add_argument(
+        "--agent", type=Path, default=SHIPPED, help=f"the expert for frames (default {SHIPPED})"
+    )
+    parser.add_argument("--shipped", type=Path, default=SHIPPED, help="the reference run of the plot")
+    parser.add_argument("--frames", type=Path, default=FRAMES, help=f"frames file (default {FRAMES})")
+    parser.add_argument("--stages", default=",".join(STAGES), help="stages played for frames")
+    parser.add_argument("--frame-steps", type=int, default=500, help="vector steps of 8 envs per stage")
+    parser.add_argument("--encoder", type=Path, default=ENCODER, help=f"the ATC run (default {ENCODER})")
+    parser.add_argument("--ssl-epochs", type=int, default=20, help="ATC epochs over the training frames")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the frames and of pre-training")
+    parser.add_argument(
+        "--sticky-episodes", type=int, default=20, help="sticky-action episodes per agent (0: skip)"
+    )
+    parser.add_argument("--plot", type=Path, default=Path("docs/images/ssl-rl-curves.png"))
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    args.arms = [arm for arm in args.arms.split(",") if arm]
+    unknown = [arm for arm in args.arms if arm not in ARMS]
+    if unknown or not args.arms:
+        parser.error(f"unknown arm {unknown[0] if unknown else ''!r}; valid arms: {', '.join(ARMS)}")
+    args.stages = tuple(stage for stage in args.stages.split(",") if stage)
+    if args.step in ("frames", "all"):
+        if args.frames.exists():
+            print(f"{args.frames} exists; delete it to gather again", flush=True)
+        else:
+            gather(args)
+    if args.step in ("pretrain", "all") or (args.step == "train" and "pretrained" in args.arms):
+        if not args.frames.exists():
+            parser.error(
+                f"{args.frames} does not exist; gather it first: python -m benchmarks.ssl_rl_experiment frames"
+            )
+        pretrain(args)
+    if args.step in ("train", "all"):
+        train(args)
+    if args.step in ("report", "all"):
+        report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
