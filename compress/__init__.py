@@ -1,13 +1,16 @@
 """The computational core of ``lab compress``: distillation, pruning, int8 quantisation, measurement.
 
-Everything works on plain ``nn.Module``s and tensors; agents, environments and the command line are
-wired on top elsewhere. This package imports torch, numpy, safetensors, torchao, ``nets`` and ``core``
-only.
+The modules imported here work on plain ``nn.Module``s and tensors (torch, numpy, safetensors,
+torchao, ``nets``, ``core``); the command line is ``lab/compress.py``.
 
 - ``compress.distill``: policy distillation into a smaller student (Rusu et al. 2016), DAgger mixing.
 - ``compress.prune``: global magnitude pruning with a cubic schedule; NatureCNN channel pruning.
-- ``compress.quantize``: static int8 with calibration, saved as int8 safetensors.
-- ``compress.measure``: parameter counts, file sizes, batch-1 latency, the comparison table.
+- ``compress.quantize``: static int8 with calibration, saved as int8 safetensors (the int8 layers
+  live in ``nets.quantized``, which loading needs).
+- ``compress.measure``: parameter counts, file sizes, batch-1 latency, output agreement.
+- ``compress.agents``, ``compress.pipeline`` and ``compress.compare`` (imported on use, they need
+  agents and envs): trained agents as teachers and students, the three methods of ``lab compress``
+  end to end, and the comparison table of runs (``lab eval RUN RUN ...``).
 """
 
 from __future__ import annotations
@@ -25,13 +28,11 @@ from compress.distill import (
     teacher_targets_from_q,
 )
 from compress.measure import (
-    CompressionRow,
     OutputComparison,
     ParameterCount,
     compare_outputs,
     count_parameters,
     file_bytes,
-    format_table,
     latency_ms,
 )
 from compress.prune import (
@@ -62,23 +63,18 @@ class Method(NamedTuple):
     Attributes:
         name: Its name on the command line.
         summary: One line for ``--help``.
-        needs_frames: Needs observations from the environment (calibration or distillation states).
         needs_training: Runs gradient steps (distillation, fine-tuning between pruning rounds).
-        smaller_architecture: The result has fewer parameters, not only zeros or fewer bits.
     """
 
     name: str
     summary: str
-    needs_frames: bool
     needs_training: bool
-    smaller_architecture: bool
 
 
 METHODS: dict[str, Method] = {
-    "distill": Method("distill", "train a smaller student on the teacher's actions", True, True, True),
-    "prune": Method("prune", "zero the smallest weights of all layers, gradually", True, True, False),
-    "channels": Method("channels", "remove the lowest-L1 convolution channels", False, False, True),
-    "int8": Method("int8", "static int8, calibrated on the agent's own frames", True, False, False),
+    "distil": Method("distil", "train a smaller student on the teacher's actions, on its own states", True),
+    "prune": Method("prune", "zero the smallest weights gradually (--structured: cut whole channels)", True),
+    "quantize": Method("quantize", "static int8, calibrated on the agent's own frames", False),
 }
 
 
@@ -93,7 +89,6 @@ __all__ = [
     "METHODS",
     "Calibration",
     "ChannelPruning",
-    "CompressionRow",
     "DistillBatch",
     "DistillBuffer",
     "DistillStats",
@@ -112,7 +107,6 @@ __all__ = [
     "distillation_loss",
     "file_bytes",
     "fold_masks",
-    "format_table",
     "get_method",
     "latency_ms",
     "load_quantized",

@@ -106,17 +106,21 @@ class DistillStats(NamedTuple):
         agreement: Fraction of the batch where the student's greedy action is the teacher's, in [0, 1].
         student_entropy: Mean entropy (nats) of softmax(student) at T = 1.
         grad_norm: Gradient norm before clipping.
+        value_loss: Mean squared error of the student's values against the teacher's (0 without them).
     """
 
     loss: float
     agreement: float
     student_entropy: float
     grad_norm: float
+    value_loss: float = 0.0
 
 
-def _logits(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
-    # Actor-critic modules return (logits, value); the logits come first.
-    return output[0] if isinstance(output, tuple | list) else output
+def _split(output: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # Actor-critic modules return (logits, value); Q-networks and plain policies the logits alone.
+    if isinstance(output, tuple | list):
+        return output[0], (output[1] if len(output) > 1 else None)
+    return output, None
 
 
 def distill_step(
@@ -128,6 +132,8 @@ def distill_step(
     max_grad_norm: float | None = None,
     scale_t2: bool = False,
     logits_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None,
+    teacher_values: torch.Tensor | None = None,
+    value_coef: float = 0.0,
 ) -> DistillStats:
     """One gradient step of the student on a minibatch of teacher-labelled observations.
 
@@ -141,12 +147,21 @@ def distill_step(
         scale_t2: See ``distillation_loss``.
         logits_fn: ``logits_fn(student, obs)`` -> (B, A) when the student needs another call
             (a recurrent state, a time axis); default ``student(obs)``.
+        teacher_values: (B,) the teacher's state values; with ``value_coef > 0`` and a student that
+            returns (logits, values), the student's values regress on them (mean squared error).
+        value_coef: Weight of that value loss in the gradient.
     """
     student.train()
-    logits = logits_fn(student, obs) if logits_fn is not None else _logits(student(obs))
+    if logits_fn is not None:
+        logits, values = logits_fn(student, obs), None
+    else:
+        logits, values = _split(student(obs))
     loss = distillation_loss(logits, teacher_logits, temperature, scale_t2)
+    value_loss = torch.zeros(())
+    if teacher_values is not None and values is not None and value_coef > 0:
+        value_loss = F.mse_loss(values.float(), teacher_values.float())
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss + value_coef * value_loss).backward()
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     clip = math.inf if max_grad_norm is None else max_grad_norm
     grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)  # with inf: only measures the norm
@@ -155,14 +170,16 @@ def distill_step(
         agreement = (logits.argmax(-1) == teacher_logits.argmax(-1)).float().mean()
         log_p = F.log_softmax(logits.float(), dim=-1)
         entropy = -(log_p.exp() * log_p).sum(-1).mean()
-    return DistillStats(loss.item(), float(agreement), float(entropy), float(grad_norm))
+    return DistillStats(loss.item(), float(agreement), float(entropy), float(grad_norm), value_loss.item())
 
 
 class DistillBatch(NamedTuple):
-    """obs (B, *obs_shape) in the buffer's dtype; teacher_logits (B, A) fp32."""
+    """obs (B, *obs_shape) in the buffer's dtype; teacher_logits (B, A) fp32; teacher_values (B,) fp32
+    when the buffer keeps values, else None."""
 
     obs: torch.Tensor
     teacher_logits: torch.Tensor
+    teacher_values: torch.Tensor | None = None
 
 
 class DistillBuffer:
@@ -174,6 +191,7 @@ class DistillBuffer:
         num_actions: Width of the teacher's logits.
         obs_dtype: Storage dtype; uint8 frames take a quarter of fp32's memory (100k Mario stacks: 2.8 GB).
         seed: Seed of the sampling generator.
+        with_values: Also keep the teacher's state value of each observation.
     """
 
     def __init__(
@@ -183,12 +201,14 @@ class DistillBuffer:
         num_actions: int,
         obs_dtype: torch.dtype = torch.uint8,
         seed: int = 0,
+        with_values: bool = False,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
         self.obs = torch.zeros((capacity, *obs_shape), dtype=obs_dtype)
         self.teacher_logits = torch.zeros((capacity, num_actions), dtype=torch.float32)
+        self.teacher_values = torch.zeros(capacity, dtype=torch.float32) if with_values else None
         self.position = 0  # next slot to write
         self.size = 0
         self.generator = torch.Generator().manual_seed(seed)
@@ -196,8 +216,14 @@ class DistillBuffer:
     def __len__(self) -> int:
         return self.size
 
-    def add(self, obs: torch.Tensor | np.ndarray, teacher_logits: torch.Tensor | np.ndarray) -> None:
-        """Appends a batch: obs (B, *obs_shape), teacher_logits (B, A); B may exceed the capacity."""
+    def add(
+        self,
+        obs: torch.Tensor | np.ndarray,
+        teacher_logits: torch.Tensor | np.ndarray,
+        teacher_values: torch.Tensor | np.ndarray | None = None,
+    ) -> None:
+        """Appends a batch: obs (B, *obs_shape), teacher_logits (B, A), teacher_values (B,) when the
+        buffer keeps values; B may exceed the capacity."""
         obs = torch.as_tensor(obs).detach().cpu()
         logits = torch.as_tensor(teacher_logits).detach().cpu().float()
         if obs.shape[1:] != self.obs.shape[1:] or logits.shape != (len(obs), self.teacher_logits.shape[1]):
@@ -205,10 +231,21 @@ class DistillBuffer:
                 f"expected obs (B, {', '.join(map(str, self.obs.shape[1:]))}) and logits (B, "
                 f"{self.teacher_logits.shape[1]}), got {tuple(obs.shape)} and {tuple(logits.shape)}"
             )
+        if (teacher_values is None) != (self.teacher_values is None):
+            keeps = "keeps" if self.teacher_values is not None else "does not keep"
+            raise ValueError(f"this DistillBuffer {keeps} teacher values; pass teacher_values accordingly")
+        values = None
+        if teacher_values is not None:
+            values = torch.as_tensor(teacher_values).detach().cpu().float()
+            if values.shape != (len(obs),):
+                raise ValueError(f"expected teacher_values ({len(obs)},), got {tuple(values.shape)}")
+            values = values[-self.capacity :]
         obs, logits = obs[-self.capacity :], logits[-self.capacity :]  # older items would be overwritten
         slots = (self.position + torch.arange(len(obs))) % self.capacity
         self.obs[slots] = obs.to(self.obs.dtype)
         self.teacher_logits[slots] = logits
+        if self.teacher_values is not None:
+            self.teacher_values[slots] = values
         self.position = (self.position + len(obs)) % self.capacity
         self.size = min(self.size + len(obs), self.capacity)
 
@@ -217,4 +254,5 @@ class DistillBuffer:
         if self.size == 0:
             raise ValueError("cannot sample from an empty DistillBuffer")
         index = torch.randint(self.size, (batch_size,), generator=self.generator)
-        return DistillBatch(self.obs[index], self.teacher_logits[index])
+        values = None if self.teacher_values is None else self.teacher_values[index]
+        return DistillBatch(self.obs[index], self.teacher_logits[index], values)

@@ -2,6 +2,7 @@
 
 ``latency_ms`` times batch-1 forward passes on one CPU thread: acting in an environment runs one
 observation at a time, and one thread keeps the number comparable between busy and idle machines.
+The comparison table of whole runs (episodes included) is ``compress.compare``.
 """
 
 from __future__ import annotations
@@ -10,14 +11,13 @@ import os
 import statistics
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from compress.quantize import Int8Conv2d, Int8Linear
+from nets.quantized import Int8Conv2d, Int8Linear
 
 
 class ParameterCount(NamedTuple):
@@ -102,47 +102,3 @@ def compare_outputs(reference: nn.Module, candidate: nn.Module, obs: torch.Tenso
     ref, cand = first(reference), first(candidate)
     agreement = (ref.argmax(-1) == cand.argmax(-1)).float().mean()
     return OutputComparison(float((ref - cand).abs().max()), float(agreement))
-
-
-@dataclass(frozen=True)
-class CompressionRow:
-    """One line of the ``lab compress`` table.
-
-    Attributes:
-        name: Variant, e.g. "fp32", "int8", "sparse-90", "channels-50", "student".
-        parameters: Weights and biases (``ParameterCount.total``).
-        nonzero_parameters: Of those, not exactly zero.
-        bytes_on_disk: Size of the saved file(s).
-        latency_ms: Batch-1 CPU latency (``latency_ms``).
-        agreement: Share of observations where the greedy action equals the original model's, if measured.
-        max_abs_diff: Largest logit difference from the original model, if measured.
-        mean_return: Mean evaluation return, if the maintainer's loop measured it.
-    """
-
-    name: str
-    parameters: int
-    nonzero_parameters: int
-    bytes_on_disk: int
-    latency_ms: float
-    agreement: float | None = None
-    max_abs_diff: float | None = None
-    mean_return: float | None = None
-
-
-def format_table(rows: Iterable[CompressionRow]) -> str:
-    """A Markdown table of the rows; missing measurements show as "-"."""
-
-    def cell(value: float | None, spec: str) -> str:
-        return "-" if value is None else format(value, spec)
-
-    lines = [
-        "| variant | parameters | non-zero | bytes | latency ms | agreement | max abs diff | return |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row.name} | {row.parameters:,} | {row.nonzero_parameters:,} | {row.bytes_on_disk:,} | "
-            f"{row.latency_ms:.3f} | {cell(row.agreement, '.1%')} | {cell(row.max_abs_diff, '.4g')} | "
-            f"{cell(row.mean_return, '.1f')} |"
-        )
-    return "\n".join(lines)

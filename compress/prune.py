@@ -6,8 +6,8 @@ weights keep their dense shapes: the file compresses well but dense kernels run 
 Structured channel pruning instead removes whole convolution channels from a NatureCNN and returns
 a genuinely smaller network.
 
-A pruning run alternates ``prune_global(model, schedule[i])`` with fine-tuning (the maintainer's
-loop), then ``fold_masks`` before saving.
+A pruning run alternates ``prune_global(model, schedule[i])`` with fine-tuning (``compress.pipeline``),
+then folds the masks (``fold_masks``, or ``folded_state`` to save without touching the model).
 """
 
 from __future__ import annotations
@@ -119,6 +119,24 @@ def fold_masks(module: nn.Module) -> nn.Module:
     return module
 
 
+def folded_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict that ``fold_masks`` would give, computed without touching ``module``.
+
+    ``weight_orig * weight_mask`` under the key ``weight``, masks dropped; other entries as they are.
+    (A pruned module cannot be deep-copied after a forward pass with gradients: its ``weight`` is then
+    a non-leaf tensor.)
+    """
+    state = module.state_dict()
+    folded: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.endswith("_orig"):
+            base = key.removesuffix("_orig")
+            folded[base] = (value * state[f"{base}_mask"]).detach()
+        elif not key.endswith("_mask"):
+            folded[key] = value.detach()
+    return folded
+
+
 # ---------------------------------------------------------------------------------------------
 # Structured: remove whole convolution channels from a NatureCNN
 # ---------------------------------------------------------------------------------------------
@@ -128,14 +146,18 @@ class ChannelPruning(NamedTuple):
     """Result of ``prune_channels``.
 
     Attributes:
-        module: The new, smaller NatureCNN (same in_shape, out_dim and geometry).
+        module: The new, smaller NatureCNN (same in_shape and geometry).
         channels: Its three convolution widths.
         kept: Per convolution, the original indices of the surviving channels (ascending), (C_i',) int64.
+        kept_units: The original indices of the surviving units of the Linear layer (ascending),
+            (out_dim',) int64; the layers that read the features keep these input columns
+            (``slice_inputs``).
     """
 
     module: NatureCNN
     channels: tuple[int, int, int]
     kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    kept_units: torch.Tensor
 
 
 def _convs(net: NatureCNN) -> list[nn.Conv2d]:
@@ -147,9 +169,28 @@ def channel_l1(conv: nn.Conv2d) -> torch.Tensor:
     return conv.weight.detach().abs().sum(dim=(1, 2, 3))
 
 
+def nature_widths(net: nn.Module) -> tuple[tuple[int, int, int], int]:
+    """(the three convolution widths, the Linear layer's width) of a NatureCNN with ``out_dim`` set."""
+    if not isinstance(net, NatureCNN):
+        raise ValueError(f"channel pruning needs a nets.NatureCNN, got {type(net).__name__}")
+    if isinstance(net.fc, nn.Identity):
+        raise ValueError(
+            "channel pruning needs a NatureCNN with out_dim set (its Linear layer takes the cut)"
+        )
+    channels = tuple(conv.out_channels for conv in _convs(net))
+    return channels, net.fc[0].out_features  # type: ignore[return-value]
+
+
 @torch.no_grad()
-def prune_channels(net: NatureCNN, keep: float | tuple[float, float, float]) -> ChannelPruning:
-    """Keeps the largest-L1 output channels of each convolution and builds a smaller NatureCNN from them.
+def prune_channels(
+    net: NatureCNN,
+    keep: float | tuple[float, float, float] | None = None,
+    units: float | None = None,
+    channels: tuple[int, int, int] | None = None,
+    out_dim: int | None = None,
+) -> ChannelPruning:
+    """Keeps the largest-L1 output channels of each convolution (and units of the Linear layer) and
+    builds a smaller NatureCNN from them.
 
     A removed channel still emitted relu(bias) where its kernel was near zero; that constant is lost,
     so fine-tune (or distil) afterwards. Channels whose kernel and bias are both zero are removed exactly.
@@ -158,28 +199,41 @@ def prune_channels(net: NatureCNN, keep: float | tuple[float, float, float]) -> 
         net: A NatureCNN with a Linear layer (``out_dim`` not None), unchanged.
         keep: Fraction of channels to keep, in (0, 1], for all three convolutions or one per convolution;
             at least one channel survives, ``ceil(keep * C)`` in general.
+        units: Fraction of the Linear layer's units to keep, in (0, 1]; None keeps them all. Units are
+            ranked by the L1 norm of their incoming weights.
+        channels: Exact widths to keep instead of ``keep`` (e.g. a registered student's).
+        out_dim: Exact number of units to keep instead of ``units``.
 
     Returns:
         The new network, its channel counts and the kept indices.
     """
-    if not isinstance(net, NatureCNN):
-        raise ValueError(f"prune_channels needs a nets.NatureCNN, got {type(net).__name__}")
-    if isinstance(net.fc, nn.Identity):
-        raise ValueError("prune_channels needs a NatureCNN with out_dim set (its Linear layer takes the cut)")
-    fractions = (keep,) * 3 if isinstance(keep, int | float) else tuple(keep)
-    if len(fractions) != 3 or not all(0.0 < f <= 1.0 for f in fractions):
-        raise ValueError(f"keep must be in (0, 1], one value or three, got {keep}")
+    old_channels, old_units = nature_widths(net)
+    if (keep is None) == (channels is None):
+        raise ValueError("prune_channels needs either keep (fractions) or channels (exact widths)")
+    if channels is None:
+        fractions = (keep,) * 3 if isinstance(keep, int | float) else tuple(keep)  # type: ignore[arg-type]
+        if len(fractions) != 3 or not all(0.0 < f <= 1.0 for f in fractions):
+            raise ValueError(f"keep must be in (0, 1], one value or three, got {keep}")
+        channels = tuple(max(1, math.ceil(f * c)) for f, c in zip(fractions, old_channels, strict=True))
+    if out_dim is None:
+        if units is not None and not 0.0 < units <= 1.0:
+            raise ValueError(f"units must be in (0, 1], got {units}")
+        out_dim = old_units if units is None else max(1, math.ceil(units * old_units))
+    if len(channels) != 3 or not all(1 <= c <= o for c, o in zip(channels, old_channels, strict=True)):
+        raise ValueError(f"channels must be three widths in [1, {old_channels}], got {channels}")
+    if not 1 <= out_dim <= old_units:
+        raise ValueError(f"out_dim must be in [1, {old_units}], got {out_dim}")
     convs = _convs(net)
     kept = tuple(
-        channel_l1(conv).topk(max(1, math.ceil(f * conv.out_channels))).indices.sort().values
-        for conv, f in zip(convs, fractions, strict=True)
+        channel_l1(conv).topk(count).indices.sort().values
+        for conv, count in zip(convs, channels, strict=True)
     )
-    channels = tuple(len(k) for k in kept)
     fc = net.fc[0]
+    kept_units = fc.weight.detach().abs().sum(dim=1).topk(out_dim).indices.sort().values
     small = NatureCNN(
         net.in_shape,
-        fc.out_features,
-        channels=channels,
+        out_dim,
+        channels=tuple(channels),
         geometry=net.geometry,
         channels_last=net.channels_last,
     )
@@ -189,9 +243,18 @@ def prune_channels(net: NatureCNN, keep: float | tuple[float, float, float]) -> 
         new.bias.copy_(old.bias[idx])
         previous = idx
     # Flatten orders features as (C, H, W): pick the surviving channels' blocks of H*W inputs.
-    last = convs[-1].out_channels
-    weight = fc.weight.reshape(fc.out_features, last, -1)[:, kept[-1]]  # (out, C', H*W)
-    small.fc[0].weight.copy_(weight.reshape(fc.out_features, -1))
-    small.fc[0].bias.copy_(fc.bias)
+    weight = fc.weight.reshape(old_units, old_channels[-1], -1)[kept_units][:, kept[-1]]  # (out', C', H*W)
+    small.fc[0].weight.copy_(weight.reshape(out_dim, -1))
+    small.fc[0].bias.copy_(fc.bias[kept_units])
     small.train(net.training)
-    return ChannelPruning(small, channels, kept)
+    return ChannelPruning(small, tuple(channels), kept, kept_units)  # type: ignore[arg-type]
+
+
+@torch.no_grad()
+def slice_inputs(linear: nn.Linear, kept: torch.Tensor) -> nn.Linear:
+    """A copy of ``linear`` that reads only the input features ``kept`` (indices, ascending)."""
+    new = nn.Linear(len(kept), linear.out_features, bias=linear.bias is not None)
+    new.weight.copy_(linear.weight[:, kept])
+    if linear.bias is not None:
+        new.bias.copy_(linear.bias)
+    return new.to(linear.weight.device)

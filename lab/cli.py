@@ -1,12 +1,20 @@
 """``lab``: the one command line of the agent lab.
 
     lab train PRESET_OR_ENV_ID [--algo ppo|dqn] [--net NAME] [--steps N] [--envs N] [--seed S]
-              [--device auto|cpu|cuda] [--run-dir DIR] [--resume DIR] [--set key=value ...] [--json]
-    lab eval RUN_OR_CKPT [--episodes N] [--json]
-    lab watch RUN_OR_CKPT [--episodes N] [--out FILE.mp4|.gif] [--human]
-    lab fit TASK [--net NAME] [--epochs N] [--set key=value ...] [--json]
+              [--device auto|cpu|cuda] [--run-dir DIR] [--resume DIR] [--set key=value ...]
+              [--until METRIC=VALUE] [--json]
+    lab eval RUN_OR_CKPT [RUN_OR_CKPT ...] [--episodes N] [--sticky P] [--stochastic]
+              [--table [--sticky-episodes M]] [--save] [--json]
+    lab watch RUN_OR_CKPT [--episodes N] [--out FILE.mp4|.gif] [--explain METHOD]
+              [--human [--speed X] [--scale N] [--follow]]
+    lab explain RUN_OR_CKPT [--method NAME] [--episodes N] [--out FILE] [--no-checks] [--human] [--json]
+    lab compress RUN --method distil|prune|quantize [--student NET] [--sparsity S] [--steps N] [--out DIR]
+    lab sweep PRESET_OR_ENV --param NAME=SPEC ... [--seeds K] [--samples N] [--scheduler asha|none]
+    lab compare RUN_OR_SWEEP_DIR ... [--metric M] [--out FILE.png] [--json]
+    lab fit TASK [--net NAME] [--engine torch|scratch] [--procs N] [--epochs N] [--set key=value ...]
     lab fit --resume DIR [--epochs N]
-    lab bench ...
+    lab export RUN_DIR OUT_DIR
+    lab bench [train|fit|...]
     lab list [envs|tasks|nets]
     lab demo
 
@@ -22,12 +30,18 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from lab.arguments import (
+    STOCHASTIC_HELP,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from lab.errors import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
@@ -85,7 +99,12 @@ def build_parser() -> Parser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("eval", help="play greedy episodes with a trained agent")
-    evaluate.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
+    evaluate.add_argument(
+        "run",
+        metavar="RUN_OR_CKPT",
+        nargs="+",
+        help="run directory or checkpoint file; several: the comparison table (lab compress) of them all",
+    )
     evaluate.add_argument("--episodes", type=positive_int, default=20, help="episodes to play (default 20)")
     evaluate.add_argument("--seed", type=non_negative_int, default=12345, help="seed of the eval envs")
     evaluate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
@@ -105,13 +124,43 @@ def build_parser() -> Parser:
         metavar="P",
         help="Mario: repeat the previous action on each frame with probability P (ALE v5 uses 0.25)",
     )
+    evaluate.add_argument(
+        "--table",
+        action="store_true",
+        help="the comparison table even for one run: parameters, bytes, latency, greedy and sticky clear rates",
+    )
+    evaluate.add_argument(
+        "--sticky-episodes",
+        type=non_negative_int,
+        default=50,
+        help="table: episodes with sticky actions (p = --sticky, default 0.25) per run (default 50)",
+    )
+    evaluate.add_argument(
+        "--latency-calls",
+        type=positive_int,
+        default=600,
+        help="table: timed batch-1 calls per run (default 600)",
+    )
     evaluate.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
-    watch = commands.add_parser("watch", help="record rollouts of a trained agent to MP4/GIF")
+    watch = commands.add_parser("watch", help="record rollouts of a trained agent to MP4/GIF, or show them")
     watch.add_argument("run", metavar="RUN_OR_CKPT", help="run directory or checkpoint file")
-    watch.add_argument("--episodes", type=positive_int, default=1, help="episodes to record (default 1)")
+    watch.add_argument(
+        "--episodes", type=positive_int, default=None, help="episodes to play (default 1; --follow: no end)"
+    )
     watch.add_argument("--out", default=None, help="output .mp4 or .gif (default: RUN/videos/watch.mp4)")
     watch.add_argument("--human", action="store_true", help="open a window instead of writing a file")
+    watch.add_argument(
+        "--speed", type=positive_float, default=None, help="--human: times the game's own speed (default 1)"
+    )
+    watch.add_argument(
+        "--scale", type=positive_int, default=None, help="--human: enlarge the picture N times (default: fit)"
+    )
+    watch.add_argument(
+        "--follow",
+        action="store_true",
+        help="--human: keep playing, loading the newest checkpoint of a run still training between episodes",
+    )
     watch.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)
     watch.add_argument(
         "--small",
@@ -123,14 +172,35 @@ def build_parser() -> Parser:
         "--max-steps", type=positive_int, default=5000, help="stop an episode after this many steps"
     )
     watch.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    watch.add_argument(
+        "--explain",
+        default=None,
+        metavar="METHOD",
+        help="the game next to its attribution map, e.g. saliency (a shortcut to `lab explain --method`)",
+    )
     watch.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
     fit = commands.add_parser("fit", help="run a supervised task (see `lab list tasks`)")
-    fit.add_argument("task", nargs="?", metavar="TASK", help="xor, playground, digits, sequence, sentiment")
+    fit.add_argument(
+        "task", nargs="?", metavar="TASK", help="xor, playground, digits, sequence, sentiment, ssl, lm, optim"
+    )
     fit.add_argument("--net", default=None, help="network from nets/ (see `lab list nets`)")
     fit.add_argument("--epochs", type=positive_int, default=None, help="training epochs")
     fit.add_argument("--seed", type=non_negative_int, default=None, help="random seed")
     fit.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    fit.add_argument(
+        "--engine",
+        choices=["torch", "scratch"],
+        default=None,
+        help="torch, or scratch: the numpy autograd engine of scratch/ (xor, playground, digits, optim)",
+    )
+    fit.add_argument(
+        "--procs",
+        type=positive_int,
+        default=1,
+        help="data parallelism: train in N processes launched with torchrun (gloo on CPU, NCCL on GPUs); "
+        "batch_size stays the batch of one step; --set shard=true shards the model (FSDP2)",
+    )
     fit.add_argument("--run-dir", default=None, help="output directory (default: runs/fit-<task>-<time>)")
     fit.add_argument(
         "--resume", default=None, metavar="DIR", help="continue the run in DIR (--epochs may raise its total)"
@@ -152,8 +222,9 @@ def build_parser() -> Parser:
         "what",
         nargs="?",
         default="env",
-        choices=["env", "train"],
-        help="env: Mario env stack vs emulator and SB3; train: PPO/DQN agent steps/s vs SB3 (minutes)",
+        choices=["env", "train", "fit"],
+        help="env: Mario env stack vs emulator and SB3; train: PPO/DQN agent steps/s vs SB3 (minutes); "
+        "fit: tokens/s and memory of the fit loop's levers on the lm GPT (--systems picks levers)",
     )
     bench.add_argument("--seconds", type=positive_float, default=10.0, help="env: seconds per measurement")
     bench.add_argument("--repeats", type=positive_int, default=3, help="repeats (medians are reported)")
@@ -178,58 +249,28 @@ def build_parser() -> Parser:
     export.add_argument("out", metavar="OUT_DIR", help="the new run directory (made if missing)")
     export.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
 
+    from lab import explain as explain_command
+
+    explain_command.add_arguments(
+        commands.add_parser("explain", help="attribution maps of an agent or model, with faithfulness checks")
+    )
+    from lab import compress as compress_command
+
+    compress_command.add_arguments(
+        commands.add_parser("compress", help="distil, prune or quantise a trained agent into a new run")
+    )
+    from lab import sweep as sweep_command
+
+    sweep_command.add_arguments(
+        commands.add_parser("sweep", help="a hyperparameter sweep on Ray Tune (ASHA, seeds, --resume)")
+    )
+    from lab import compare as compare_command
+
+    compare_command.add_arguments(
+        commands.add_parser("compare", help="runs grouped by configuration: curves, IQM, P(improvement)")
+    )
     commands.add_parser("demo", help="the flagship demo on the shipped defaults")
     return parser
-
-
-STOCHASTIC_HELP = (
-    "sample actions from the policy (PPO; DQN: epsilon-greedy at its final epsilon) instead of the greedy "
-    "argmax, as the RL Zoo evaluates Atari agents"
-)
-
-
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = _number(text, float)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1), got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if not value > 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _number(text: str, kind: type) -> Any:
-    try:
-        value = float(text)
-        if kind is int:
-            if not value.is_integer() or abs(value) > 2**62:
-                raise ValueError
-            return int(value)
-        if math.isnan(value):
-            raise ValueError
-        return value
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a{'n integer' if kind is int else ' number'}, got {text!r}"
-        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,12 +281,16 @@ def _number(text: str, kind: type) -> Any:
 COMMANDS = {
     "train": "lab.train:cmd_train",
     "eval": "lab.play:cmd_eval",
+    "compress": "lab.compress:cmd_compress",
     "watch": "lab.play:cmd_watch",
     "export": "lab.play:cmd_export",
     "demo": "lab.demo:cmd_demo",
     "fit": "lab.fit:cmd_fit",
     "bench": "lab.bench:cmd_bench",
     "list": "lab.listing:cmd_list",
+    "sweep": "lab.sweep:cmd_sweep",
+    "compare": "lab.compare:cmd_compare",
+    "explain": "lab.explain:cmd_explain",
 }
 
 

@@ -14,12 +14,18 @@ from lab.errors import UsageError
 
 
 def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
-    """Plays ``--episodes`` episodes and summarises them; ``--save`` writes ``eval.json``."""
+    """Plays ``--episodes`` episodes (on each stage of a multi-stage preset) and summarises them;
+    ``--save`` writes ``eval.json``. Several runs (or ``--table``) give the comparison table of
+    ``compress.compare`` instead."""
     import envs
     from agents import load_agent
-    from agents.episodes import evaluate
+    from agents.episodes import evaluate, evaluate_stages
     from core.files import atomic_write_json
 
+    runs = args.run if isinstance(args.run, list) else [args.run]
+    if len(runs) > 1 or getattr(args, "table", False):
+        return eval_table(args, runs)
+    args.run = runs[0]
     agent = load_agent(args.run, args.device, args.stochastic, args.seed)
     config = agent.config
     overrides = {} if args.deterministic_start else envs.eval_overrides(config.env)
@@ -27,12 +33,24 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         if envs.resolve(config.env).kind != "mario":
             raise UsageError(f"--sticky applies to Mario presets only; this run trains {config.env!r}")
         overrides["sticky_prob"] = args.sticky
-    summary = evaluate(
-        agent.policy,
-        lambda n: envs.make_vec(config.env, n, seed=args.seed, **overrides),
-        args.episodes,
-        args.seed,
-    )
+    stages = envs.resolve(config.env).env_kwargs.get("stages", ())
+    if len(stages) > 1:
+        # A multi-stage preset draws a stage per episode; playing each stage in turn gives every
+        # stage ``--episodes`` episodes, so the per-stage clear rates share one protocol.
+        summary = evaluate_stages(
+            agent.policy,
+            lambda n, stage: envs.make_vec(config.env, n, seed=args.seed, stages=(stage,), **overrides),
+            tuple(stages),
+            args.episodes,
+            args.seed,
+        )
+    else:
+        summary = evaluate(
+            agent.policy,
+            lambda n: envs.make_vec(config.env, n, seed=args.seed, **overrides),
+            args.episodes,
+            args.seed,
+        )
     summary = {
         "run": args.run,
         "env": config.env,
@@ -43,6 +61,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         path = agent.run_dir / "eval.json"
         protocol = {"checkpoint": agent.sidecar.name, "seed": args.seed, "randomised_start": overrides,
                     "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+        if len(stages) > 1:
+            protocol["episodes_per_stage"] = args.episodes
         atomic_write_json(path, {**summary, **protocol})
         summary["saved"] = str(path)
     if not args.json:
@@ -50,6 +70,29 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         if args.save:
             print(f"saved: {summary['saved']}")
     return summary
+
+
+def eval_table(args: argparse.Namespace, runs: list[str]) -> dict[str, Any]:
+    """``lab eval RUN RUN ...``: every run measured side by side in this process (``compress.compare``)."""
+    from compress.compare import compare_runs, comparison_json, format_comparison
+
+    if args.save:
+        raise UsageError("--save writes one run's eval.json; evaluate the runs one by one to save them")
+    rows, protocol = compare_runs(
+        runs,
+        episodes=args.episodes,
+        sticky_episodes=args.sticky_episodes,
+        sticky_prob=0.25 if args.sticky is None else args.sticky,
+        seed=args.seed,
+        latency_calls=args.latency_calls,
+        deterministic_start=args.deterministic_start,
+        stochastic=args.stochastic,
+        device=args.device,
+        progress=None if args.json else print,
+    )
+    if not args.json:
+        print(format_comparison(rows, protocol))
+    return comparison_json(rows, protocol)
 
 
 def print_eval(summary: dict[str, Any]) -> None:
@@ -70,10 +113,17 @@ def print_eval(summary: dict[str, Any]) -> None:
 
 
 def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
-    """Records rollouts to a video (or a window with ``--human``)."""
+    """Records rollouts to a video (or shows them in a window with ``--human``: ``lab.watch``)."""
     from agents import load_agent
-    from lab.watch import watch
+    from lab.watch import check_options, watch, watch_human
 
+    if getattr(args, "explain", None):  # `lab watch --explain METHOD`: the video of `lab explain`
+        from lab.explain import watch_explain
+
+        return watch_explain(args)
+    check_options(args)
+    if args.human:
+        return watch_human(args, describe_episode)
     agent = load_agent(args.run, args.device, args.stochastic, args.seed)
     if args.out is None and not args.human:
         out = agent.run_dir / "videos" / "watch.mp4"
@@ -85,7 +135,7 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
         agent.policy,
         agent.config.env,
         out,
-        args.episodes,
+        args.episodes or 1,
         args.seed,
         args.human,
         args.max_steps,

@@ -142,7 +142,9 @@ def print_train_summary(summary: dict[str, Any]) -> None:
             f"{until['reached_after_seconds'] / 60:.1f} min of wall-clock training"
         )
     elif until:
-        print(f"target {until['metric']} >= {until['target']} not reached in {summary['steps']:,} agent steps")
+        print(
+            f"target {until['metric']} >= {until['target']} not reached in {summary['steps']:,} agent steps"
+        )
 
 
 def print_config_help(config: Any) -> None:

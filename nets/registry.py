@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from nets.cnn import ImpalaCNN, NatureCNN
+from nets.gpt import GPT
 from nets.mlp import MLP
 from nets.rnn import GRUEncoder, LSTMEncoder
 from nets.transformer import TransformerEncoder
@@ -21,7 +22,9 @@ class NetSpec:
 
     name: str
     builder: Callable[..., nn.Module]
-    kind: str  # "vector" (in_shape), "image" (in_shape=(C, H, W)) or "sequence" (in_dim, explicit state)
+    # "vector" (in_shape), "image" (in_shape=(C, H, W)), "sequence" (in_dim, explicit state) or
+    # "language" (vocab_size: token ids -> next-token logits)
+    kind: str
     description: str
 
 
@@ -34,6 +37,23 @@ _NETS: dict[str, NetSpec] = {
             NatureCNN,
             "image",
             "NatureCNN (Mnih et al. 2015): 3 convs + 512-unit layer; image (C, H, W)",
+        ),
+        # Students of `lab compress`: NatureCNN geometry at other widths (channels, out_dim can be set).
+        NetSpec(
+            "nature-tiny",
+            lambda in_shape=(4, 84, 84), channels=(16, 32, 16), out_dim=64, geometry="auto": NatureCNN(
+                in_shape, out_dim, channels, geometry
+            ),
+            "image",
+            "NatureCNN at convs 16-32-16 + 64 units: a distillation student, 25x fewer weights on Mario",
+        ),
+        NetSpec(
+            "nature-half",
+            lambda in_shape=(4, 84, 84), channels=(16, 32, 32), out_dim=256, geometry="auto": NatureCNN(
+                in_shape, out_dim, channels, geometry
+            ),
+            "image",
+            "NatureCNN at half every width (convs 16-32-32 + 256 units): the channel-pruned Mario net",
         ),
         NetSpec(
             "impala",
@@ -55,6 +75,12 @@ _NETS: dict[str, NetSpec] = {
             TransformerEncoder,
             "sequence",
             "pre-norm Transformer over (B, T) sequences; causal, padding, resets, RL memory",
+        ),
+        NetSpec(
+            "gpt",
+            GPT,
+            "language",
+            "decoder-only language model: the causal Transformer + next-token head; (B, T) ids -> logits",
         ),
     )
 }
@@ -82,7 +108,7 @@ def describe(name: str) -> str:
 
 
 def kind(name: str) -> str:
-    """ "vector", "image" or "sequence" (sequence nets take ``in_dim`` and carry state)."""
+    """ "vector", "image", "sequence" (nets taking ``in_dim`` and carrying state) or "language"."""
     return get_spec(name).kind
 
 

@@ -236,7 +236,7 @@ def test_list_with_an_unknown_section(capsys):
         (["fit", "xor", "--epochs", "zero"], ["zero"]),
         (["bench", "--seconds", "0"], ["positive"]),
         (["bench", "--seconds", "nan"], ["nan"]),
-        (["eval", "a", "b"], ["unrecognized"]),
+        (["eval", "a", "b"], ["a does not exist"]),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(argv, needles, fakes, capsys):

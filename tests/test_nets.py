@@ -435,16 +435,30 @@ def test_actor_critic_and_classifier_heads() -> None:
 BUILD_EXAMPLES = {
     "mlp": (dict(in_shape=(4,)), torch.rand(2, 4)),
     "nature": (dict(in_shape=(1, 8, 8)), torch.rand(2, 1, 8, 8)),
+    "nature-tiny": (dict(in_shape=(4, 84, 84)), torch.rand(2, 4, 84, 84)),
+    "nature-half": (dict(in_shape=(4, 84, 84)), torch.rand(2, 4, 84, 84)),
     "impala": (dict(in_shape=(1, 8, 8)), torch.rand(2, 1, 8, 8)),
     "vit": (dict(in_shape=(1, 8, 8)), torch.rand(2, 1, 8, 8)),
     "lstm": (dict(in_dim=4, hidden_size=8), torch.rand(2, 3, 4)),
     "gru": (dict(in_dim=4, hidden_size=8), torch.rand(2, 3, 4)),
     "transformer": (dict(in_dim=4, d_model=8, heads=2), torch.rand(2, 3, 4)),
+    "gpt": (dict(vocab_size=16, d_model=8, depth=1, heads=2, context=8), torch.randint(0, 16, (2, 5))),
 }
 
 
 def test_registry_builds_every_net_with_matching_out_dim() -> None:
-    assert nets.names() == ["mlp", "nature", "impala", "vit", "lstm", "gru", "transformer"]
+    assert nets.names() == [
+        "mlp",
+        "nature",
+        "nature-tiny",
+        "nature-half",
+        "impala",
+        "vit",
+        "lstm",
+        "gru",
+        "transformer",
+        "gpt",
+    ]
     assert set(BUILD_EXAMPLES) == set(nets.names())
     for name, (kwargs, x) in BUILD_EXAMPLES.items():
         net = nets.build(name, **kwargs)
@@ -456,7 +470,7 @@ def test_registry_builds_every_net_with_matching_out_dim() -> None:
 
 
 def test_registry_errors_name_the_valid_choices() -> None:
-    valid = "valid nets: mlp, nature, impala, vit, lstm, gru, transformer"
+    valid = "valid nets: mlp, nature, nature-tiny, nature-half, impala, vit, lstm, gru, transformer, gpt"
     with pytest.raises(ValueError, match=re.escape(f"unknown net 'resnet'; {valid}")):
         nets.build("resnet")
     with pytest.raises(ValueError, match="unknown net 'resnet'"):

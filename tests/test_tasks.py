@@ -47,12 +47,15 @@ def fit(name: str, run_dir: Path, *overrides: str, **fields) -> dict:
 
 
 def test_registry_lists_every_task_with_valid_defaults():
-    assert tasks.names() == ["xor", "playground", "digits", "sequence", "sentiment"]
+    assert tasks.names() == ["xor", "playground", "digits", "sequence", "sentiment", "ssl", "lm", "optim"]
     for name in tasks.names():
         spec = tasks.get(name)
         config = spec.config_class()
         assert spec.name == name and spec.description
         assert spec.default_net == config.net and spec.default_net in spec.nets
+        if name == "optim":  # the gradient-descent playground optimises a 2-D point, not a net
+            assert spec.nets == ("point",) and hasattr(config, "steps")
+            continue
         assert set(spec.nets) <= set(nets.names()), f"{name} names a net that nets does not build"
         for field in ("net", "epochs", "seed", "lr", "batch_size", "device"):
             assert hasattr(config, field), f"{name} config lacks {field}"
