@@ -1,10 +1,11 @@
 """``lab demo``: the flagship demo on the shipped defaults.
 
-With the shipped Mario agent (runs/mario-1-1/) it plays World 1-1 greedily on the CPU, writes the
-video under runs/, and prints the outcome. While no finished agent ships, the agent still in
-training (runs/mario-1-1-inprogress/) plays instead, and says so. Without either (a checkout that
-ships no agent) it falls back to the supervised playground: a spiral classified by the MLP, with its
-decision-boundary plot.
+With the shipped World-1 agent (runs/mario-world-1/) it plays 1-1 to 1-4 in sequence, greedily on
+the CPU, into one video with the stage named on screen. Without it, the shipped 1-1 agent
+(runs/mario-1-1/) plays World 1-1, writes the video under runs/, and prints the outcome. While no
+finished agent ships, the agent still in training (runs/mario-1-1-inprogress/) plays instead, and
+says so. Without either (a checkout that ships no agent) it falls back to the supervised
+playground: a spiral classified by the MLP, with its decision-boundary plot.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+WORLD_RUN = Path("runs/mario-world-1")
 SHIPPED_RUN = Path("runs/mario-1-1")
 IN_PROGRESS_RUN = Path("runs/mario-1-1-inprogress")
 
@@ -25,6 +27,8 @@ def cmd_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def demo() -> dict[str, Any]:
+    if (WORLD_RUN / "checkpoints").is_dir():
+        return world_demo(WORLD_RUN)
     if (SHIPPED_RUN / "checkpoints").is_dir():
         return mario_demo(SHIPPED_RUN)
     if (IN_PROGRESS_RUN / "checkpoints").is_dir():
@@ -50,6 +54,41 @@ def mario_demo(run_dir: Path) -> dict[str, Any]:
         f"video: {summary['video']} ({summary['frames']} frames at {summary['fps']:.0f} fps), {time.time() - started:.0f} s"
     )
     return summary
+
+
+def world_demo(run_dir: Path, out: Path = Path("runs/demo/mario-world-1.mp4")) -> dict[str, Any]:
+    """Plays each stage of the run's multi-stage preset once, in order, into one video."""
+    import envs
+    from agents import load_agent
+    from envs.registry import WORLD_1_STAGES
+    from envs.video import write_video
+    from lab.play import describe_episode
+    from lab.watch import caption, play_episode
+
+    started = time.time()
+    agent = load_agent(run_dir, "cpu")
+    stages = envs.resolve(agent.config.env).env_kwargs.get("stages", WORLD_1_STAGES)
+    frames: list[Any] = []
+    episodes, fps = [], 15.0
+    for number, stage in enumerate(stages, start=1):
+        env = envs.make(agent.config.env, render_mode="rgb_array", stages=(stage,), stall_patience=200)
+        fps = float(env.metadata.get("render_fps") or fps)
+        try:
+            episode = play_episode(
+                agent.policy, env, seed=0, max_steps=4000, number=number,
+                sink=lambda frame, text, stage=stage: frames.append(caption(frame, f"World {stage}  {text}")) or True,
+            )  # fmt: skip
+        finally:
+            env.close()
+        episodes.append({"stage": stage, **episode})
+        print(f"World {stage}: {describe_episode(episode)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    video = str(write_video(frames, out, fps=fps))
+    cleared = sum(bool(episode.get("flag_get")) for episode in episodes)
+    print(
+        f"{cleared} of {len(stages)} stages cleared; video: {video} ({len(frames)} frames), {time.time() - started:.0f} s"
+    )
+    return {"episodes": len(episodes), "per_episode": episodes, "video": video, "frames": len(frames)}
 
 
 def playground_demo() -> dict[str, Any]:
