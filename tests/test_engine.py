@@ -23,7 +23,6 @@ from tests.test_reliability import (
     assert_no_debris,
     assert_one_line_exit_2,
     no_plots,  # noqa: F401  (fixture)
-    one_torch_thread,  # noqa: F401  (fixture)
     run_main,
     snapshot,
 )

@@ -125,17 +125,6 @@ def test_sigkill_at_random_points_then_resume(tmp_path):
     assert temp_files(run_dir) <= left_by_kills
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One intra-op thread: on a small machine shared with other jobs, a second one only spins."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_removes_temp_files_left_by_a_kill_during_a_write(tmp_path, monkeypatch, one_torch_thread):
     from agents import ppo
 

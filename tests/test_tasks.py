@@ -26,16 +26,6 @@ from tasks import digits, loop, playground, sentiment, sequence
 from tasks.loop import IGNORE_INDEX, TaskError, predict
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are small (batches of 32-64 short sequences or 8x8 images): a second thread gains
-    # little, and on a busy machine the threads' spin-waiting made runs many times slower.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def fit(name: str, run_dir: Path, *overrides: str, **fields) -> dict:
     """Runs task ``name`` on CPU into ``run_dir`` with ``--set`` style overrides."""
     return tasks.run(name, run_dir, overrides=["device=cpu", *overrides], **fields)

@@ -414,17 +414,6 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def one_torch_thread():
-    """One intra-op thread: on a small machine shared with other jobs, a second one only spins."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _ppo_config(env_id: str, total_steps: int) -> Any:
     from agents.ppo import PPOConfig
 
