@@ -1,6 +1,6 @@
 """The run engine's one shutdown behaviour (agents/engine.py, ARCHITECTURE.md "Stopping"), checked for
 every algorithm from the same tests: a full disk, a read-only run directory, Ctrl-C, SIGTERM, NaNs
-that persist and NaNs that heal, and the resumes after them."""
+that persist and NaNs that heal, and the resumes after them; and `--until`, which ends a run early."""
 
 from __future__ import annotations
 
@@ -207,3 +207,45 @@ def test_runs_written_before_the_engine_still_load_play_and_resume(algo, tmp_pat
     )
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["steps"] == 512
+
+
+# ---------------------------------------------------------------------------------------------
+# --until: stop once a periodic greedy evaluation reaches a target
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_until_stops_at_the_first_eval_that_reaches_the_target(algo, tmp_path, capsys):
+    tiny = TINY_PPO if algo == "ppo" else [*TINY_DQN, "--set", "eval_every=256"]
+    run_dir = tmp_path / "run"
+    argv = ["train", "cartpole", *tiny, "--steps", "20000", "--run-dir", run_dir, "--json"]
+    # Any greedy CartPole episode lasts at least 8 steps: the first periodic eval reaches the target.
+    code, out, err = run_main([*argv, "--set", "eval_every=256", "--until", "length_mean=1"], capsys)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    until = summary["until"]
+    assert until["metric"] == "length_mean" and until["target"] == 1.0
+    assert until["reached_at_step"] is not None and until["reached_at_step"] <= 256 + 64 * 2
+    assert summary["steps"] < 20000 and until["reached_after_seconds"] >= 0
+
+
+def test_until_that_is_never_reached_trains_to_the_budget_and_says_so(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    argv = ["train", "cartpole", *TINY_PPO, "--steps", "512", "--run-dir", run_dir]
+    code, out, err = run_main([*argv, "--set", "eval_every=256", "--until", "return_mean=1e9"], capsys)
+    assert code == 0, err
+    assert "target return_mean >= 1000000000.0 not reached in 512 agent steps" in out
+
+
+@pytest.mark.parametrize(
+    ("until", "needle"),
+    [
+        ("clear_rat=0.9", "METRIC one of return_mean, clear_rate"),
+        ("clear_rate=high", "'high' is not a number"),
+    ],
+)
+def test_a_bad_until_is_one_line_and_exit_2(until, needle, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = run_main(["train", "cartpole", *TINY_PPO, "--run-dir", run_dir, "--until", until], capsys)
+    assert_one_line_exit_2(code, err, needle)
+    assert not run_dir.exists()
