@@ -115,6 +115,10 @@ def ensure_ray(address: str | None = None, timeout: float = DEFAULT_CONNECT_TIME
                 log_to_driver=False,
                 configure_logging=False,
                 ignore_reinit_error=True,
+                # Ray runs its workers at nice 15 by default; env actors at that priority starve
+                # behind any busy process (a nice-10 training run too), where subprocess workers,
+                # at the user's own priority, do not.
+                _system_config={"worker_niceness": 0},
             )
         return
     if not isinstance(address, str) or not address.strip():
