@@ -1,0 +1,36 @@
+"""The runs shipped under runs/ load and act; the compressed ones keep what the README claims of their size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agents import load_agent
+
+RUNS = Path(__file__).resolve().parents[1] / "runs"
+SHIPPED = ["mario-1-1", "mario-1-1-distilled", "mario-1-1-int8", "mario-world-1-training"]
+
+
+def weights_bytes(run: str) -> int:
+    return sum(path.stat().st_size for path in (RUNS / run / "checkpoints").glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("run", SHIPPED)
+def test_a_shipped_run_loads_and_acts(run):
+    if not (RUNS / run / "checkpoints").is_dir():
+        pytest.skip(f"runs/{run} is not in this checkout")
+    agent = load_agent(RUNS / run, "cpu")
+    obs = np.zeros((2, *agent.meta["obs_shape"]), dtype=np.uint8)
+    agent.policy.reset(2)
+    actions, _ = agent.policy.act(obs, np.ones(2, dtype=bool))
+    assert actions.shape == (2,) and all(0 <= a < agent.meta["num_actions"] for a in actions)
+
+
+def test_the_compressed_agents_are_as_small_as_claimed():
+    if not all((RUNS / run / "checkpoints").is_dir() for run in SHIPPED[:3]):
+        pytest.skip("the compressed runs are not in this checkout")
+    teacher = weights_bytes("mario-1-1")
+    assert weights_bytes("mario-1-1-distilled") * 20 <= teacher  # 4 bytes a parameter: 20x fewer
+    assert weights_bytes("mario-1-1-int8") * 3.5 <= teacher
