@@ -63,7 +63,7 @@ from envs.vector import (
     DEFAULT_RESTART_WINDOW,
     DEFAULT_STEP_TIMEOUT,
     EnvWorkerError,
-    WorkerRecovery,
+    WorkerGroups,
     _last_line,
     _WorkerFailure,
     available_cpus,
@@ -317,7 +317,7 @@ _RemoteEnvGroup = ray.remote(_EnvGroup)
 # -- the vector env -------------------------------------------------------------------------------
 
 
-class RayVectorEnv(WorkerRecovery, VectorEnv):
+class RayVectorEnv(WorkerGroups, VectorEnv):
     """Steps ``len(env_fns)`` envs in Ray actors, ``envs_per_worker`` per actor.
 
     The interface, semantics and failure recovery of :class:`envs.vector.SubprocVectorEnv`; see
@@ -682,27 +682,6 @@ class RayVectorEnv(WorkerRecovery, VectorEnv):
         if errors:
             raise RuntimeError(f"RayVectorEnv {method} failed in {errors[0]}")
         return [reply[1] for reply in replies]
-
-    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        """Calls method (or reads attribute) ``name`` of every sub-env; one result per sub-env."""
-        results = self._command("call", [(name, args, kwargs)] * len(self._slices))
-        return tuple(result for worker_results in results for result in worker_results)
-
-    def get_attr(self, name: str) -> tuple[Any, ...]:
-        """Reads attribute ``name`` of every sub-env."""
-        return self.call(name)
-
-    def set_attr(self, name: str, values: Any | Sequence[Any]) -> None:
-        """Sets attribute ``name`` of every sub-env (one value for all, or one per sub-env)."""
-        if not isinstance(values, list | tuple):
-            values = [values] * self.num_envs
-        if len(values) != self.num_envs:
-            raise ValueError(f"got {len(values)} values for {self.num_envs} envs")
-        self._command("set_attr", [(name, values[part]) for part in self._slices])
-
-    def render(self) -> tuple[Any, ...] | None:
-        """Returns every sub-env's rendered frame."""
-        return self.call("render")
 
     def actor_pids(self) -> list[int]:
         """The process id of each actor (on its own node)."""

@@ -102,8 +102,9 @@ class _WorkerFailure(Exception):
         self.worker, self.kind, self.summary, self.details = worker, kind, summary, details
 
 
-class WorkerRecovery:
-    """The restart bookkeeping that :class:`SubprocVectorEnv` and ``envs.ray_vector.RayVectorEnv`` share.
+class WorkerGroups:
+    """What :class:`SubprocVectorEnv` and ``envs.ray_vector.RayVectorEnv`` share: groups of sub-envs in
+    workers, their restarts, and the commands sent to every sub-env.
 
     A failed worker (a process, or a Ray actor) is counted, logged and restarted through the class's
     ``_restart(worker, grace)``; more than ``max_restarts`` failures within ``restart_window`` vector
@@ -112,11 +113,13 @@ class WorkerRecovery:
     """
 
     unit = "worker"  # what one restart replaces, for the log
+    num_envs: int
     max_restarts: int
     restart_window: int
     _seed: int | None
     _reset_seeds: list[int | None]
     _num_steps: int
+    _slices: list[slice]  # the sub-envs of each worker
 
     def _init_recovery(self) -> None:
         self.restarts = 0
@@ -125,6 +128,9 @@ class WorkerRecovery:
         self._failure_steps: deque[int] = deque()  # step index of each recent failure
 
     def _restart(self, worker: int, grace: float) -> Any:
+        raise NotImplementedError
+
+    def _command(self, method: str, per_worker: Sequence[tuple[Any, ...]]) -> list[Any]:
         raise NotImplementedError
 
     def _seed_base(self, index: int) -> int:
@@ -169,6 +175,29 @@ class WorkerRecovery:
             ", ".join(f"{kind} {count}" for kind, count in self.failure_counts.items()),
             f"\n{failure.details}" if failure.details else "",
         )
+
+    # -- commands to every sub-env, through the class's ``_command(method, per_worker)`` ----------
+
+    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
+        """Calls method (or reads attribute) ``name`` of every sub-env; one result per sub-env."""
+        results = self._command("call", [(name, args, kwargs)] * len(self._slices))
+        return tuple(result for worker_results in results for result in worker_results)
+
+    def get_attr(self, name: str) -> tuple[Any, ...]:
+        """Reads attribute ``name`` of every sub-env."""
+        return self.call(name)
+
+    def set_attr(self, name: str, values: Any | Sequence[Any]) -> None:
+        """Sets attribute ``name`` of every sub-env (one value for all, or one per sub-env)."""
+        if not isinstance(values, list | tuple):
+            values = [values] * self.num_envs
+        if len(values) != self.num_envs:
+            raise ValueError(f"got {len(values)} values for {self.num_envs} envs")
+        self._command("set_attr", [(name, values[part]) for part in self._slices])
+
+    def render(self) -> tuple[Any, ...] | None:
+        """Returns every sub-env's rendered frame."""
+        return self.call("render")
 
 
 def available_cpus() -> int:
@@ -345,7 +374,7 @@ def merge_infos(infos: Sequence[dict[str, Any]], num_envs: int) -> dict[str, Any
     return merged
 
 
-class SubprocVectorEnv(WorkerRecovery, VectorEnv):
+class SubprocVectorEnv(WorkerGroups, VectorEnv):
     """Steps ``len(env_fns)`` envs in worker processes, ``envs_per_worker`` per worker.
 
     A failed worker (exception, crash or hang) is restarted and its sub-envs' episodes dropped;
@@ -710,27 +739,6 @@ class SubprocVectorEnv(WorkerRecovery, VectorEnv):
         if errors:
             raise RuntimeError(f"SubprocVectorEnv {command} failed in {errors[0]}")
         return [reply[1] for reply in replies]
-
-    def call(self, name: str, *args: Any, **kwargs: Any) -> tuple[Any, ...]:
-        """Calls method (or reads attribute) ``name`` of every sub-env; one result per sub-env."""
-        results = self._command("call", [(name, args, kwargs)] * len(self._slices))
-        return tuple(result for worker_results in results for result in worker_results)
-
-    def get_attr(self, name: str) -> tuple[Any, ...]:
-        """Reads attribute ``name`` of every sub-env."""
-        return self.call(name)
-
-    def set_attr(self, name: str, values: Any | Sequence[Any]) -> None:
-        """Sets attribute ``name`` of every sub-env (one value for all, or one per sub-env)."""
-        if not isinstance(values, list | tuple):
-            values = [values] * self.num_envs
-        if len(values) != self.num_envs:
-            raise ValueError(f"got {len(values)} values for {self.num_envs} envs")
-        self._command("set_attr", [(name, values[part]) for part in self._slices])
-
-    def render(self) -> tuple[Any, ...] | None:
-        """Returns every sub-env's rendered frame."""
-        return self.call("render")
 
     def close_extras(self, timeout: float = 5.0, terminate: bool = False, **kwargs: Any) -> None:
         """Stops the workers (politely unless ``terminate``), waiting ``timeout`` seconds at most."""
