@@ -48,6 +48,11 @@ needs_x = pytest.mark.skipif(
 # ---------------------------------------------------------------------------------------------
 
 
+# Seconds a child may take to end after Ctrl-C or closing the window: on a 2-core machine under load
+# 9 one took more than 30 s once (the cause is not known); the stop itself is what the tests check.
+STOP_TIMEOUT = 90
+
+
 def untrained_run(directory: Path, preset: str, step: int = 0) -> Path:
     """Writes a PPO run of ``preset`` with an untrained checkpoint at ``step``; returns its sidecar."""
     config = ppo.config_from_dict(envs.resolve(preset).ppo or {})
@@ -333,7 +338,7 @@ def test_closing_the_window_ends_the_watch(display, tmp_path):
     window, _, _ = child.wait_for_window("lab watch: cartpole")
     time.sleep(0.5)
     close_window(display, window)
-    status, lines, stderr = child.finish(timeout=30)
+    status, lines, stderr = child.finish(timeout=STOP_TIMEOUT)
     assert status == 0, stderr
     assert "window closed after" in lines[-1] and "Traceback" not in stderr
     assert not any("lab watch" in entry[0] for entry in windows(display).values())
@@ -346,7 +351,7 @@ def test_ctrl_c_ends_the_watch(display, tmp_path):
     child = Child(["watch", str(run), "--human", "--episodes", "1000"], display)
     child.wait_for_window("lab watch: cartpole")
     child.process.send_signal(signal.SIGINT)
-    status, _, stderr = child.finish(timeout=30)
+    status, _, stderr = child.finish(timeout=STOP_TIMEOUT)
     assert status == 130 and stderr.strip() == "interrupted", stderr
 
 
@@ -363,7 +368,7 @@ def test_follow_plays_a_checkpoint_saved_after_it_started(display, tmp_path):
         child.wait_for_line("(step_000000000512.json):", timeout=30)  # an episode of the new agent
     finally:
         child.process.send_signal(signal.SIGINT)
-    status, _, stderr = child.finish(timeout=30)
+    status, _, stderr = child.finish(timeout=STOP_TIMEOUT)
     assert status == 130, stderr
 
 
@@ -402,7 +407,7 @@ def test_follow_a_short_training(display, tmp_path):
         child.wait_for_line("loaded step_000000003072", timeout=60)
     finally:
         child.process.send_signal(signal.SIGINT)
-    status, _, stderr = child.finish(timeout=30)
+    status, _, stderr = child.finish(timeout=STOP_TIMEOUT)
     assert status == 130, stderr
 
 
