@@ -39,7 +39,7 @@ import envs
 import nets
 from agents.buffers import ReplayBuffer
 from agents.engine import AsyncLearner, EvalListener, TrainingRun, parse_until
-from agents.ppo import setup_encoders
+from agents.ppo import keep_zero_weights, setup_network
 from core.checkpoint import load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, keep_freed_memory
 from core.config import config_from_dict as rebuild_config
@@ -130,6 +130,13 @@ class DQNConfig:
         "start the encoder from the encoder.* tensors of this run or checkpoint (e.g. a `lab fit ssl` run)",
     )
     freeze_encoder: bool = option(False, "keep the encoder's weights fixed; the Q head learns")
+    init_weights: str | None = option(
+        None,
+        "start the whole Q-network from this run or checkpoint (fine-tuning: the same net and env shapes)",
+    )
+    keep_zeros: bool = option(
+        False, "weights that start at exactly zero stay zero (fine-tuning a pruned agent)"
+    )
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
@@ -320,7 +327,7 @@ class DQNTrainer:
         space = self.vec_env.single_observation_space
         obs_shape, self.num_actions = tuple(space.shape), int(self.vec_env.single_action_space.n)
         self.q_network = QNetwork(config, obs_shape, self.num_actions).to(device)
-        setup_encoders(config, [self.q_network.encoder], obs_shape, resumed="model" in saved)
+        setup_network(config, self.q_network, [self.q_network.encoder], obs_shape, resumed="model" in saved)
         self.target_network = QNetwork(config, obs_shape, self.num_actions).to(device)
         self.target_network.load_state_dict(self.q_network.state_dict())
         self.optimizer = torch.optim.Adam(
@@ -335,6 +342,8 @@ class DQNTrainer:
             self.target_network.load_state_dict(saved.get("target", saved["model"]))
             if "optimizer" in saved:
                 self.optimizer.load_state_dict(saved["optimizer"])
+        if config.keep_zeros:
+            keep_zero_weights(self.q_network, self.optimizer)
         run.start(obs_shape, self.num_actions, config.total_steps)
         if run.resumed:
             self.restore_buffer()

@@ -15,7 +15,9 @@ Optional augmentation of pixels, ``augment=shift``: DrAC (Raileanu et al. 2021) 
 (``drac_share``) of each minibatch's frames by up to 4 pixels and pulls the policy and value on them
 towards those on the originals (:func:`drac_loss`); the clipped ratio only ever sees the originals,
 whose probabilities the rollout recorded. ``init_encoder`` starts the encoder from a pre-trained one (a ``lab fit ssl``
-run, :func:`load_encoder_tensors`), ``freeze_encoder`` keeps it fixed.
+run, :func:`load_encoder_tensors`), ``freeze_encoder`` keeps it fixed. ``init_weights`` starts the whole
+network from another run (fine-tuning, e.g. a distilled student under sticky actions), and
+``keep_zeros`` keeps a pruned network's zero weights at zero while it learns.
 
 Tensors in the rollout are time-major: ``(T, N, ...)`` with T = num_steps and N = num_envs.
 
@@ -98,6 +100,13 @@ class PPOConfig:
         "start the encoder from the encoder.* tensors of this run or checkpoint (e.g. a `lab fit ssl` run)",
     )
     freeze_encoder: bool = option(False, "keep the encoder's weights fixed; the head (and memory) learn")
+    init_weights: str | None = option(
+        None,
+        "start the whole network from this run or checkpoint (fine-tuning: the same net, memory and env shapes)",
+    )
+    keep_zeros: bool = option(
+        False, "weights that start at exactly zero stay zero (fine-tuning a pruned agent)"
+    )
     threads: int = option(
         1,
         "CPU threads of the learner (0: one per core); inference with env workers uses one",
@@ -160,20 +169,30 @@ def build_encoder(config: PPOConfig, obs_shape: tuple[int, ...]) -> nn.Module:
     return nets.build_encoder(config.net, obs_shape, config.hidden, activation="tanh")
 
 
-def setup_encoders(config: Any, encoders: list[nn.Module], obs_shape: tuple[int, ...], resumed: bool) -> None:
-    """Applies the encoder options of a PPO or DQN config to freshly built ``encoders``: checks
-    that ``augment`` has images to shift, loads ``init_encoder`` (not on resume: the checkpoint
-    holds the weights) and freezes them with ``freeze_encoder``.
+def setup_network(
+    config: Any, model: nn.Module, encoders: list[nn.Module], obs_shape: tuple[int, ...], resumed: bool
+) -> None:
+    """Applies the start options of a PPO or DQN config to a freshly built ``model`` and its
+    ``encoders``: checks that ``augment`` has images to shift, loads ``init_weights`` or
+    ``init_encoder`` (not on resume: the checkpoint holds the weights) and freezes the encoders with
+    ``freeze_encoder``. ``keep_zeros`` is the optimizer's part (:func:`keep_zero_weights`).
 
     Raises:
-        ValueError: augmentation of non-image observations, or an ``init_encoder`` that does not fit.
-        CheckpointError: nothing loadable at ``init_encoder``.
+        ValueError: augmentation of non-image observations, both init options at once, or weights
+            that do not fit.
+        CheckpointError: nothing loadable at ``init_weights`` or ``init_encoder``.
     """
     if config.augment != "none" and len(obs_shape) != 3:
         raise ValueError(
             f"augment={config.augment} needs image observations (C, H, W), this env gives {obs_shape}; "
             f"valid: {', '.join(AUGMENTS)} (none for vectors)"
         )
+    if config.init_weights and config.init_encoder:
+        raise ValueError(
+            "init_weights already holds the encoder: give init_weights or init_encoder, not both"
+        )
+    if config.init_weights and not resumed:
+        copy_tensors(config.init_weights, model, prefix="", option="init_weights")
     if config.init_encoder and not resumed:
         load_encoder_tensors(config.init_encoder, encoders)
     for encoder in encoders if config.freeze_encoder else []:
@@ -191,27 +210,65 @@ def load_encoder_tensors(path: str, encoders: list[nn.Module]) -> None:
         CheckpointError: nothing loadable at ``path``, or no model in it.
         ValueError: a tensor of the encoder missing there, or of another shape.
     """
+    for encoder in encoders:
+        copy_tensors(path, encoder, prefix="encoder.", option="init_encoder")
+
+
+def copy_tensors(path: str, module: nn.Module, prefix: str, option: str) -> None:
+    """Copies the model tensors named ``prefix + name`` of the newest checkpoint at ``path`` into
+    ``module``'s ``name``; every tensor of ``module`` must be there with its shape. With an empty
+    prefix (the whole network) the checkpoint may hold nothing else either, so that a recurrent
+    agent never loads into a feed-forward one.
+
+    Raises:
+        CheckpointError: nothing loadable at ``path``, or no model in it.
+        ValueError: a tensor missing, left over or of another shape; the message names ``option``.
+    """
     sidecar, _ = locate_checkpoint(path)
     state, _ = load_checkpoint(sidecar)
     if not isinstance(state.get("model"), dict):
-        raise CheckpointError(f"init_encoder: {sidecar} holds no model weights")
-    prefix = "encoder."
+        raise CheckpointError(f"{option}: {sidecar} holds no model weights")
     source = {key[len(prefix) :]: value for key, value in state["model"].items() if key.startswith(prefix)}
-    for encoder in encoders:
-        target = encoder.state_dict()
-        missing = sorted(target.keys() - source.keys())
-        if missing:
+    target = module.state_dict()
+    hint = "train the same net (and memory) on the same observation shape"
+    missing, extra = sorted(target.keys() - source.keys()), sorted(source.keys() - target.keys())
+    if missing:
+        raise ValueError(
+            f"{option}: {sidecar} has no tensor {prefix}{missing[0]} ({len(missing)} of {len(target)} "
+            f"missing); {hint}"
+        )
+    if extra and not prefix:
+        raise ValueError(f"{option}: {sidecar} has a tensor {extra[0]} that this network lacks; {hint}")
+    for name, tensor in target.items():
+        if source[name].shape != tensor.shape:
             raise ValueError(
-                f"init_encoder: {sidecar} has no tensor encoder.{missing[0]} ({len(missing)} of {len(target)} "
-                "missing); pre-train the same net on the same observation shape"
+                f"{option}: {prefix}{name} is {tuple(source[name].shape)} in {sidecar} but "
+                f"{tuple(tensor.shape)} here; {hint}"
             )
-        for name, tensor in target.items():
-            if source[name].shape != tensor.shape:
-                raise ValueError(
-                    f"init_encoder: encoder.{name} is {tuple(source[name].shape)} in {sidecar} but "
-                    f"{tuple(tensor.shape)} here; pre-train the same net on the same observation shape"
-                )
-        encoder.load_state_dict({name: source[name] for name in target})
+    module.load_state_dict({name: source[name] for name in target})
+
+
+def keep_zero_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Keeps the weights of ``model`` that are exactly zero now at zero through every step of
+    ``optimizer``, so fine-tuning a pruned network keeps its sparsity. Returns how many are held.
+
+    A step hook re-applies the masks after Adam's update (Adam would otherwise revive them through
+    their gradients); a mask is a bool tensor of the weight's shape, kept only for weights with zeros.
+    Call it on a resume too: zeros of the checkpoint are zeros still.
+    """
+    masks = [
+        (parameter, parameter.detach() != 0)
+        for name, parameter in model.named_parameters()
+        if name.endswith("weight") and bool((parameter.detach() == 0).any())
+    ]
+
+    @torch.no_grad()
+    def reapply(*_: Any) -> None:
+        for parameter, mask in masks:
+            parameter.mul_(mask)
+
+    optimizer.register_step_post_hook(reapply)
+    return sum(int((~mask).sum()) for _, mask in masks)
 
 
 class ActorCritic(nn.Module):
@@ -498,7 +555,7 @@ class PPOTrainer:
         obs_shape, num_actions = tuple(space.shape), int(self.vec_envs[0].single_action_space.n)
         self.agent = ActorCritic(config, obs_shape, num_actions).to(device)
         encoders = [e for e in (self.agent.encoder, self.agent.critic_encoder) if e is not None]
-        setup_encoders(config, encoders, obs_shape, resumed="model" in run.saved)
+        setup_network(config, self.agent, encoders, obs_shape, resumed="model" in run.saved)
         self.optimizer = torch.optim.Adam(
             self.agent.parameters(), lr=config.learning_rate, eps=1e-5, **adam_kernel(device)
         )
@@ -506,6 +563,8 @@ class PPOTrainer:
             self.agent.load_state_dict(run.saved["model"])
             if "optimizer" in run.saved:  # a slim checkpoint, as shipped, resumes with a fresh optimizer
                 self.optimizer.load_state_dict(run.saved["optimizer"])
+        if config.keep_zeros:
+            keep_zero_weights(self.agent, self.optimizer)
         run.start(obs_shape, num_actions, self.num_updates * config.num_envs * config.num_steps)
         self.forward = torch.compile(self.agent) if config.compile else self.agent
         # The collector's network: the learner's own, or with overlap a forward copy that only changes

@@ -212,7 +212,7 @@ def test_init_encoder_loads_exactly_the_encoders_tensors(tmp_path):
     # The source also holds a head and a projector of fitting shapes: they must not be read.
     head = {f"head.{key}": value + 1.0 for key, value in agent.head.state_dict().items()}
     run_dir, source = pretrained_run(tmp_path, agent.encoder, {**head, "projector.weight": torch.ones(3, 3)})
-    ppo.setup_encoders(ppo.PPOConfig(init_encoder=str(run_dir)), [agent.encoder], (4,), resumed=False)
+    ppo.setup_network(ppo.PPOConfig(init_encoder=str(run_dir)), agent, [agent.encoder], (4,), resumed=False)
     after = agent.state_dict()
     for key, value in after.items():
         expected = source[key] if key.startswith("encoder.") else before[key]
@@ -224,7 +224,7 @@ def test_a_resumed_run_keeps_its_own_encoder(tmp_path):
     agent = ppo.ActorCritic(ppo.PPOConfig(), (4,), 2)
     before = copy.deepcopy(agent.state_dict())
     run_dir, _ = pretrained_run(tmp_path, agent.encoder)
-    ppo.setup_encoders(ppo.PPOConfig(init_encoder=str(run_dir)), [agent.encoder], (4,), resumed=True)
+    ppo.setup_network(ppo.PPOConfig(init_encoder=str(run_dir)), agent, [agent.encoder], (4,), resumed=True)
     assert all(torch.equal(before[key], value) for key, value in agent.state_dict().items())
 
 

@@ -160,7 +160,7 @@ def test_smoke_mario_atc_encoder_starts_a_ppo_agent(tmp_path):
     # The pre-trained encoder is what `lab train mario-1-1 --set init_encoder=...` starts from.
     config = ppo.PPOConfig(net="nature", init_encoder=str(tmp_path / "ssl"))
     agent = ppo.ActorCritic(config, (4, 84, 84), 7)
-    ppo.setup_encoders(config, [agent.encoder], (4, 84, 84), resumed=False)
+    ppo.setup_network(config, agent, [agent.encoder], (4, 84, 84), resumed=False)
     state, _ = load_checkpoint(locate_checkpoint(tmp_path / "ssl")[0])
     for key, value in agent.encoder.state_dict().items():
         assert torch.equal(value, state["model"][f"encoder.{key}"])

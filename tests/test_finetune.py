@@ -1,0 +1,117 @@
+"""Fine-tuning a trained agent: ``init_weights`` starts the whole network from another run, and
+``keep_zeros`` keeps a pruned network's zero weights at zero while it learns."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from agents import dqn, ppo
+from core import runs
+from core.checkpoint import load_checkpoint, save_checkpoint
+from tests.test_cli import assert_usage_error
+
+
+def network_of(algo: str, config) -> torch.nn.Module:
+    return ppo.ActorCritic(config, (4,), 2) if algo == "ppo" else dqn.QNetwork(config, (4,), 2)
+
+
+def saved_run(tmp_path, model_state: dict[str, torch.Tensor], name: str = "source"):
+    """A run directory whose newest checkpoint holds ``model_state`` as its model."""
+    run_dir = tmp_path / name
+    save_checkpoint(run_dir / "checkpoints" / "final", {"model": model_state, "epoch": 1}, {"kind": "task"})
+    return run_dir
+
+
+def random_state(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {key: value.clone().normal_() for key, value in network.state_dict().items()}
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+def test_init_weights_loads_every_tensor_of_the_network(tmp_path, algo):
+    module = ppo if algo == "ppo" else dqn
+    network = network_of(algo, module.CONFIG())
+    source = random_state(network)
+    config = module.CONFIG(init_weights=str(saved_run(tmp_path, source)))
+    ppo.setup_network(config, network, [network.encoder], (4,), resumed=False)
+    state = network.state_dict()
+    assert state.keys() == source.keys()
+    assert all(torch.equal(state[key], source[key]) for key in source)
+
+
+def test_a_resumed_run_keeps_its_own_weights(tmp_path):
+    network = network_of("ppo", ppo.PPOConfig())
+    before = {key: value.clone() for key, value in network.state_dict().items()}
+    config = ppo.PPOConfig(init_weights=str(saved_run(tmp_path, random_state(network))))
+    ppo.setup_network(config, network, [network.encoder], (4,), resumed=True)
+    assert all(torch.equal(before[key], value) for key, value in network.state_dict().items())
+
+
+def test_init_weights_refuses_a_recurrent_agent_in_a_feed_forward_one_in_one_line(tmp_path, capsys):
+    recurrent = ppo.ActorCritic(ppo.PPOConfig(memory="gru", shared_encoder=False), (4,), 2)
+    run_dir = saved_run(tmp_path, recurrent.state_dict())
+    line = assert_usage_error(
+        ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
+         "--run-dir", str(tmp_path / "run"), "--set", f"init_weights={run_dir}"],
+        capsys, "init_weights", "memory",
+    )  # fmt: skip
+    assert "lacks" in line and not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_init_weights_refuses_another_net_and_init_encoder_beside_it(tmp_path, capsys):
+    wider = ppo.ActorCritic(ppo.PPOConfig(hidden=(32, 32), shared_encoder=False), (4,), 2)
+    run_dir = saved_run(tmp_path, wider.state_dict())
+    assert_usage_error(
+        ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
+         "--run-dir", str(tmp_path / "run"), "--set", f"init_weights={run_dir}"],
+        capsys, "init_weights", "(32, 4)", "(64, 4)",
+    )  # fmt: skip
+    assert_usage_error(
+        ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
+         "--run-dir", str(tmp_path / "run2"), "--set", f"init_weights={run_dir}",
+         "--set", f"init_encoder={run_dir}"],
+        capsys, "init_weights", "init_encoder", "not both",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+def test_keep_zeros_fine_tunes_a_pruned_network_and_keeps_its_zeros(tmp_path, algo):
+    module = ppo if algo == "ppo" else dqn
+    base = module.CONFIG(
+        env="cartpole", device="cpu", total_steps=512, eval_episodes=1, checkpoint_every=10**6
+    )
+    network = network_of(algo, base)
+    # Half of every weight matrix pruned: the zeros are where a fixed generator says.
+    generator = torch.Generator().manual_seed(0)
+    pruned = {
+        key: value * (torch.rand(value.shape, generator=generator) < 0.5) if key.endswith("weight") else value
+        for key, value in network.state_dict().items()
+    }
+    zeros = {key: value == 0 for key, value in pruned.items() if key.endswith("weight")}
+    fields = {"init_weights": str(saved_run(tmp_path, pruned)), "keep_zeros": True}
+    if algo == "ppo":  # two updates
+        fields.update(num_envs=4, num_steps=64)
+    else:
+        fields.update(learning_starts=128, eval_every=0, keep_best=False, log_every=128)
+    (tmp_path / "agent").mkdir()
+    module.train(module.CONFIG(**{**vars(base), **fields}), tmp_path / "agent", progress=False)
+    state, _ = load_checkpoint(runs.locate_checkpoint(tmp_path / "agent")[0])
+    model = state["model"]
+    for key, mask in zeros.items():
+        assert torch.count_nonzero(model[key][mask]) == 0, key
+    changed = [key for key in zeros if not torch.equal(model[key], pruned[key])]
+    assert changed  # the surviving weights did learn
+
+
+def test_without_keep_zeros_the_pruned_weights_come_back(tmp_path):
+    # The check above can fail: the same fine-tuning without keep_zeros revives pruned weights.
+    config = ppo.PPOConfig(env="cartpole", device="cpu", total_steps=512, num_envs=4, num_steps=64,
+                           eval_episodes=1, checkpoint_every=10**6)  # fmt: skip
+    network = network_of("ppo", config)
+    pruned = {key: value * 0 if key.endswith("weight") and "actor" in key else value
+              for key, value in network.state_dict().items()}  # fmt: skip
+    fields = {"init_weights": str(saved_run(tmp_path, pruned))}
+    (tmp_path / "agent").mkdir()
+    ppo.train(ppo.PPOConfig(**{**vars(config), **fields}), tmp_path / "agent", progress=False)
+    state, _ = load_checkpoint(runs.locate_checkpoint(tmp_path / "agent")[0])
+    assert torch.count_nonzero(state["model"]["head.actor.0.weight"]) > 0
