@@ -34,7 +34,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 import envs
-from agents.episodes import EpisodeTracker, Policy, eval_scalars, evaluate, finished_episodes, stage_scalars
+from agents.episodes import (
+    EpisodeTracker,
+    Policy,
+    eval_scalars,
+    evaluate_preset,
+    finished_episodes,
+    preset_stages,
+    stage_scalars,
+)
 from core.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -442,12 +450,10 @@ class TrainingRun:
         """Greedy episodes with the eval protocol of the preset (and the training's sticky actions),
         logged under ``eval/`` at ``step``."""
         config = self.config
-        summary = evaluate(
-            policy,
-            lambda n: envs.make_vec(config.env, n, seed=seed, **eval_env_overrides(config)),
-            config.eval_episodes,
-            seed,
-        )
+        # A multi-stage preset plays its stages in turn, eval_episodes spread over them (rounded up).
+        stages = max(1, len(preset_stages(config.env)))
+        episodes = -(-config.eval_episodes // stages)
+        summary = evaluate_preset(policy, config.env, episodes, seed, eval_env_overrides(config))
         assert self.logger is not None
         self.logger.scalars(eval_scalars(summary), step)
         final = seed == config.seed + 10_000

@@ -3,7 +3,7 @@
 A vector env with same-step autoreset reports an episode's end in ``infos["final_info"]``;
 :func:`finished_episodes` reads it, :class:`EpisodeTracker` keeps the recent ones (overall and per
 Mario stage) for the progress bar and TensorBoard, and :func:`evaluate` plays whole episodes with a
-trained policy and summarises them.
+trained policy and summarises them (:func:`evaluate_preset`: each stage of a multi-stage preset alike).
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
+
+import envs
 
 #: The info keys of a finished episode that its statistics keep (Mario's progress and stage).
 EPISODE_INFO_KEYS = ("x_pos_max", "flag_get", "world", "stage", "stalled")
@@ -184,6 +186,30 @@ def evaluate_stages(
     return summarize_episodes(results)
 
 
+def preset_stages(env: str) -> tuple[str, ...]:
+    """The stages a multi-stage Mario preset draws from, e.g. ("1-1", ..., "1-4"); () for any other env."""
+    stages = tuple(envs.resolve(env).env_kwargs.get("stages", ()))
+    return stages if len(stages) > 1 else ()
+
+
+def evaluate_preset(
+    policy: Policy, env: str, episodes: int, seed: int, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Greedy episodes of ``policy`` on the preset ``env`` with the env options ``overrides`` (the
+    eval protocol): ``episodes`` in all, or, on a multi-stage preset, ``episodes`` on each stage in
+    turn (:func:`evaluate_stages`), so the per-stage clear rates share one protocol."""
+    stages = preset_stages(env)
+    if stages:
+        return evaluate_stages(
+            policy,
+            lambda n, stage: envs.make_vec(env, n, seed=seed, stages=(stage,), **overrides),
+            stages,
+            episodes,
+            seed,
+        )
+    return evaluate(policy, lambda n: envs.make_vec(env, n, seed=seed, **overrides), episodes, seed)
+
+
 def summarize_episodes(results: list[dict[str, float]]) -> dict[str, Any]:
     returns = np.array([r["return"] for r in results], dtype=np.float64)
     summary: dict[str, Any] = {
@@ -216,4 +242,7 @@ def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
     if "clear_rate" in summary:
         scalars["eval/clear_rate"] = summary["clear_rate"]
         scalars["eval/x_pos_mean"] = summary["x_pos_mean"]
+    for label, stage in summary.get("stages", {}).items():
+        scalars[f"eval/stages/{label}/clear_rate"] = stage["clear_rate"]
+        scalars[f"eval/stages/{label}/x_pos_mean"] = stage["x_pos_mean"]
     return scalars

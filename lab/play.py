@@ -19,7 +19,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     ``compress.compare`` instead."""
     import envs
     from agents import load_agent
-    from agents.episodes import evaluate, evaluate_stages
+    from agents.episodes import evaluate_preset, preset_stages
     from core.files import atomic_write_json
 
     runs = args.run if isinstance(args.run, list) else [args.run]
@@ -33,24 +33,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         if envs.resolve(config.env).kind != "mario":
             raise UsageError(f"--sticky applies to Mario presets only; this run trains {config.env!r}")
         overrides["sticky_prob"] = args.sticky
-    stages = envs.resolve(config.env).env_kwargs.get("stages", ())
-    if len(stages) > 1:
-        # A multi-stage preset draws a stage per episode; playing each stage in turn gives every
-        # stage ``--episodes`` episodes, so the per-stage clear rates share one protocol.
-        summary = evaluate_stages(
-            agent.policy,
-            lambda n, stage: envs.make_vec(config.env, n, seed=args.seed, stages=(stage,), **overrides),
-            tuple(stages),
-            args.episodes,
-            args.seed,
-        )
-    else:
-        summary = evaluate(
-            agent.policy,
-            lambda n: envs.make_vec(config.env, n, seed=args.seed, **overrides),
-            args.episodes,
-            args.seed,
-        )
+    stages = preset_stages(config.env)
+    summary = evaluate_preset(agent.policy, config.env, args.episodes, args.seed, overrides)
     summary = {
         "run": args.run,
         "env": config.env,

@@ -53,14 +53,17 @@ class StandStill:
 
 def test_evaluation_plays_each_stage_equally_and_cuts_stalled_episodes():
     overrides = {**envs.eval_overrides("mario-world-1"), "stall_patience": 30}
-    summary = episodes.evaluate_stages(
-        StandStill(),
-        lambda n, stage: envs.make_vec("mario-world-1", n, seed=0, stages=(stage,), **overrides),
-        WORLD_1_STAGES,
-        episodes=2,
-        seed=0,
-    )
+    summary = episodes.evaluate_preset(StandStill(), "mario-world-1", episodes=2, seed=0, overrides=overrides)
     assert summary["episodes"] == 8
     assert list(summary["stages"]) == list(WORLD_1_STAGES)
     assert all(stage["episodes"] == 2 and stage["clear_rate"] == 0.0 for stage in summary["stages"].values())
     assert summary["stalled"] == 8
+    # The training's periodic evaluation logs each stage's curve next to the overall one.
+    scalars = episodes.eval_scalars(summary)
+    assert {f"eval/stages/{label}/clear_rate" for label in WORLD_1_STAGES} <= scalars.keys()
+    assert scalars["eval/stages/1-4/x_pos_mean"] == summary["stages"]["1-4"]["x_pos_mean"]
+
+
+def test_only_multi_stage_presets_have_stages():
+    assert episodes.preset_stages("mario-world-1") == WORLD_1_STAGES
+    assert episodes.preset_stages("mario-1-1") == () and episodes.preset_stages("cartpole") == ()
