@@ -24,19 +24,10 @@ from lab.cli import main
 from nets.gpt import GPT
 from tasks import distributed, lm, loop
 from tasks.loop import Levers, Stepper, TaskError
+from tests import test_lm
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "device=cpu",
-    "width=32",
-    "layers=2",
-    "heads=4",
-    "context=16",
-    "batch_size=8",
-    "epoch_steps=3",
-    "eval_tokens=512",
-    "samples=0",
-]
+TINY = [*test_lm.TINY, "samples=0"]  # test_lm's tiny GPT, without the samples at the end
 
 
 @pytest.fixture
