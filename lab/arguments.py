@@ -13,6 +13,14 @@ STOCHASTIC_HELP = (
 )
 
 
+def add_repeatable(
+    parser: argparse.ArgumentParser, flag: str, help: str, dest: str = "overrides", metavar: str = "KEY=VALUE"
+) -> None:
+    """Adds a repeatable ``flag KEY=VALUE`` option collecting its values in a list at ``dest``
+    (``--set`` of train, fit, compress and sweep; ``--param`` of sweep)."""
+    parser.add_argument(flag, dest=dest, action="append", default=[], metavar=metavar, help=help)
+
+
 def positive_int(text: str) -> int:
     value = _number(text, int)
     if value < 1:

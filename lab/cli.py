@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 
 from lab.arguments import (
     STOCHASTIC_HELP,
+    add_repeatable,
     non_negative_int,
     positive_float,
     positive_int,
@@ -86,13 +87,8 @@ def build_parser() -> Parser:
         metavar="METRIC=VALUE",
         help="stop once a periodic greedy eval reaches it, e.g. clear_rate=0.9 (sets eval_every if unset)",
     )
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field (repeatable); see `lab train ENV --help-config`",
+    add_repeatable(
+        train, "--set", "override any config field (repeatable); see `lab train ENV --help-config`"
     )
     train.add_argument("--help-config", action="store_true", help="list the config fields and exit")
     train.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
@@ -205,14 +201,7 @@ def build_parser() -> Parser:
     fit.add_argument(
         "--resume", default=None, metavar="DIR", help="continue the run in DIR (--epochs may raise its total)"
     )
-    fit.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override any config field (repeatable); see `lab fit TASK --help-config`",
-    )
+    add_repeatable(fit, "--set", "override any config field (repeatable); see `lab fit TASK --help-config`")
     fit.add_argument("--help-config", action="store_true", help="list the config fields and exit")
     fit.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
     fit.add_argument("--no-progress", action="store_true", help="no progress bar")

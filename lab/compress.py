@@ -21,7 +21,7 @@ from lab.errors import UsageError, require_writable, stoppable_run
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of ``lab compress`` (kept free of heavy imports: ``lab --help`` builds every parser)."""
-    from lab.arguments import non_negative_int, positive_int
+    from lab.arguments import add_repeatable, non_negative_int, positive_int
 
     parser.add_argument(
         "run", metavar="RUN", nargs="?", help="the trained agent (run directory or checkpoint file)"
@@ -49,21 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", default=None, metavar="DIR", help="new run directory (default: RUN-METHOD)")
     parser.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any compression setting (see --help-config), e.g. num_envs=4",
-    )
-    parser.add_argument(
+    add_repeatable(parser, "--set", "any compression setting (see --help-config), e.g. num_envs=4")
+    add_repeatable(
+        parser,
         "--student-set",
+        "a field of the student's agent config, e.g. hidden=16 for a smaller MLP",
         dest="student_overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a field of the student's agent config, e.g. hidden=16 for a smaller MLP",
     )
     parser.add_argument("--help-config", action="store_true", help="list the compression settings and exit")
     parser.add_argument(

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lab.arguments import non_negative_int, positive_float, positive_int
+from lab.arguments import add_repeatable, non_negative_int, positive_float, positive_int
 from lab.errors import EXIT_INTERRUPTED, UsageError, require_writable
 
 SCHEDULERS = ("asha", "none")  # sweep.spec.SCHEDULERS (not imported: it would load numpy and torch)
@@ -30,23 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``lab sweep``."""
     parser.add_argument("env", nargs="?", metavar="PRESET_OR_ENV", help="e.g. cartpole, mario-1-1")
     parser.add_argument("--algo", choices=["ppo", "dqn"], default=None, help="algorithm (default: ppo)")
-    parser.add_argument(
+    add_repeatable(
+        parser,
         "--param",
-        dest="params",
-        action="append",
-        default=[],
-        metavar="NAME=SPEC",
-        help="a config field to search (repeatable): uniform:LO:HI, loguniform:LO:HI, randint:LO:HI, "
+        "a config field to search (repeatable): uniform:LO:HI, loguniform:LO:HI, randint:LO:HI, "
         "choice:A,B,... or grid:A,B,...",
+        dest="params",
+        metavar="NAME=SPEC",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a fixed config value for every trial (repeatable), e.g. eval_episodes=5",
-    )
+    add_repeatable(parser, "--set", "a fixed config value for every trial (repeatable), e.g. eval_episodes=5")
     parser.add_argument(
         "--seeds", type=positive_int, default=None, help=f"seeds per configuration (default {DEFAULT_SEEDS})"
     )
