@@ -81,7 +81,8 @@ def raise_keyboard_interrupt(signum: int, frame: Any) -> None:
 def stoppable_run(kept: Callable[[], str]) -> Iterator[None]:
     """Runs a training command so that every way of stopping it ends the same way.
 
-    SIGTERM (a scheduler's or ``timeout``'s stop) becomes a Ctrl-C; a Ctrl-C prints what was kept
+    SIGTERM (a scheduler's or ``timeout``'s stop) and SIGINT, even where the shell had it ignored,
+    become a Ctrl-C; a Ctrl-C prints what was kept
     and exits 130; a full disk or read-only run directory becomes a one-line UsageError (exit 2)
     saying what was kept and how to go on.
 
@@ -89,6 +90,9 @@ def stoppable_run(kept: Callable[[], str]) -> Iterator[None]:
         kept: returns what the run keeps, in words, with the command that continues it.
     """
     previous_handler = signal.signal(signal.SIGTERM, raise_keyboard_interrupt)
+    # A shell script's `lab train ... &` starts with SIGINT ignored, and Python then raises no
+    # KeyboardInterrupt: `kill -INT` would do nothing. A run stops on SIGINT wherever it started.
+    previous_int_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     except KeyboardInterrupt:
@@ -103,3 +107,4 @@ def stoppable_run(kept: Callable[[], str]) -> Iterator[None]:
         ) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        signal.signal(signal.SIGINT, previous_int_handler)

@@ -121,18 +121,28 @@ def test_an_error_in_training_saves_what_was_learnt_and_exits_1(algo, tmp_path, 
     assert engine.load_training_checkpoint(run_dir) is not None
 
 
-@pytest.mark.parametrize("algo", ALGO_NAMES)
-def test_sigterm_stops_like_ctrl_c(algo, tmp_path):
+def ignore_sigint() -> None:
+    # What a non-interactive shell does to a command it starts with `&`.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize(
+    ("algo", "stop"),
+    [(algo, signal.SIGTERM) for algo in ALGO_NAMES] + [("ppo", signal.SIGINT)],
+)
+def test_sigterm_stops_like_ctrl_c(algo, stop, tmp_path):
+    # SIGINT goes to a run started in the background by a script, which starts with SIGINT ignored:
+    # `kill -INT` must stop it like Ctrl-C all the same.
     run_dir, (_, first, _) = tmp_path / "run", TINY[algo]
     argv = [str(a) for a in train_argv(algo, run_dir, 10_000)]
     process = subprocess.Popen(
         [sys.executable, "-m", "lab", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, preexec_fn=ignore_sigint if stop == signal.SIGINT else None,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not checkpoint_steps(run_dir) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(stop)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert f"Resume with: lab train --resume {run_dir}" in err
