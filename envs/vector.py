@@ -387,8 +387,9 @@ class SubprocVectorEnv(WorkerGroups, VectorEnv):
         context: multiprocessing start method (None: the platform's default, fork on Linux).
         copy: return a copy of the shared observation array from ``reset``/``step`` (True), or the
             shared array itself, which the next step overwrites.
-        step_timeout: seconds to wait for a worker's reply (to a step, reset, call or its start)
-            before it counts as hung and is killed and restarted; None waits forever.
+        step_timeout: seconds to wait for a worker's reply to a step, reset or call (to its start:
+            this for each of its sub-envs) before it counts as hung and is killed and restarted;
+            None waits forever.
         max_restarts: failures tolerated within ``restart_window`` vector steps; one more raises
             :class:`EnvWorkerError`. 0 turns recovery off (the first failure raises).
         restart_window: the length of that window, in calls to ``step``.
@@ -484,7 +485,7 @@ class SubprocVectorEnv(WorkerGroups, VectorEnv):
         self._closed = False
         for worker in range(num_workers):
             self._start_worker(worker, reset_seeds=None)
-        deadline = self._deadline()
+        deadline = self._start_deadline()
         for worker in range(num_workers):  # "ready" from each worker, or its construction error
             try:
                 self._receive(worker, deadline)
@@ -557,12 +558,21 @@ class SubprocVectorEnv(WorkerGroups, VectorEnv):
             for index in range(part.start, part.stop)
         ]
         self._start_worker(worker, reset_seeds=seeds)
-        return self._receive(worker, self._deadline())[1]
+        return self._receive(worker, self._start_deadline())[1]
 
     # -- plumbing -------------------------------------------------------------------------------
 
     def _deadline(self) -> float | None:
         return None if self.step_timeout is None else time.monotonic() + self.step_timeout
+
+    def _start_deadline(self) -> float | None:
+        # A worker builds (and resets) all its sub-envs before its "ready": a step_timeout for each.
+        # One for all was too little for 8 multi-stage Mario envs (32 emulators) started at nice 10
+        # on a loaded 2-core machine.
+        if self.step_timeout is None:
+            return None
+        most = max(part.stop - part.start for part in self._slices)
+        return time.monotonic() + self.step_timeout * most
 
     def _where(self, worker: int) -> str:
         part = self._slices[worker]

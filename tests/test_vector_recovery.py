@@ -557,3 +557,31 @@ def test_a_worker_crash_during_step_async_is_recovered_in_step_wait(tmp_path):
         assert obs[:, 1].tolist() == [3, 1]
     finally:
         vec.close()
+
+
+def make_slow(index: int, delay: float, parent: int) -> gym.Env:
+    """A FailingEnv that takes ``delay`` seconds to build in a worker (an emulator loading its ROM under
+    load); the vector env's own copy in process ``parent``, which only reads the spaces, is quick."""
+    if os.getpid() != parent:
+        time.sleep(delay)
+    return FailingEnv(index=index)
+
+
+def test_a_worker_may_take_a_step_timeout_per_sub_env_to_start():
+    # 3 sub-envs of 0.8 s each: 2.4 s, more than one step_timeout (1.5 s), less than three.
+    vec = SubprocVectorEnv([partial(make_slow, i, 0.8, os.getpid()) for i in range(3)], envs_per_worker=3,
+                           step_timeout=HANG_TIMEOUT)  # fmt: skip
+    try:
+        obs, _ = vec.reset(seed=0)
+        assert obs[:, 0].tolist() == [0, 1, 2]
+    finally:
+        vec.close()
+    # A start that never ends still fails, once those three timeouts have passed.
+    started = time.monotonic()
+    with pytest.raises(EnvWorkerError, match="failed to start"):
+        SubprocVectorEnv(
+            [partial(make_slow, i, 3600, os.getpid()) for i in range(3)],
+            envs_per_worker=3,
+            step_timeout=HANG_TIMEOUT,
+        )
+    assert 3 * HANG_TIMEOUT * 0.9 <= time.monotonic() - started < 3 * HANG_TIMEOUT + 30
