@@ -91,7 +91,8 @@ def print_eval(summary: dict[str, Any]) -> None:
     print(line)
     for label, stage in summary.get("stages", {}).items():
         print(
-            f"  {label}: {stage['episodes']} episodes, flag reached {stage['clear_rate']:.0%}, "
+            f"  {label}: {stage['episodes']} episode{'s' * (stage['episodes'] != 1)}, "
+            f"flag reached {stage['clear_rate']:.0%}, "
             f"mean furthest x {stage['x_pos_mean']:.0f}"
         )
 
