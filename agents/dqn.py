@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import envs
 import nets
 from agents.buffers import ReplayBuffer
-from agents.engine import AsyncLearner, EvalListener, TrainingRun, parse_until
+from agents.engine import AsyncLearner, EvalListener, TrainingRun, check_stage_sampling, parse_until
 from agents.ppo import keep_zero_weights, setup_network
 from core.checkpoint import load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, keep_freed_memory
@@ -75,6 +75,10 @@ class DQNConfig:
         None, "env_backend=ray: None starts a local Ray; auto or HOST:PORT joins a running cluster"
     )
     sticky: float = option(0.0, "Mario: repeat the previous action on each frame with this probability", min=0.0, max=0.99)  # fmt: skip
+    stage_sampling: Literal["uniform", "adaptive"] = option(
+        "uniform",
+        "multi-stage presets: draw stages uniformly, or the less often cleared ones more often (adaptive)",
+    )
     buffer_size: int = option(100_000, "replay memory in transitions", min=1)
     learning_rate: float = option(2.3e-3, "Adam learning rate", min=0.0)
     anneal_lr: bool = option(True, "linearly anneal the learning rate to 0")
@@ -141,6 +145,7 @@ class DQNConfig:
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
         parse_until(self.until)
+        check_stage_sampling(self)
         if self.until and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         if self.learning_starts > self.buffer_size:

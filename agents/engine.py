@@ -37,6 +37,7 @@ import envs
 from agents.episodes import (
     EpisodeTracker,
     Policy,
+    adaptive_stage_weights,
     eval_scalars,
     evaluate_preset,
     finished_episodes,
@@ -110,6 +111,16 @@ def export_slim_checkpoint(run_dir: Path, out_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Environments of a training run
 # ---------------------------------------------------------------------------------------------
+
+
+def check_stage_sampling(config: Any) -> None:
+    """Raises ValueError when ``stage_sampling=adaptive`` has no stages to sample (part of the
+    configs' ``check``, so that nothing is written first)."""
+    if config.stage_sampling != "uniform" and not preset_stages(config.env):
+        raise ValueError(
+            f"stage_sampling={config.stage_sampling} needs a multi-stage preset (e.g. mario-world-1); "
+            f"this run trains {config.env!r}: use stage_sampling=uniform"
+        )
 
 
 def train_env_overrides(config: Any) -> dict[str, Any]:
@@ -395,6 +406,7 @@ class TrainingRun:
         }  # fmt: skip
         if episodes.stage_means():
             record["stages"] = episodes.stage_means()
+        shares = self.rebalance_stages(record.get("stages", {}))
         self.history.append(record)
         workers = self.worker_counts()
         assert self.logger is not None
@@ -410,10 +422,24 @@ class TrainingRun:
                 "charts/skipped_updates": self.skipped_updates,
                 **{f"charts/{name}": count for name, count in workers.items()},
                 **stage_scalars(episodes),
+                **{f"stages/{label}/share": share for label, share in shares.items()},
             },
             step,
         )
         self.logger.progress(self.global_step, episodes, sps)
+
+    def rebalance_stages(self, stage_means: dict[str, dict[str, float]]) -> dict[str, float]:
+        """``stage_sampling=adaptive``: the training envs draw their next stages by
+        :func:`adaptive_stage_weights` of the recent episodes; returns each stage's share ({} when
+        sampling stays uniform, or before every stage has been played). Called between updates, when
+        no env is stepping."""
+        if self.config.stage_sampling != "adaptive" or len(stage_means) < len(preset_stages(self.config.env)):
+            return {}
+        weights = adaptive_stage_weights(stage_means)
+        for vec_env in self.vec_envs:
+            vec_env.call("set_stage_weights", weights)
+        total = sum(weights.values())
+        return {label: weight / total for label, weight in weights.items()}
 
     def worker_counts(self) -> dict[str, float]:
         """Env-worker failures over the whole run (earlier processes of a resumed run included)."""

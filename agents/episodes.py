@@ -114,6 +114,17 @@ def stage_scalars(episodes: EpisodeTracker) -> dict[str, float]:
     return scalars
 
 
+def adaptive_stage_weights(stage_means: dict[str, dict[str, float]], floor: float = 0.1) -> dict[str, float]:
+    """Stage weights for adaptive sampling: ``floor + 1 - clear_rate`` of each stage's recent episodes
+    (:meth:`EpisodeTracker.stage_means`), so an unsolved stage is drawn up to 11 times as often as a
+    mastered one, which is still played (and not forgotten). A stage without episodes yet weighs as
+    an unsolved one."""
+    return {
+        label: floor + 1.0 - (0.0 if math.isnan(means["clear_rate"]) else means["clear_rate"])
+        for label, means in stage_means.items()
+    }
+
+
 class Policy(Protocol):
     """What evaluation and video need from a trained agent."""
 

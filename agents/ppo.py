@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch.distributions import Categorical, kl_divergence
 
 import nets
-from agents.engine import AsyncLearner, EvalListener, TrainingRun, parse_until
+from agents.engine import AsyncLearner, EvalListener, TrainingRun, check_stage_sampling, parse_until
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
 from core.config import config_from_dict as rebuild_config
@@ -73,6 +73,10 @@ class PPOConfig:
         None, "env_backend=ray: None starts a local Ray; auto or HOST:PORT joins a running cluster"
     )
     sticky: float = option(0.0, "Mario: repeat the previous action on each frame with this probability", min=0.0, max=0.99)  # fmt: skip
+    stage_sampling: Literal["uniform", "adaptive"] = option(
+        "uniform",
+        "multi-stage presets: draw stages uniformly, or the less often cleared ones more often (adaptive)",
+    )
     learning_rate: float = option(2.5e-4, "Adam learning rate", min=0.0)
     anneal_lr: bool = option(True, "linearly anneal the learning rate to 0")
     gamma: float = option(0.99, "discount", min=0.0, max=1.0)
@@ -136,6 +140,7 @@ class PPOConfig:
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
         parse_until(self.until)
+        check_stage_sampling(self)
         if self.until and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         batch_size = self.num_envs * self.num_steps

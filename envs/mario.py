@@ -278,6 +278,17 @@ class RandomStage(gym.Env):
         self.metadata = dict(stacks[0].metadata)
         self.render_mode = stacks[0].render_mode
         self._seeded = False
+        self.probabilities: np.ndarray | None = None  # None: uniform
+
+    def set_stage_weights(self, weights: dict[str, float]) -> None:
+        """Draws the next stages with probabilities proportional to ``weights`` ({label: weight > 0},
+        every stage named); the training's adaptive stage sampling sets them between updates."""
+        if sorted(weights) != sorted(self.labels) or not all(w > 0 for w in weights.values()):
+            raise ValueError(
+                f"stage weights must give each of {', '.join(self.labels)} a weight > 0, got {weights}"
+            )
+        values = np.array([weights[label] for label in self.labels], dtype=np.float64)
+        self.probabilities = values / values.sum()
 
     @property
     def stage_label(self) -> str:
@@ -296,7 +307,10 @@ class RandomStage(gym.Env):
             for stack, stack_seed in zip(self.stacks, seeds, strict=True):
                 stack.reset(seed=int(stack_seed))
             self._seeded = True
-        self.current = int(self.np_random.integers(len(self.stacks)))
+        if self.probabilities is None:
+            self.current = int(self.np_random.integers(len(self.stacks)))
+        else:
+            self.current = int(self.np_random.choice(len(self.stacks), p=self.probabilities))
         return self.stacks[self.current].reset(options=options)
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:

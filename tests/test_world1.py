@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
 import envs
-from agents import episodes
+from agents import engine, episodes, ppo
 from envs.mario import parse_stages
 from envs.registry import WORLD_1_STAGES
+from tests.test_cli import assert_usage_error
 
 
 def test_parse_stages_reads_labels_and_names_a_bad_one():
@@ -67,3 +71,63 @@ def test_evaluation_plays_each_stage_equally_and_cuts_stalled_episodes():
 def test_only_multi_stage_presets_have_stages():
     assert episodes.preset_stages("mario-world-1") == WORLD_1_STAGES
     assert episodes.preset_stages("mario-1-1") == () and episodes.preset_stages("cartpole") == ()
+
+
+def test_stage_weights_steer_the_draw_and_bad_weights_are_refused():
+    env = envs.make("mario-world-1")
+    try:
+        stages = env.get_wrapper_attr("set_stage_weights")
+        stages({"1-1": 0.01, "1-2": 0.01, "1-3": 10.0, "1-4": 0.01})
+        _, info = env.reset(seed=0)
+        labels = [f"{info['world']}-{info['stage']}"]
+        for _ in range(29):
+            _, info = env.reset()
+            labels.append(f"{info['world']}-{info['stage']}")
+        assert labels.count("1-3") >= 25  # p = 0.997 each
+        for bad in ({"1-1": 1.0}, {"1-1": 1.0, "1-2": 1.0, "1-3": 0.0, "1-4": 1.0}):
+            with pytest.raises(ValueError, match="weight > 0"):
+                stages(bad)
+    finally:
+        env.close()
+
+
+def test_adaptive_weights_favour_the_stages_not_cleared_yet():
+    means = {
+        "1-1": {"clear_rate": 0.9}, "1-2": {"clear_rate": 0.0}, "1-3": {"clear_rate": math.nan},
+        "1-4": {"clear_rate": 0.5},
+    }  # fmt: skip
+    weights = episodes.adaptive_stage_weights(means)
+    assert weights == pytest.approx({"1-1": 0.2, "1-2": 1.1, "1-3": 1.1, "1-4": 0.6})
+
+
+class RecordingVecEnv:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, float]]] = []
+
+    def call(self, name: str, weights: dict[str, float]) -> None:
+        self.calls.append((name, weights))
+
+
+@pytest.mark.parametrize("sampling", ["uniform", "adaptive"])
+def test_the_run_sends_the_weights_to_its_envs_only_when_adaptive(sampling):
+    config = ppo.PPOConfig(env="mario-world-1", stage_sampling=sampling)
+    vec_env = RecordingVecEnv()
+    run = SimpleNamespace(config=config, vec_envs=[vec_env])
+    means = {label: {"clear_rate": 0.5} for label in WORLD_1_STAGES}
+    shares = engine.TrainingRun.rebalance_stages(run, {"1-1": {"clear_rate": 0.5}})  # not all played yet
+    assert shares == {} and vec_env.calls == []
+    shares = engine.TrainingRun.rebalance_stages(run, means)
+    if sampling == "uniform":
+        assert shares == {} and vec_env.calls == []
+    else:
+        assert shares == pytest.approx(dict.fromkeys(WORLD_1_STAGES, 0.25))
+        assert vec_env.calls == [("set_stage_weights", dict.fromkeys(WORLD_1_STAGES, pytest.approx(0.6)))]
+
+
+def test_adaptive_sampling_needs_a_multi_stage_preset(tmp_path, capsys):
+    assert_usage_error(
+        ["train", "mario-1-1", "--steps", "256", "--device", "cpu", "--no-progress",
+         "--run-dir", str(tmp_path / "run"), "--set", "stage_sampling=adaptive"],
+        capsys, "stage_sampling=adaptive", "multi-stage", "uniform",
+    )  # fmt: skip
+    assert not (tmp_path / "run").exists()  # refused before the run directory is made
