@@ -568,15 +568,15 @@ def make_slow(index: int, delay: float, parent: int) -> gym.Env:
 
 
 def test_a_worker_may_take_a_step_timeout_per_sub_env_to_start():
-    # 3 sub-envs of 0.8 s each: 2.4 s, more than one step_timeout (1.5 s), less than three.
-    vec = SubprocVectorEnv([partial(make_slow, i, 0.8, os.getpid()) for i in range(3)], envs_per_worker=3,
+    # 4 sub-envs of 0.5 s each: 2 s, more than one step_timeout (1.5 s), well under four (6 s).
+    vec = SubprocVectorEnv([partial(make_slow, i, 0.5, os.getpid()) for i in range(4)], envs_per_worker=4,
                            step_timeout=HANG_TIMEOUT)  # fmt: skip
     try:
         obs, _ = vec.reset(seed=0)
-        assert obs[:, 0].tolist() == [0, 1, 2]
+        assert obs[:, 0].tolist() == [0, 1, 2, 3]
     finally:
         vec.close()
-    # A start that never ends still fails, once those three timeouts have passed.
+    # A start that never ends still fails, once three timeouts (three sub-envs) have passed.
     started = time.monotonic()
     with pytest.raises(EnvWorkerError, match="failed to start"):
         SubprocVectorEnv(
