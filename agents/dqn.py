@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import envs
 import nets
 from agents.buffers import ReplayBuffer
-from agents.engine import AsyncLearner, EvalListener, TrainingRun, check_stage_sampling, parse_until
+from agents.engine import AsyncLearner, EvalListener, TrainingRun, check_shared_fields, parse_until
 from agents.ppo import keep_zero_weights, setup_network
 from core.checkpoint import load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, keep_freed_memory
@@ -145,7 +145,7 @@ class DQNConfig:
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
         parse_until(self.until)
-        check_stage_sampling(self)
+        check_shared_fields(self)
         if self.until and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         if self.learning_starts > self.buffer_size:

@@ -113,9 +113,14 @@ def export_slim_checkpoint(run_dir: Path, out_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_stage_sampling(config: Any) -> None:
-    """Raises ValueError when ``stage_sampling=adaptive`` has no stages to sample (part of the
-    configs' ``check``, so that nothing is written first)."""
+def check_shared_fields(config: Any) -> None:
+    """The checks of fields that PPO and DQN configs share, part of their ``check`` (so that nothing
+    is written first): raises ValueError when ``stage_sampling=adaptive`` has no stages to sample, or
+    when ``init_weights`` and ``init_encoder`` are both given."""
+    if config.init_weights and config.init_encoder:
+        raise ValueError(
+            "init_weights already holds the encoder: give init_weights or init_encoder, not both"
+        )
     if config.stage_sampling != "uniform" and not preset_stages(config.env):
         raise ValueError(
             f"stage_sampling={config.stage_sampling} needs a multi-stage preset (e.g. mario-world-1); "

@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch.distributions import Categorical, kl_divergence
 
 import nets
-from agents.engine import AsyncLearner, EvalListener, TrainingRun, check_stage_sampling, parse_until
+from agents.engine import AsyncLearner, EvalListener, TrainingRun, check_shared_fields, parse_until
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
 from core.config import config_from_dict as rebuild_config
@@ -140,7 +140,7 @@ class PPOConfig:
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
         parse_until(self.until)
-        check_stage_sampling(self)
+        check_shared_fields(self)
         if self.until and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         batch_size = self.num_envs * self.num_steps
@@ -183,8 +183,7 @@ def setup_network(
     ``freeze_encoder``. ``keep_zeros`` is the optimizer's part (:func:`keep_zero_weights`).
 
     Raises:
-        ValueError: augmentation of non-image observations, both init options at once, or weights
-            that do not fit.
+        ValueError: augmentation of non-image observations, or weights that do not fit.
         CheckpointError: nothing loadable at ``init_weights`` or ``init_encoder``.
     """
     if config.augment != "none" and len(obs_shape) != 3:
@@ -192,12 +191,8 @@ def setup_network(
             f"augment={config.augment} needs image observations (C, H, W), this env gives {obs_shape}; "
             f"valid: {', '.join(AUGMENTS)} (none for vectors)"
         )
-    if config.init_weights and config.init_encoder:
-        raise ValueError(
-            "init_weights already holds the encoder: give init_weights or init_encoder, not both"
-        )
     if config.init_weights and not resumed:
-        copy_tensors(config.init_weights, model, prefix="", option="init_weights")
+        copy_tensors(config.init_weights, [model], prefix="", option="init_weights")
     if config.init_encoder and not resumed:
         load_encoder_tensors(config.init_encoder, encoders)
     for encoder in encoders if config.freeze_encoder else []:
@@ -215,14 +210,13 @@ def load_encoder_tensors(path: str, encoders: list[nn.Module]) -> None:
         CheckpointError: nothing loadable at ``path``, or no model in it.
         ValueError: a tensor of the encoder missing there, or of another shape.
     """
-    for encoder in encoders:
-        copy_tensors(path, encoder, prefix="encoder.", option="init_encoder")
+    copy_tensors(path, encoders, prefix="encoder.", option="init_encoder")
 
 
-def copy_tensors(path: str, module: nn.Module, prefix: str, option: str) -> None:
-    """Copies the model tensors named ``prefix + name`` of the newest checkpoint at ``path`` into
-    ``module``'s ``name``; every tensor of ``module`` must be there with its shape. With an empty
-    prefix (the whole network) the checkpoint may hold nothing else either, so that a recurrent
+def copy_tensors(path: str, modules: list[nn.Module], prefix: str, option: str) -> None:
+    """Copies the model tensors named ``prefix + name`` of the newest checkpoint at ``path`` (read
+    once) into each module's ``name``; every tensor of a module must be there with its shape. With an
+    empty prefix (the whole network) the checkpoint may hold nothing else either, so that a recurrent
     agent never loads into a feed-forward one.
 
     Raises:
@@ -234,28 +228,29 @@ def copy_tensors(path: str, module: nn.Module, prefix: str, option: str) -> None
     if not isinstance(state.get("model"), dict):
         raise CheckpointError(f"{option}: {sidecar} holds no model weights")
     source = {key[len(prefix) :]: value for key, value in state["model"].items() if key.startswith(prefix)}
-    target = module.state_dict()
     hint = "train the same net (and memory) on the same observation shape"
-    missing, extra = sorted(target.keys() - source.keys()), sorted(source.keys() - target.keys())
-    if missing:
-        raise ValueError(
-            f"{option}: {sidecar} has no tensor {prefix}{missing[0]} ({len(missing)} of {len(target)} "
-            f"missing); {hint}"
-        )
-    if extra and not prefix:
-        raise ValueError(f"{option}: {sidecar} has a tensor {extra[0]} that this network lacks; {hint}")
-    for name, tensor in target.items():
-        if source[name].shape != tensor.shape:
+    for module in modules:
+        target = module.state_dict()
+        missing, extra = sorted(target.keys() - source.keys()), sorted(source.keys() - target.keys())
+        if missing:
             raise ValueError(
-                f"{option}: {prefix}{name} is {tuple(source[name].shape)} in {sidecar} but "
-                f"{tuple(tensor.shape)} here; {hint}"
+                f"{option}: {sidecar} has no tensor {prefix}{missing[0]} ({len(missing)} of {len(target)} "
+                f"missing); {hint}"
             )
-    module.load_state_dict({name: source[name] for name in target})
+        if extra and not prefix:
+            raise ValueError(f"{option}: {sidecar} has a tensor {extra[0]} that this network lacks; {hint}")
+        for name, tensor in target.items():
+            if source[name].shape != tensor.shape:
+                raise ValueError(
+                    f"{option}: {prefix}{name} is {tuple(source[name].shape)} in {sidecar} but "
+                    f"{tuple(tensor.shape)} here; {hint}"
+                )
+        module.load_state_dict({name: source[name] for name in target})
 
 
-def keep_zero_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+def keep_zero_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Keeps the weights of ``model`` that are exactly zero now at zero through every step of
-    ``optimizer``, so fine-tuning a pruned network keeps its sparsity. Returns how many are held.
+    ``optimizer``, so fine-tuning a pruned network keeps its sparsity.
 
     A step hook re-applies the masks after Adam's update (Adam would otherwise revive them through
     their gradients); a mask is a bool tensor of the weight's shape, kept only for weights with zeros.
@@ -273,7 +268,6 @@ def keep_zero_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> int
             parameter.mul_(mask)
 
     optimizer.register_step_post_hook(reapply)
-    return sum(int((~mask).sum()) for _, mask in masks)
 
 
 class ActorCritic(nn.Module):

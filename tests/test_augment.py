@@ -255,21 +255,31 @@ def test_augment_needs_image_observations(tmp_path, capsys):
     )  # fmt: skip
 
 
+def short_cartpole_config(algo: str, **fields):
+    """A 512-step CartPole config of ``algo`` that learns a little: PPO two updates, DQN from step 128."""
+    module = ppo if algo == "ppo" else dqn
+    if algo == "ppo":
+        steps = {"num_envs": 4, "num_steps": 64}
+    else:
+        steps = {"learning_starts": 128, "eval_every": 0, "keep_best": False, "log_every": 128}
+    return module.CONFIG(
+        env="cartpole",
+        device="cpu",
+        total_steps=512,
+        eval_episodes=1,
+        checkpoint_every=10**6,
+        **steps,
+        **fields,
+    )
+
+
 @pytest.mark.parametrize("algo", ["ppo", "dqn"])
 def test_a_frozen_pretrained_encoder_stays_as_loaded_while_the_head_learns(tmp_path, algo):
     module = ppo if algo == "ppo" else dqn
-    base = module.CONFIG(
-        env="cartpole", device="cpu", total_steps=512, eval_episodes=1, checkpoint_every=10**6
-    )
+    base = short_cartpole_config(algo)
     network = ppo.ActorCritic(base, (4,), 2) if algo == "ppo" else dqn.QNetwork(base, (4,), 2)
     run_dir, source = pretrained_run(tmp_path, network.encoder)
-    config = module.CONFIG(**{**vars(base), "init_encoder": str(run_dir), "freeze_encoder": True})
-    if algo == "ppo":  # two updates
-        config = module.CONFIG(**{**vars(config), "num_envs": 4, "num_steps": 64})
-    if algo == "dqn":
-        config = module.CONFIG(
-            **{**vars(config), "learning_starts": 128, "eval_every": 0, "keep_best": False, "log_every": 128}
-        )
+    config = short_cartpole_config(algo, init_encoder=str(run_dir), freeze_encoder=True)
     (tmp_path / "agent").mkdir()
     summary = module.train(config, tmp_path / "agent", progress=False)
     assert summary["steps"] == 512

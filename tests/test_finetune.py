@@ -9,6 +9,7 @@ import torch
 from agents import dqn, ppo
 from core import runs
 from core.checkpoint import load_checkpoint, save_checkpoint
+from tests.test_augment import short_cartpole_config
 from tests.test_cli import assert_usage_error
 
 
@@ -72,15 +73,13 @@ def test_init_weights_refuses_another_net_and_init_encoder_beside_it(tmp_path, c
          "--set", f"init_encoder={run_dir}"],
         capsys, "init_weights", "init_encoder", "not both",
     )  # fmt: skip
+    assert not (tmp_path / "run2").exists()  # refused before the run directory is made
 
 
 @pytest.mark.parametrize("algo", ["ppo", "dqn"])
 def test_keep_zeros_fine_tunes_a_pruned_network_and_keeps_its_zeros(tmp_path, algo):
     module = ppo if algo == "ppo" else dqn
-    base = module.CONFIG(
-        env="cartpole", device="cpu", total_steps=512, eval_episodes=1, checkpoint_every=10**6
-    )
-    network = network_of(algo, base)
+    network = network_of(algo, short_cartpole_config(algo))
     # Half of every weight matrix pruned: the zeros are where a fixed generator says.
     generator = torch.Generator().manual_seed(0)
     pruned = {
@@ -88,13 +87,9 @@ def test_keep_zeros_fine_tunes_a_pruned_network_and_keeps_its_zeros(tmp_path, al
         for key, value in network.state_dict().items()
     }
     zeros = {key: value == 0 for key, value in pruned.items() if key.endswith("weight")}
-    fields = {"init_weights": str(saved_run(tmp_path, pruned)), "keep_zeros": True}
-    if algo == "ppo":  # two updates
-        fields.update(num_envs=4, num_steps=64)
-    else:
-        fields.update(learning_starts=128, eval_every=0, keep_best=False, log_every=128)
+    config = short_cartpole_config(algo, init_weights=str(saved_run(tmp_path, pruned)), keep_zeros=True)
     (tmp_path / "agent").mkdir()
-    module.train(module.CONFIG(**{**vars(base), **fields}), tmp_path / "agent", progress=False)
+    module.train(config, tmp_path / "agent", progress=False)
     state, _ = load_checkpoint(runs.locate_checkpoint(tmp_path / "agent")[0])
     model = state["model"]
     for key, mask in zeros.items():
@@ -105,13 +100,11 @@ def test_keep_zeros_fine_tunes_a_pruned_network_and_keeps_its_zeros(tmp_path, al
 
 def test_without_keep_zeros_the_pruned_weights_come_back(tmp_path):
     # The check above can fail: the same fine-tuning without keep_zeros revives pruned weights.
-    config = ppo.PPOConfig(env="cartpole", device="cpu", total_steps=512, num_envs=4, num_steps=64,
-                           eval_episodes=1, checkpoint_every=10**6)  # fmt: skip
-    network = network_of("ppo", config)
+    network = network_of("ppo", short_cartpole_config("ppo"))
     pruned = {key: value * 0 if key.endswith("weight") and "actor" in key else value
               for key, value in network.state_dict().items()}  # fmt: skip
-    fields = {"init_weights": str(saved_run(tmp_path, pruned))}
     (tmp_path / "agent").mkdir()
-    ppo.train(ppo.PPOConfig(**{**vars(config), **fields}), tmp_path / "agent", progress=False)
+    config = short_cartpole_config("ppo", init_weights=str(saved_run(tmp_path, pruned)))
+    ppo.train(config, tmp_path / "agent", progress=False)
     state, _ = load_checkpoint(runs.locate_checkpoint(tmp_path / "agent")[0])
     assert torch.count_nonzero(state["model"]["head.actor.0.weight"]) > 0
