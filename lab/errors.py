@@ -82,9 +82,8 @@ def stoppable_run(kept: Callable[[], str]) -> Iterator[None]:
     """Runs a training command so that every way of stopping it ends the same way.
 
     SIGTERM (a scheduler's or ``timeout``'s stop) and SIGINT, even where the shell had it ignored,
-    become a Ctrl-C; a Ctrl-C prints what was kept
-    and exits 130; a full disk or read-only run directory becomes a one-line UsageError (exit 2)
-    saying what was kept and how to go on.
+    become a Ctrl-C; a Ctrl-C prints what was kept and exits 130; a full disk or read-only run
+    directory becomes a one-line UsageError (exit 2) saying what was kept and how to go on.
 
     Args:
         kept: returns what the run keeps, in words, with the command that continues it.

@@ -45,7 +45,7 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
         path = agent.run_dir / "eval.json"
         protocol = {"checkpoint": agent.sidecar.name, "seed": args.seed, "randomised_start": overrides,
                     "date": time.strftime("%Y-%m-%d")}  # fmt: skip
-        if len(stages) > 1:
+        if stages:
             protocol["episodes_per_stage"] = args.episodes
         atomic_write_json(path, {**summary, **protocol})
         summary["saved"] = str(path)
