@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import envs
 import nets
 from agents.buffers import ReplayBuffer
-from agents.engine import AsyncLearner, EvalListener, TrainingRun, check_shared_fields, parse_until
+from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun
 from agents.ppo import keep_zero_weights, setup_network
 from core.checkpoint import load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, keep_freed_memory
@@ -51,7 +51,7 @@ BUFFER_FILE = "replay_buffer.npz"  # in checkpoints/, next to the newest checkpo
 
 
 @dataclass
-class DQNConfig:
+class DQNConfig(AgentConfig):
     """Every field can be set with ``lab train ... --algo dqn --set key=value``.
 
     Defaults solve CartPole-v1 in 50k steps: RL Zoo's tuned DQN (lr 2.3e-3, batch 64, epsilon 1 -> 0.04
@@ -60,28 +60,12 @@ class DQNConfig:
     periodic greedy evals kept at the end.
     """
 
-    env: str = option("cartpole", "preset name or Gymnasium id")
-    net: str = option("auto", "encoder from nets/ (auto: by observation type)")
     hidden: tuple[int, ...] = option((256, 256), "MLP widths for vector observations")
     head_hidden: int = option(0, "hidden layer per Q stream (0: one Linear)", min=0)
-    seed: int = option(1, "seed of torch, numpy and the envs", min=0)
-    device: str = option("auto", "auto, cpu or cuda")
     total_steps: int = option(50_000, "agent steps over the whole run", min=1)
     num_envs: int = option(1, "parallel envs", min=1, max=1024)
-    env_backend: Literal["sync", "async", "ray"] = option(
-        "sync", "vector env back-end: sync (in process), async (worker processes), ray (Ray actors)"
-    )
-    ray_address: str | None = option(
-        None, "env_backend=ray: None starts a local Ray; auto or HOST:PORT joins a running cluster"
-    )
-    sticky: float = option(0.0, "Mario: repeat the previous action on each frame with this probability", min=0.0, max=0.99)  # fmt: skip
-    stage_sampling: Literal["uniform", "adaptive"] = option(
-        "uniform",
-        "multi-stage presets: draw stages uniformly, or the less often cleared ones more often (adaptive)",
-    )
     buffer_size: int = option(100_000, "replay memory in transitions", min=1)
     learning_rate: float = option(2.3e-3, "Adam learning rate", min=0.0)
-    anneal_lr: bool = option(True, "linearly anneal the learning rate to 0")
     gamma: float = option(0.99, "discount", min=0.0, max=1.0)
     batch_size: int = option(64, "transitions per gradient step", min=1)
     learning_starts: int = option(1_000, "transitions stored before learning", min=0)
@@ -103,8 +87,6 @@ class DQNConfig:
     loss: Literal["huber", "mse"] = option("huber", "TD loss")
     max_grad_norm: float = option(10.0, "gradient clipping norm (0: none)", min=0.0)
     threads: int = option(1, "CPU threads of the learner (0: torch's default, one per core)", min=0, max=1024)
-    compile: bool = option(False, "torch.compile the network")
-    bf16: bool = option(False, "bf16 autocast (CUDA, or a CPU with native bf16)")
     keep_freed_memory: bool = option(
         True,
         "keep memory freed between gradient steps in the process (glibc malloc thresholds) "
@@ -118,34 +100,15 @@ class DQNConfig:
     )
     log_every: int = option(1_000, "agent steps between log records", min=1)
     eval_every: int = option(2_500, "agent steps between greedy evals (0: at end)", min=0)
-    until: str | None = option(
-        None, "stop once a periodic greedy eval reaches METRIC=VALUE, e.g. clear_rate=0.9"
-    )
-    eval_episodes: int = option(10, "episodes per greedy eval", min=1)
     keep_best: bool = option(True, "end with the weights of the best periodic greedy eval (needs eval_every)")
-    checkpoint_every: int = option(50_000, "agent steps between checkpoints", min=1)
-    keep_checkpoints: int = option(2, "checkpoints kept on disk", min=1)
     save_buffer: bool = option(False, "checkpoint the replay memory too (large)")
     augment: Literal["none", "shift"] = option(
         "none", "pixels: DrQ, each sampled observation and next observation shifted (pad 4, random crop)"
     )
-    init_encoder: str | None = option(
-        None,
-        "start the encoder from the encoder.* tensors of this run or checkpoint (e.g. a `lab fit ssl` run)",
-    )
-    freeze_encoder: bool = option(False, "keep the encoder's weights fixed; the Q head learns")
-    init_weights: str | None = option(
-        None,
-        "start the whole Q-network from this run or checkpoint (fine-tuning: the same net and env shapes)",
-    )
-    keep_zeros: bool = option(
-        False, "weights that start at exactly zero stay zero (fine-tuning a pruned agent)"
-    )
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
-        parse_until(self.until)
-        check_shared_fields(self)
+        super().check()
         if self.until and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         if self.learning_starts > self.buffer_size:

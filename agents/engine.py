@@ -27,8 +27,9 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
@@ -54,6 +55,7 @@ from core.checkpoint import (
     set_rng_state,
 )
 from core.compute import resolve_device, seed_everything, set_learner_threads
+from core.config import option
 from core.files import atomic_write_json, is_storage_error, jsonable
 from core.plots import Panel, plot_history
 from core.runs import CHECKPOINTS
@@ -113,33 +115,92 @@ def export_slim_checkpoint(run_dir: Path, out_dir: Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_shared_fields(config: Any) -> None:
-    """The checks of fields that PPO and DQN configs share, part of their ``check`` (so that nothing
-    is written first): raises ValueError when ``stage_sampling=adaptive`` has no stages to sample, or
-    when ``init_weights`` and ``init_encoder`` are both given."""
-    if config.init_weights and config.init_encoder:
-        raise ValueError(
-            "init_weights already holds the encoder: give init_weights or init_encoder, not both"
-        )
-    if config.stage_sampling != "uniform" and not preset_stages(config.env):
-        raise ValueError(
-            f"stage_sampling={config.stage_sampling} needs a multi-stage preset (e.g. mario-world-1); "
-            f"this run trains {config.env!r}: use stage_sampling=uniform"
-        )
+@dataclass
+class AgentConfig:
+    """The config fields that every agent shares: what to train on, the run's envs and their
+    back-end, evaluation and checkpoints, and where the weights start from. ``PPOConfig`` and
+    ``DQNConfig`` extend it with their algorithm's fields (those whose defaults differ, such as
+    ``total_steps`` or ``learning_rate``, are declared by each). Every field can be set with
+    ``lab train ... --set key=value``."""
+
+    env: str = option("cartpole", "preset name or Gymnasium id")
+    net: str = option("auto", "encoder from nets/ (auto: by observation type)")
+    seed: int = option(1, "seed of torch, numpy and the envs", min=0)
+    device: str = option("auto", "auto, cpu or cuda")
+    env_backend: Literal["sync", "async", "ray"] = option(
+        "sync", "vector env back-end: sync (in process), async (worker processes), ray (Ray actors)"
+    )
+    ray_address: str | None = option(
+        None, "env_backend=ray: None starts a local Ray; auto or HOST:PORT joins a running cluster"
+    )
+    sticky: float = option(0.0, "Mario: repeat the previous action on each frame with this probability", min=0.0, max=0.99)  # fmt: skip
+    noop_max: int = option(0, "Mario: start each training episode with 0..noop_max random no-ops (the eval protocol uses 30)", min=0, max=1000)  # fmt: skip
+    stage_sampling: Literal["uniform", "adaptive"] = option(
+        "uniform",
+        "multi-stage presets: draw stages uniformly, or the less often cleared ones more often (adaptive)",
+    )
+    anneal_lr: bool = option(True, "linearly anneal the learning rate to 0")
+    compile: bool = option(False, "torch.compile the network")
+    bf16: bool = option(False, "bf16 autocast (CUDA, or a CPU with native bf16)")
+    until: str | None = option(
+        None, "stop once a periodic greedy eval reaches METRIC=VALUE, e.g. clear_rate=0.9"
+    )
+    eval_episodes: int = option(10, "episodes per greedy eval", min=1)
+    checkpoint_every: int = option(50_000, "agent steps between checkpoints", min=1)
+    keep_checkpoints: int = option(2, "checkpoints kept on disk", min=1)
+    init_encoder: str | None = option(
+        None,
+        "start the encoder from the encoder.* tensors of this run or checkpoint (e.g. a `lab fit ssl` run)",
+    )
+    freeze_encoder: bool = option(False, "keep the encoder's weights fixed; the heads (and memory) learn")
+    init_weights: str | None = option(
+        None,
+        "start the whole network from this run or checkpoint (fine-tuning: the same network and env shapes)",
+    )
+    keep_zeros: bool = option(
+        False, "weights that start at exactly zero stay zero (fine-tuning a pruned agent)"
+    )
+
+    def check(self) -> None:
+        """Checks the shared fields against each other and the env (the algorithms' ``check`` calls
+        it first, before anything is written): raises ValueError for a bad ``until``, when
+        ``stage_sampling=adaptive`` has no stages to sample, when ``init_weights`` and
+        ``init_encoder`` are both given, or when ``sticky`` or ``noop_max`` is set for an env that is
+        not Mario."""
+        parse_until(self.until)
+        mario_only = [
+            f"{name}={getattr(self, name)}" for name in ("sticky", "noop_max") if getattr(self, name)
+        ]
+        if mario_only and envs.resolve(self.env).kind != "mario":
+            raise ValueError(
+                f"{' and '.join(mario_only)}: Mario presets only; this run trains {self.env!r} (leave them at 0)"
+            )
+        if self.init_weights and self.init_encoder:
+            raise ValueError(
+                "init_weights already holds the encoder: give init_weights or init_encoder, not both"
+            )
+        if self.stage_sampling != "uniform" and not preset_stages(self.env):
+            raise ValueError(
+                f"stage_sampling={self.stage_sampling} needs a multi-stage preset (e.g. mario-world-1); "
+                f"this run trains {self.env!r}: use stage_sampling=uniform"
+            )
 
 
 def train_env_overrides(config: Any) -> dict[str, Any]:
-    """``envs.make_vec`` options that a training config sets: sticky actions (Mario presets only)."""
-    if not config.sticky:
-        return {}
-    if envs.resolve(config.env).kind != "mario":
-        raise ValueError(f"sticky applies to Mario presets only; this run trains {config.env!r}")
-    return {"sticky_prob": config.sticky}
+    """``envs.make_vec`` options that a training config sets: sticky actions and random no-op starts
+    (Mario presets only)."""
+    overrides = {}
+    if config.sticky:
+        overrides["sticky_prob"] = config.sticky
+    if config.noop_max:
+        overrides["noop_max"] = config.noop_max
+    return overrides
 
 
 def eval_env_overrides(config: Any) -> dict[str, Any]:
-    """Options of the periodic evaluation's envs: the preset's protocol plus the training's sticky actions."""
-    return {**envs.eval_overrides(config.env), **train_env_overrides(config)}
+    """Options of the periodic evaluation's envs: the training's sticky actions and the preset's eval
+    protocol, whose no-op starts win over the training's (every run is measured alike)."""
+    return {**train_env_overrides(config), **envs.eval_overrides(config.env)}
 
 
 def worker_counts(vec_envs: list[Any]) -> dict[str, float]:

@@ -37,7 +37,7 @@ import torch.nn as nn
 from torch.distributions import Categorical, kl_divergence
 
 import nets
-from agents.engine import AsyncLearner, EvalListener, TrainingRun, check_shared_fields, parse_until
+from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
 from core.config import config_from_dict as rebuild_config
@@ -49,11 +49,9 @@ ALGO = "ppo"
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(AgentConfig):
     """Every field can be set with ``lab train ... --set key=value``."""
 
-    env: str = option("cartpole", "preset name or Gymnasium id")
-    net: str = option("auto", "encoder from nets/ (auto: by observation type)")
     hidden: tuple[int, ...] = option((64, 64), "MLP widths for vector observations")
     shared_encoder: bool = option(True, "actor and critic share the encoder")
     memory: Literal["none", "lstm", "gru", "transformer"] = option(
@@ -61,24 +59,10 @@ class PPOConfig:
     )
     memory_size: int = option(128, "memory width (hidden size / d_model)", min=1)
     memory_len: int = option(16, "Transformer memory length in steps", min=1)
-    seed: int = option(1, "seed of torch, numpy and the envs", min=0)
-    device: str = option("auto", "auto, cpu or cuda")
     total_steps: int = option(200_000, "agent steps over the whole run", min=1)
     num_envs: int = option(8, "parallel envs", min=1, max=1024)
     num_steps: int = option(128, "rollout length per env per update", min=1)
-    env_backend: Literal["sync", "async", "ray"] = option(
-        "sync", "vector env back-end: sync (in process), async (worker processes), ray (Ray actors)"
-    )
-    ray_address: str | None = option(
-        None, "env_backend=ray: None starts a local Ray; auto or HOST:PORT joins a running cluster"
-    )
-    sticky: float = option(0.0, "Mario: repeat the previous action on each frame with this probability", min=0.0, max=0.99)  # fmt: skip
-    stage_sampling: Literal["uniform", "adaptive"] = option(
-        "uniform",
-        "multi-stage presets: draw stages uniformly, or the less often cleared ones more often (adaptive)",
-    )
     learning_rate: float = option(2.5e-4, "Adam learning rate", min=0.0)
-    anneal_lr: bool = option(True, "linearly anneal the learning rate to 0")
     gamma: float = option(0.99, "discount", min=0.0, max=1.0)
     gae_lambda: float = option(0.95, "GAE lambda", min=0.0, max=1.0)
     num_minibatches: int = option(4, "minibatches per epoch", min=1)
@@ -99,26 +83,12 @@ class PPOConfig:
     # DrAC's second pass costs a forward and backward per regularised frame; a quarter of each
     # minibatch keeps that cost small and still regularises thousands of frames per update.
     drac_share: float = option(0.25, "augment: share of each minibatch (of its envs, with memory) whose shifted copy DrAC sees", min=0.01, max=1.0)  # fmt: skip
-    init_encoder: str | None = option(
-        None,
-        "start the encoder from the encoder.* tensors of this run or checkpoint (e.g. a `lab fit ssl` run)",
-    )
-    freeze_encoder: bool = option(False, "keep the encoder's weights fixed; the head (and memory) learn")
-    init_weights: str | None = option(
-        None,
-        "start the whole network from this run or checkpoint (fine-tuning: the same net, memory and env shapes)",
-    )
-    keep_zeros: bool = option(
-        False, "weights that start at exactly zero stay zero (fine-tuning a pruned agent)"
-    )
     threads: int = option(
         1,
         "CPU threads of the learner (0: one per core); inference with env workers uses one",
         min=0,
         max=1024,
     )
-    compile: bool = option(False, "torch.compile the network")
-    bf16: bool = option(False, "bf16 autocast (CUDA, or a CPU with native bf16)")
     overlap: bool = option(
         False, "learn from a rollout in a thread while collecting the next (policy lag of one update)"
     )
@@ -130,17 +100,10 @@ class PPOConfig:
         max=64,
     )
     eval_every: int = option(0, "agent steps between greedy evals (0: at end)", min=0)
-    until: str | None = option(
-        None, "stop once a periodic greedy eval reaches METRIC=VALUE, e.g. clear_rate=0.9"
-    )
-    eval_episodes: int = option(10, "episodes per greedy eval", min=1)
-    checkpoint_every: int = option(50_000, "agent steps between checkpoints", min=1)
-    keep_checkpoints: int = option(2, "checkpoints kept on disk", min=1)
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
-        parse_until(self.until)
-        check_shared_fields(self)
+        super().check()
         if self.until and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         batch_size = self.num_envs * self.num_steps

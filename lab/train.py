@@ -148,11 +148,27 @@ def print_train_summary(summary: dict[str, Any]) -> None:
 
 
 def print_config_help(config: Any) -> None:
+    """Prints the fields of a config dataclass with their types, values and help; an agent's config
+    lists the fields every agent shares first, then its algorithm's own."""
+    import dataclasses
+
+    from agents.engine import AgentConfig
     from core.config import describe
 
     print(f"config fields of {type(config).__name__} (set with --set key=value):")
-    for name, type_name, _default, help_text in describe(type(config)):
-        print(f"  {name:<22} {type_name:<14} {getattr(config, name)!r:<14} {help_text}")
+    rows = describe(type(config))
+    groups = [("", rows)]
+    if isinstance(config, AgentConfig):
+        shared = {field.name for field in dataclasses.fields(AgentConfig)}
+        groups = [
+            ("shared by every agent", [row for row in rows if row[0] in shared]),
+            (f"{type(config).__name__}'s own", [row for row in rows if row[0] not in shared]),
+        ]
+    for title, group in groups:
+        if title:
+            print(f" {title}:")
+        for name, type_name, _default, help_text in group:
+            print(f"  {name:<22} {type_name:<14} {getattr(config, name)!r:<14} {help_text}")
 
 
 def check_net(name: str, allow_auto: bool = False) -> None:

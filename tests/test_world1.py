@@ -131,3 +131,21 @@ def test_adaptive_sampling_needs_a_multi_stage_preset(tmp_path, capsys):
         capsys, "stage_sampling=adaptive", "multi-stage", "uniform",
     )  # fmt: skip
     assert not (tmp_path / "run").exists()  # refused before the run directory is made
+
+
+def test_sticky_and_noop_starts_reach_the_training_envs_and_the_eval_keeps_its_protocol():
+    config = ppo.PPOConfig(env="mario-world-1", sticky=0.25, noop_max=12)
+    assert engine.train_env_overrides(config) == {"sticky_prob": 0.25, "noop_max": 12}
+    # The periodic eval plays with the training's sticky actions but the preset's 0-30 no-ops.
+    assert engine.eval_env_overrides(config) == {"sticky_prob": 0.25, "noop_max": 30, "stall_patience": 200}
+    assert engine.train_env_overrides(ppo.PPOConfig(env="mario-world-1")) == {}
+
+
+@pytest.mark.parametrize("setting", ["sticky=0.25", "noop_max=30"])
+def test_sticky_and_noop_starts_are_refused_outside_mario(setting, tmp_path, capsys):
+    assert_usage_error(
+        ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
+         "--run-dir", str(tmp_path / "run"), "--set", setting],
+        capsys, setting, "Mario presets only", "cartpole",
+    )  # fmt: skip
+    assert not (tmp_path / "run").exists()
