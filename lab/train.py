@@ -37,13 +37,30 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     check_net(config.net, allow_auto=True)
     check_device(config.device)
     # A resumed run also proves its checkpoints/ writable; a new one has none yet.
+    made_dir = not run_dir.exists()
     require_writable(*([run_dir, run_dir / "checkpoints"] if args.resume else [run_dir]))
     write_run_config(run_dir, "algo", module.ALGO, config)
-    with stoppable_run(lambda: training_kept(run_dir)):
-        summary = module.train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    try:
+        with stoppable_run(lambda: training_kept(run_dir)):
+            summary = module.train(config, run_dir, resume=bool(args.resume), progress=not args.no_progress)
+    except BaseException:
+        if not args.resume:
+            remove_unstarted_run(run_dir, made_dir)
+        raise
     if not args.json:
         print_train_summary(summary)
     return summary
+
+
+def remove_unstarted_run(run_dir: Path, made_dir: bool) -> None:
+    """Removes what a new run wrote when it stopped before it wrote anything but ``config.json`` (for
+    example, ``init_weights`` whose tensors do not fit the network): the same command can then be run
+    again with the same ``--run-dir``, which would otherwise already hold a run with no checkpoint."""
+    if not run_dir.is_dir() or [path.name for path in run_dir.iterdir()] != ["config.json"]:
+        return
+    (run_dir / "config.json").unlink()
+    if made_dir:
+        run_dir.rmdir()
 
 
 def new_config(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -56,7 +56,9 @@ def test_init_weights_refuses_a_recurrent_agent_in_a_feed_forward_one_in_one_lin
          "--run-dir", str(tmp_path / "run"), "--set", f"init_weights={run_dir}"],
         capsys, "init_weights", "memory",
     )  # fmt: skip
-    assert "lacks" in line and not (tmp_path / "run" / "checkpoints").exists()
+    assert "lacks" in line
+    # The run never started: nothing of it stays behind, so the same command can run again.
+    assert not (tmp_path / "run").exists()
 
 
 def test_init_weights_refuses_another_net_and_init_encoder_beside_it(tmp_path, capsys):
@@ -67,6 +69,14 @@ def test_init_weights_refuses_another_net_and_init_encoder_beside_it(tmp_path, c
          "--run-dir", str(tmp_path / "run"), "--set", f"init_weights={run_dir}"],
         capsys, "init_weights", "(32, 4)", "(64, 4)",
     )  # fmt: skip
+    kept = tmp_path / "kept"  # a --run-dir that existed before: emptied of the run's config, kept
+    kept.mkdir()
+    assert_usage_error(
+        ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
+         "--run-dir", str(kept), "--set", f"init_weights={run_dir}"],
+        capsys, "init_weights",
+    )  # fmt: skip
+    assert kept.is_dir() and not any(kept.iterdir())
     assert_usage_error(
         ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
          "--run-dir", str(tmp_path / "run2"), "--set", f"init_weights={run_dir}",
