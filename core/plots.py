@@ -70,10 +70,12 @@ def plot_history(
             axis.set_yscale("log")
         if panel.ylim:
             axis.set_ylim(*panel.ylim)
-        for x, text in panel.markers:
+        for index, (x, text) in enumerate(panel.markers):
             color = "tab:green" if "first" in text else "tab:red"
             axis.axvline(x, color=color, linestyle="--", linewidth=1)
-            axis.annotate(text, (x, 0.5), xycoords=("data", "axes fraction"), xytext=(4, 0),
+            # Each label one line lower than the one before: markers close together (a first clear
+            # and 90% clears a few hundred thousand steps apart) would print over each other.
+            axis.annotate(text, (x, 0.5), xycoords=("data", "axes fraction"), xytext=(4, -11 * index),
                           textcoords="offset points", color=color, fontsize=8)  # fmt: skip
         if panel.twin_key:
             twin = axis.twinx()
