@@ -228,6 +228,12 @@ def _worker(
     """
     for connection in inherited:
         connection.close()
+    # The main process decides when its workers end: it closes them when it stops (Ctrl-C, SIGTERM,
+    # an error), and a worker that outlives it sees EOF. Ctrl-C in a terminal and `pkill -f "lab
+    # train"` signal the workers too (they share the process group and the command line); ending
+    # here first, they would be taken for crashes and restarted while the main process stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     envs: list[gym.Env] = []
     try:
         envs = [env_fn() for env_fn in env_fns]
@@ -764,10 +770,7 @@ class SubprocVectorEnv(WorkerGroups, VectorEnv):
             if process is None:
                 continue
             process.join(timeout=0 if terminate else timeout)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=1)
-            if process.is_alive():  # SIGTERM ignored or blocked (a hung native call): SIGKILL
+            if process.is_alive():  # workers ignore SIGTERM (see _worker): SIGKILL
                 process.kill()
                 process.join(timeout=1)
         for pipe in self._pipes:

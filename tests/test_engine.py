@@ -150,6 +150,29 @@ def test_sigterm_stops_like_ctrl_c(algo, stop, tmp_path):
     assert_no_debris(run_dir)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_to_the_whole_process_group_stops_a_run_with_env_workers_cleanly(stop, tmp_path):
+    # Ctrl-C in a terminal sends SIGINT to every process of the group, `pkill -f "lab train"` SIGTERM
+    # to the workers too (they share the command line): the run alone decides how its workers end,
+    # so none of them is taken for a crash and restarted on the way out.
+    run_dir = tmp_path / "run"
+    argv = [str(a) for a in train_argv("ppo", run_dir, 100_000)] + ["--set", "env_backend=async"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lab", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not checkpoint_steps(run_dir) and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)  # in the middle of stepping the workers
+    os.killpg(process.pid, stop)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "restarting" not in err and "crash" not in err, err
+    assert f"Resume with: lab train --resume {run_dir}" in err
+    assert_no_debris(run_dir)
+
+
 def non_finite_gradients(monkeypatch) -> None:
     """Every gradient step sees a non-finite gradient norm (and so skips its optimizer step)."""
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *args, **kwargs: torch.tensor(float("nan")))

@@ -567,6 +567,24 @@ def make_slow(index: int, delay: float, parent: int) -> gym.Env:
     return FailingEnv(index=index)
 
 
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_workers_leave_ctrl_c_and_sigterm_to_the_main_process(stop):
+    # What Ctrl-C in a terminal and `pkill -f "lab train"` do to the workers: they live on, and the
+    # main process alone ends them (it closes them when it stops), so none is taken for a crash.
+    vec = SubprocVectorEnv(env_fns(2, {}), envs_per_worker=1)
+    try:
+        vec.reset(seed=0)
+        for process in vec._processes:
+            os.kill(process.pid, stop)
+        time.sleep(0.5)
+        obs, *_ = vec.step(np.zeros(2, dtype=np.int64))
+        assert vec.restarts == 0 and obs[:, 1].tolist() == [1, 1]
+        assert all(process.is_alive() for process in vec._processes)
+    finally:
+        vec.close()
+    assert all(process is None or not process.is_alive() for process in vec._processes)
+
+
 def test_a_worker_may_take_a_step_timeout_per_sub_env_to_start():
     # 4 sub-envs of 0.5 s each: 2 s, more than one step_timeout (1.5 s), well under four (6 s).
     vec = SubprocVectorEnv([partial(make_slow, i, 0.5, os.getpid()) for i in range(4)], envs_per_worker=4,
