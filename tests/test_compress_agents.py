@@ -18,7 +18,13 @@ import nets
 from agents.engine import save_training_checkpoint
 from compress import pipeline
 from compress.agents import PolicyNet, build_network, load_teacher
-from compress.compare import compare_runs, format_comparison, interleaved_latency
+from compress.compare import (
+    compare_runs,
+    comparison_json,
+    format_comparison,
+    interleaved_latency,
+    rate_interval,
+)
 from core.checkpoint import load_checkpoint
 from core.files import jsonable
 from core.runs import locate_checkpoint, write_run_config
@@ -360,6 +366,22 @@ def test_table_ratios_are_against_the_first_row(teachers):
     assert f"{rows[1].parameters / rows[0].parameters:.1f}x more" in text
     with pytest.raises(ValueError, match="different envs"):
         compare_runs([teachers["ppo"], Path("runs/mario-1-1")], episodes=1, latency_calls=5)
+
+
+def test_clear_rates_carry_their_95_percent_interval(teachers):
+    # Wilson's interval for 28 of 50 (scipy's binomtest; by hand: centre 0.5558, half-width 0.1327).
+    low, high = rate_interval(0.56, 50)
+    assert low == pytest.approx(0.4231, abs=1e-4) and high == pytest.approx(0.6884, abs=1e-4)
+    assert rate_interval(1.0, 20)[1] == 1.0 and rate_interval(1.0, 20)[0] == pytest.approx(0.8389, abs=1e-4)
+    assert rate_interval(None, 50) is None and rate_interval(0.5, 0) is None
+    rows, protocol = compare_runs([teachers["ppo"]], episodes=1, latency_calls=5)
+    mario_row = dataclasses.replace(
+        rows[0], clear_rate=1.0, episodes=20, sticky_clear_rate=0.56, sticky_episodes=50
+    )
+    text = format_comparison([mario_row], protocol)
+    assert "95% CI" in text and "| 100% (84-100) | 56% (42-69) |" in text
+    (row,) = comparison_json([mario_row], protocol)["rows"]
+    assert row["sticky_clear_rate_95ci"] == pytest.approx([0.4231, 0.6884], abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
