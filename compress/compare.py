@@ -278,12 +278,13 @@ def rate_interval(rate: float | None, episodes: int) -> tuple[float, float] | No
     return float(interval.low), float(interval.high)
 
 
-def format_rate(rate: float | None, episodes: int) -> str:
-    """``56% (42-69)``: a clear rate and its 95% interval in percent; ``-`` without a rate."""
+def format_rate(rate: float | None, episodes: int, label: str = "") -> str:
+    """``56% (42-69)``: a clear rate and its 95% interval in percent, the interval after ``label``
+    (e.g. ``"95% CI "``); ``-`` without a rate."""
     interval = rate_interval(rate, episodes)
     if rate is None or interval is None:
         return "-"
-    return f"{rate:.0%} ({interval[0] * 100:.0f}-{interval[1] * 100:.0f})"
+    return f"{rate:.0%} ({label}{interval[0] * 100:.0f}-{interval[1] * 100:.0f})"
 
 
 def format_row(row: ComparisonRow) -> str:

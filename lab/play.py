@@ -80,19 +80,25 @@ def eval_table(args: argparse.Namespace, runs: list[str]) -> dict[str, Any]:
 
 
 def print_eval(summary: dict[str, Any]) -> None:
+    """The summary of ``lab eval`` on one run; clear rates with their 95% interval (Wilson)."""
+    from compress.compare import format_rate
+
     line = (
         f"{summary['env']}: {summary['episodes']} {summary.get('actions', 'greedy')} episodes, "
         f"return {summary['return_mean']:.1f} +- {summary['return_std']:.1f}, length {summary['length_mean']:.0f}"
     )
     if "clear_rate" in summary:
-        line += f", flag reached {summary['clear_rate']:.0%}, mean furthest x {summary['x_pos_mean']:.0f}"
+        line += (
+            f", flag reached {format_rate(summary['clear_rate'], summary['episodes'], '95% CI ')}, "
+            f"mean furthest x {summary['x_pos_mean']:.0f}"
+        )
     if summary.get("stalled"):
         line += f" ({summary['stalled']} cut for making no progress)"
     print(line)
     for label, stage in summary.get("stages", {}).items():
         print(
             f"  {label}: {stage['episodes']} episode{'s' * (stage['episodes'] != 1)}, "
-            f"flag reached {stage['clear_rate']:.0%}, "
+            f"flag reached {format_rate(stage['clear_rate'], stage['episodes'], '95% CI ')}, "
             f"mean furthest x {stage['x_pos_mean']:.0f}"
         )
 

@@ -676,3 +676,15 @@ def test_commands_that_take_a_run_take_its_checkpoints_folder(command, paths, fa
         ["train", "--resume", str(Path(paths["run"]) / "checkpoints"), "--no-progress"], capsys
     )
     assert code == 0, err
+
+
+def test_eval_prints_each_clear_rate_with_its_95_percent_interval(capsys):
+    from lab.play import print_eval
+
+    summary = {"env": "mario-world-1", "episodes": 10, "return_mean": 1.0, "return_std": 0.0, "length_mean": 2.0,
+               "clear_rate": 0.6, "x_pos_mean": 900.0,
+               "stages": {"1-1": {"episodes": 5, "clear_rate": 1.0, "x_pos_mean": 3000.0}}}  # fmt: skip
+    print_eval(summary)
+    out = capsys.readouterr().out
+    # Wilson: 6 of 10 -> 31-83%, 5 of 5 -> 57-100%.
+    assert "flag reached 60% (95% CI 31-83)" in out and "flag reached 100% (95% CI 57-100)" in out
