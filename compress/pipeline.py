@@ -58,6 +58,7 @@ from compress.distill import DistillBuffer, beta, distill_step
 from compress.measure import compare_outputs, count_parameters
 from compress.prune import (
     cubic_schedule,
+    end_layers,
     folded_state,
     nature_widths,
     prunable_weights,
@@ -92,6 +93,10 @@ class CompressConfig:
     sparsity: float = option(0.9, "prune: fraction of the Conv2d/Linear weights set to zero, in (0, 1)")
     steps: int = option(0, "frames collected (0: the method's default: distil 200k, prune 100k, quantize 4096)", min=0)  # fmt: skip
     rounds: int = option(5, "prune: rounds of the cubic sparsity schedule", min=1)
+    dense_ends: bool = option(
+        False,
+        "prune: keep the first layer and the output heads dense; the others lose more to reach the sparsity",
+    )
     num_envs: int = option(8, "collection envs", min=1, max=256)
     rollout: int = option(64, "steps per env between learning phases", min=1)
     batch_size: int = option(256, "states per gradient step", min=1)
@@ -405,11 +410,12 @@ def _train(
         )
     unstructured = config.method == "prune" and not config.structured
     schedule = prune_schedule(teacher, config) if unstructured else []
+    keep_dense = end_layers(student) if unstructured and config.dense_ends else []
     if unstructured:
         if state.pruned_stage >= 0:
             _mask_zeros(student.net)
         else:
-            prune_global(student, schedule[0])
+            prune_global(student, schedule[0], keep_dense)
             state.pruned_stage = 0
     optimizer = torch.optim.Adam(student.parameters(), lr=config.learning_rate)
     if saved is not None and "optimizer" in saved[0]:
@@ -440,14 +446,14 @@ def _train(
             return
         stage = min(len(schedule) - 1, state.frames * len(schedule) // total)
         if stage > state.pruned_stage:
-            prune_global(student, schedule[stage])
+            prune_global(student, schedule[stage], keep_dense)
             state.pruned_stage = stage
 
     # The pruned net acts from the start; a fresh or channel-cut student first follows the teacher.
     dagger = not unstructured
     run_loop(teacher, student, optimizer, config, state, total, dagger, before_round, save, progress)
     if unstructured and state.pruned_stage < len(schedule) - 1:  # too few rounds to reach every stage
-        prune_global(student, schedule[-1])
+        prune_global(student, schedule[-1], keep_dense)
         state.pruned_stage = len(schedule) - 1
     record = save(final=True)
     atomic_write_json(out_dir / "metrics.json", jsonable({"method": config.method, "history": state.history}))

@@ -13,6 +13,7 @@ then folds the masks (``fold_masks``, or ``folded_state`` to save without touchi
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -38,6 +39,24 @@ def prunable_weights(module: nn.Module) -> list[tuple[nn.Module, str]]:
     return [(m, "weight") for m in module.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
 
 
+def end_layers(module: nn.Module) -> list[nn.Module]:
+    """The layers ``dense_ends`` keeps dense: the first Conv2d/Linear (it reads the raw input) and the
+    output layers (every Conv2d/Linear under a submodule named ``head``, as in PPO's and DQN's
+    networks, else the last one). Han et al. (2015) and Zhu & Gupta (2017) leave these unpruned or
+    prune them less: they hold few of the weights and every output depends on them."""
+    layers = [layer for layer, _ in prunable_weights(module)]
+    if not layers:
+        return []
+    heads = [
+        layer
+        for name, sub in module.named_modules()
+        if name.rsplit(".", 1)[-1] == "head"
+        for layer in sub.modules()
+        if isinstance(layer, nn.Conv2d | nn.Linear)
+    ]
+    return [layers[0], *[layer for layer in heads or layers[-1:] if layer is not layers[0]]]
+
+
 def _check_sparsity(value: float) -> None:
     if not 0.0 < value < 1.0:
         raise ValueError(f"sparsity must be in (0, 1), got {value}")
@@ -58,7 +77,7 @@ def sparsity(module: nn.Module) -> float:
     return sparsity_count(module).sparsity
 
 
-def prune_global(module: nn.Module, target: float) -> SparsityCount:
+def prune_global(module: nn.Module, target: float, keep_dense: Sequence[nn.Module] = ()) -> SparsityCount:
     """Masks the smallest-|w| weights of all Conv2d/Linear layers so that exactly ``round(target * total)`` are masked.
 
     Repeated calls with rising targets (``cubic_schedule``) extend the existing masks: masked weights stay
@@ -67,27 +86,39 @@ def prune_global(module: nn.Module, target: float) -> SparsityCount:
     Args:
         module: The model, pruned in place (adds ``weight_orig`` parameters and ``weight_mask`` buffers).
         target: Overall sparsity in (0, 1), over the weights of all prunable layers together.
+        keep_dense: Layers left unpruned (e.g. :func:`end_layers`); their weights still count in the
+            total, so the other layers lose more to reach ``target``.
 
     Returns:
         The resulting zero count over the prunable weights: ``round(target * total)`` exactly (weights that
         are exactly zero already count towards it).
 
     Raises:
-        ValueError: If ``target`` is outside (0, 1) or below the sparsity the weights already have.
+        ValueError: If ``target`` is outside (0, 1), below the sparsity the weights already have, or out
+            of reach with the ``keep_dense`` layers left whole.
     """
     _check_sparsity(target)
-    params = prunable_weights(module)
+    every = prunable_weights(module)
+    dense = [(m, n) for m, n in every if any(m is layer for layer in keep_dense)]
+    params = [(m, n) for m, n in every if not any(m is layer for layer in keep_dense)]
     if not params:
         raise ValueError("the module has no Conv2d or Linear layer to prune")
-    total = sum(getattr(m, n).numel() for m, n in params)
+    total = sum(getattr(m, n).numel() for m, n in every)
     masked = sum(int((getattr(m, f"{n}_mask") == 0).sum()) for m, n in params if hasattr(m, f"{n}_mask"))
+    dense_zeros = sum(int((getattr(m, n) == 0).sum()) for m, n in dense)
     goal = round(target * total)
     current = sparsity_count(module)
     if goal < current.zeros:
         raise ValueError(f"target sparsity {target} is below the current sparsity {current.sparsity:.6f}")
+    reachable = dense_zeros + sum(getattr(m, n).numel() for m, n in params)
+    if goal > reachable:
+        raise ValueError(
+            f"target sparsity {target} needs {goal:,} zero weights; with the dense layers whole at most "
+            f"{reachable:,} of {total:,} can be zero"
+        )
     # An int amount counts entries among those still unmasked; L1 picks the unmasked zeros first (there
     # are at most goal - masked of them), so exactly ``goal`` weights end up zero.
-    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=goal - masked)
+    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=goal - masked - dense_zeros)
     return sparsity_count(module)
 
 

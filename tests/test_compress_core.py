@@ -193,6 +193,24 @@ def test_global_pruning_hits_the_target_exactly_and_folds(target: float):
     assert abs(shares[0] - shares[1]) > 0.05
 
 
+def test_dense_ends_keep_the_first_layer_and_the_heads_whole_at_the_same_overall_sparsity():
+    torch.manual_seed(0)
+    model = ActorCritic()
+    ends = prune.end_layers(model)
+    assert ends == [model.encoder.conv[0], *(m for m in model.head.modules() if isinstance(m, nn.Linear))]
+    dense = {id(layer) for layer in ends}
+    for target in (0.4, 0.6):  # a rising schedule extends the masks, the ends stay whole
+        count = prune.prune_global(model, target, keep_dense=ends)
+        assert abs(count.zeros - target * count.total) <= 1
+        for layer, name in prune.prunable_weights(model):
+            zeros = int((getattr(layer, name) == 0).sum())
+            assert (zeros == 0) == (id(layer) in dense), layer
+    # The other layers cannot hold every zero of a target above their share of the weights.
+    others_share = 1 - sum(layer.weight.numel() for layer in ends) / count.total
+    with pytest.raises(ValueError, match="dense layers whole"):
+        prune.prune_global(model, others_share + 0.01, keep_dense=ends)
+
+
 def test_folded_state_equals_fold_masks_without_touching_the_model():
     torch.manual_seed(0)
     model = ActorCritic()
