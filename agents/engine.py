@@ -186,7 +186,7 @@ class AgentConfig:
             )
 
 
-def train_env_overrides(config: Any) -> dict[str, Any]:
+def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
     """``envs.make_vec`` options that a training config sets: sticky actions and random no-op starts
     (Mario presets only)."""
     overrides = {}
@@ -197,7 +197,7 @@ def train_env_overrides(config: Any) -> dict[str, Any]:
     return overrides
 
 
-def eval_env_overrides(config: Any) -> dict[str, Any]:
+def eval_env_overrides(config: AgentConfig) -> dict[str, Any]:
     """Options of the periodic evaluation's envs: the training's sticky actions and the preset's eval
     protocol, whose no-op starts win over the training's (every run is measured alike)."""
     return {**train_env_overrides(config), **envs.eval_overrides(config.env)}
