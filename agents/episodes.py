@@ -247,6 +247,27 @@ def summarize_episodes(results: list[dict[str, float]]) -> dict[str, Any]:
     return summary
 
 
+def rate_interval(rate: float | None, episodes: int) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a clear rate measured over ``episodes`` episodes (None when
+    there is no rate). Wilson's interval stays inside [0, 1] and keeps its coverage near 0% and 100%,
+    where the normal approximation does not."""
+    if rate is None or episodes <= 0:
+        return None
+    from scipy.stats import binomtest
+
+    interval = binomtest(round(rate * episodes), episodes).proportion_ci(0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+def format_rate(rate: float | None, episodes: int, label: str = "") -> str:
+    """``56% (42-69)``: a clear rate and its 95% interval in percent, the interval after ``label``
+    (e.g. ``"95% CI "``); ``-`` without a rate."""
+    interval = rate_interval(rate, episodes)
+    if rate is None or interval is None:
+        return "-"
+    return f"{rate:.0%} ({label}{interval[0] * 100:.0f}-{interval[1] * 100:.0f})"
+
+
 def eval_scalars(summary: dict[str, Any]) -> dict[str, float]:
     """``eval/`` TensorBoard scalars of an :func:`evaluate` summary."""
     scalars = {"eval/return_mean": summary["return_mean"], "eval/length_mean": summary["length_mean"]}

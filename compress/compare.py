@@ -29,7 +29,7 @@ import torch
 
 import envs
 from agents import LoadedAgent, load_agent
-from agents.episodes import evaluate
+from agents.episodes import evaluate, format_rate, rate_interval
 from compress.agents import agent_network, model_state
 from compress.measure import count_parameters
 from core.checkpoint import read_sidecar
@@ -264,27 +264,6 @@ def compare_runs(
         threads=1,
     )
     return rows, protocol
-
-
-def rate_interval(rate: float | None, episodes: int) -> tuple[float, float] | None:
-    """The 95% Wilson score interval of a clear rate measured over ``episodes`` episodes (None when
-    there is no rate). Wilson's interval stays inside [0, 1] and keeps its coverage near 0% and 100%,
-    where the normal approximation does not."""
-    if rate is None or episodes <= 0:
-        return None
-    from scipy.stats import binomtest
-
-    interval = binomtest(round(rate * episodes), episodes).proportion_ci(0.95, method="wilson")
-    return float(interval.low), float(interval.high)
-
-
-def format_rate(rate: float | None, episodes: int, label: str = "") -> str:
-    """``56% (42-69)``: a clear rate and its 95% interval in percent, the interval after ``label``
-    (e.g. ``"95% CI "``); ``-`` without a rate."""
-    interval = rate_interval(rate, episodes)
-    if rate is None or interval is None:
-        return "-"
-    return f"{rate:.0%} ({label}{interval[0] * 100:.0f}-{interval[1] * 100:.0f})"
 
 
 def format_row(row: ComparisonRow) -> str:

@@ -99,8 +99,9 @@ def prune_global(module: nn.Module, target: float, keep_dense: Sequence[nn.Modul
     """
     _check_sparsity(target)
     every = prunable_weights(module)
-    dense = [(m, n) for m, n in every if any(m is layer for layer in keep_dense)]
-    params = [(m, n) for m, n in every if not any(m is layer for layer in keep_dense)]
+    dense_ids = {id(layer) for layer in keep_dense}
+    dense = [(m, n) for m, n in every if id(m) in dense_ids]
+    params = [(m, n) for m, n in every if id(m) not in dense_ids]
     if not params:
         raise ValueError("the module has no Conv2d or Linear layer to prune")
     total = sum(getattr(m, n).numel() for m, n in every)
@@ -117,7 +118,7 @@ def prune_global(module: nn.Module, target: float, keep_dense: Sequence[nn.Modul
             f"{reachable:,} of {total:,} can be zero"
         )
     # An int amount counts entries among those still unmasked; L1 picks the unmasked zeros first (there
-    # are at most goal - masked of them), so exactly ``goal`` weights end up zero.
+    # are at most goal - masked - dense_zeros of them), so exactly ``goal`` weights end up zero.
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=goal - masked - dense_zeros)
     return sparsity_count(module)
 

@@ -81,7 +81,7 @@ def eval_table(args: argparse.Namespace, runs: list[str]) -> dict[str, Any]:
 
 def print_eval(summary: dict[str, Any]) -> None:
     """The summary of ``lab eval`` on one run; clear rates with their 95% interval (Wilson)."""
-    from compress.compare import format_rate
+    from agents.episodes import format_rate
 
     line = (
         f"{summary['env']}: {summary['episodes']} {summary.get('actions', 'greedy')} episodes, "

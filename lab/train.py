@@ -167,8 +167,6 @@ def print_train_summary(summary: dict[str, Any]) -> None:
 def print_config_help(config: Any) -> None:
     """Prints the fields of a config dataclass with their types, values and help; an agent's config
     lists the fields every agent shares first, then its algorithm's own."""
-    import dataclasses
-
     from agents.engine import AgentConfig
     from core.config import describe
 

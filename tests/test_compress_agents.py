@@ -16,6 +16,7 @@ import agents
 import envs
 import nets
 from agents.engine import save_training_checkpoint
+from agents.episodes import rate_interval
 from compress import pipeline
 from compress.agents import PolicyNet, build_network, load_teacher
 from compress.compare import (
@@ -23,7 +24,6 @@ from compress.compare import (
     comparison_json,
     format_comparison,
     interleaved_latency,
-    rate_interval,
 )
 from core.checkpoint import load_checkpoint
 from core.files import jsonable
