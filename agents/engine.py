@@ -74,9 +74,13 @@ def save_training_checkpoint(
     run_dir: Path, global_step: int, state: dict[str, Any], meta: dict[str, Any], keep: int
 ) -> Path:
     """Saves ``checkpoints/step_<global_step>`` atomically and keeps only the newest ``keep``."""
-    # A run has one writer: temp files here were left by a process killed mid-write.
+    # A run has one writer: temp files here, and weights without their sidecar (a SIGKILL between
+    # the two renames), were left by a process killed mid-write.
     for stale in (run_dir / CHECKPOINTS).glob(".*.tmp"):
         stale.unlink(missing_ok=True)
+    for weights in (run_dir / CHECKPOINTS).glob("step_*.safetensors"):
+        if not weights.with_suffix(".json").exists():
+            weights.unlink(missing_ok=True)
     sidecar = save_checkpoint(run_dir / CHECKPOINTS / f"step_{global_step:012d}", state, meta)
     prune_checkpoints(run_dir / CHECKPOINTS, keep)
     return sidecar

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
-from core.files import StorageError, atomic_write_files, json_bytes
+from core.files import StorageError, atomic_write_files, json_bytes, signals_deferred
 
 FORMAT = "agent-lab-checkpoint"
 FORMAT_VERSION = 1
@@ -227,8 +227,9 @@ def prune_checkpoints(directory: str | os.PathLike, keep: int, prefix: str = "")
     """Deletes all but the newest ``keep`` checkpoints named ``prefix...`` (both files of each)."""
     for sidecar_path in list_checkpoints(directory, prefix)[:-keep] if keep > 0 else []:
         weights_path = sidecar_path.with_suffix(".safetensors")
-        for file in (sidecar_path, weights_path):
-            file.unlink(missing_ok=True)
+        with signals_deferred():  # never one file of the pair without the other
+            for file in (sidecar_path, weights_path):
+                file.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------

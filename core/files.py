@@ -7,12 +7,15 @@ sees the old file or the new one, never half of one. A read-only directory or a 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
+import signal
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,12 +82,14 @@ def atomic_write_files(files: Sequence[tuple[Path, bytes]]) -> None:
     try:
         for path, data in files:
             written.append((_write_temp(path, data), path))
-        for index, (tmp_name, path) in enumerate(written):
-            try:
-                os.replace(tmp_name, path)
-            except OSError as error:
-                raise StorageError(path, error) from error
-            written[index] = ("", path)  # renamed: nothing left to clean up
+        # A Ctrl-C between two renames would leave the weights without the sidecar that vouches for them.
+        with signals_deferred():
+            for index, (tmp_name, path) in enumerate(written):
+                try:
+                    os.replace(tmp_name, path)
+                except OSError as error:
+                    raise StorageError(path, error) from error
+                written[index] = ("", path)  # renamed: nothing left to clean up
     except BaseException:
         # Never leave a half-written temp file behind (disk full, read-only dir, Ctrl-C).
         for tmp_name, _ in written:
@@ -93,6 +98,39 @@ def atomic_write_files(files: Sequence[tuple[Path, bytes]]) -> None:
         raise
     for directory in {path.parent for _, path in written}:
         _fsync_dir(directory)
+
+
+_DEFERRABLE_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_deferring = False
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Holds Ctrl-C and SIGTERM back until the block ends, then delivers them to their own handlers.
+
+    For the few steps that must happen together or not at all (the renames of a checkpoint's two
+    files, the deletion of both files of an old one). Python runs signal handlers in the main thread
+    only, so in any other thread nothing can interrupt the block and this does nothing; nested
+    blocks defer to the outermost one.
+    """
+    global _deferring
+    if _deferring or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.getsignal(signum) for signum in _DEFERRABLE_SIGNALS}
+    previous = {signum: handler for signum, handler in previous.items() if handler is not None}
+    _deferring = True
+    try:
+        for signum in previous:
+            signal.signal(signum, lambda signum, frame: received.append(signum))
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _deferring = False
+        for signum in dict.fromkeys(received):  # each once, in the order they came
+            signal.raise_signal(signum)
 
 
 def _write_temp(path: Path, data: bytes) -> str:

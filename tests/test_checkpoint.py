@@ -1,6 +1,9 @@
 """Checkpoint format: round trips, atomic writes, and refusal of truncated, tampered or foreign files."""
 
 import json
+import os
+import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from core.checkpoint import (
     set_rng_state,
     unpack,
 )
-from core.files import atomic_write_bytes
+from core.files import atomic_write_bytes, signals_deferred
 
 
 def test_pack_unpack_round_trip_of_nested_state():
@@ -100,3 +103,55 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     assert torch.equal(torch.rand(3), expected[0])
     assert np.array_equal(np.random.rand(3), expected[1])
     assert np.array_equal(generator.random(3), expected[2])
+
+
+def interrupt_after_first(monkeypatch, module, name: str) -> list[str]:
+    """Makes ``module.name`` (os.replace, Path.unlink) send this process a Ctrl-C after its first call."""
+    real, calls = getattr(module, name), []
+
+    def first_then_ctrl_c(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append(str(args[0]))
+        if len(calls) == 1:
+            signal.raise_signal(signal.SIGINT)  # lands between the two files of one checkpoint
+        return result
+
+    monkeypatch.setattr(module, name, first_then_ctrl_c)
+    return calls
+
+
+def test_ctrl_c_between_the_two_renames_of_a_checkpoint_waits_until_both_are_in(tmp_path, monkeypatch):
+    calls = interrupt_after_first(monkeypatch, os, "replace")
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path / "step_000000000001", {"w": torch.ones(2)})
+    assert len(calls) == 2  # the sidecar was renamed before the interrupt was raised
+    assert load_checkpoint(tmp_path / "step_000000000001")[0]["w"].tolist() == [1.0, 1.0]
+
+
+def test_ctrl_c_while_pruning_deletes_both_files_of_a_checkpoint_or_neither(tmp_path, monkeypatch):
+    for step in (1, 2):
+        save_checkpoint(tmp_path / f"step_{step:012d}", {"step": step})
+    interrupt_after_first(monkeypatch, Path, "unlink")
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoints(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "step_000000000002.json",
+        "step_000000000002.safetensors",
+    ]
+
+
+def test_deferred_signals_reach_their_own_handler_once_the_block_ends():
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with signals_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+            assert seen == []
+            with signals_deferred():  # nested: the outer block delivers
+                signal.raise_signal(signal.SIGTERM)
+            assert seen == []
+        assert seen == [signal.SIGTERM]  # once, however often it came
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGTERM, previous)

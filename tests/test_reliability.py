@@ -383,3 +383,18 @@ def test_storage_errors_are_one_line_oserrors(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(listing, "cmd_list", list_on_a_full_disk)
     code, _, err = run_main(["list"], capsys)
     assert_one_line_exit_2(code, err, f"lab: cannot write {tmp_path / 'f'}: no space left on device")
+
+
+def test_the_next_checkpoint_removes_weights_left_without_their_sidecar(tmp_path):
+    # A SIGKILL between a checkpoint's two renames leaves its weights alone; the run's next save
+    # clears them (the loader already skips them: no sidecar vouches for them).
+    checkpoints = tmp_path / "checkpoints"
+    save_checkpoint(checkpoints / "step_000000000064", {"step": 64})
+    (checkpoints / "step_000000000128.json").unlink(missing_ok=True)
+    (checkpoints / "step_000000000128.safetensors").write_bytes(b"half a save")
+    engine.save_training_checkpoint(tmp_path, 192, {"step": 192}, {}, keep=3)
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "step_000000000064.json", "step_000000000064.safetensors",
+        "step_000000000192.json", "step_000000000192.safetensors",
+    ]  # fmt: skip
+    assert_no_debris(tmp_path)
