@@ -99,6 +99,7 @@ class DQNConfig(AgentConfig):
         "env in this process (env_backend=sync)",
     )
     log_every: int = option(1_000, "agent steps between log records", min=1)
+    # The shared field with DQN's own default: its keep_best picks among the periodic evals.
     eval_every: int = option(2_500, "agent steps between greedy evals (0: at end)", min=0)
     keep_best: bool = option(True, "end with the weights of the best periodic greedy eval (needs eval_every)")
     save_buffer: bool = option(False, "checkpoint the replay memory too (large)")
@@ -109,8 +110,6 @@ class DQNConfig(AgentConfig):
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
         super().check()
-        if self.until and not self.eval_every:
-            raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         if self.learning_starts > self.buffer_size:
             raise ValueError(f"learning_starts={self.learning_starts} exceeds buffer_size={self.buffer_size}")
         if self.overlap and self.prioritized:

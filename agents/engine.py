@@ -149,6 +149,7 @@ class AgentConfig:
     until: str | None = option(
         None, "stop once a periodic greedy eval reaches METRIC=VALUE, e.g. clear_rate=0.9"
     )
+    eval_every: int = option(0, "agent steps between greedy evals (0: at end)", min=0)
     eval_episodes: int = option(10, "episodes per greedy eval", min=1)
     checkpoint_every: int = option(50_000, "agent steps between checkpoints", min=1)
     keep_checkpoints: int = option(2, "checkpoints kept on disk", min=1)
@@ -167,11 +168,12 @@ class AgentConfig:
 
     def check(self) -> None:
         """Checks the shared fields against each other and the env (the algorithms' ``check`` calls
-        it first, before anything is written): raises ValueError for a bad ``until``, when
-        ``stage_sampling=adaptive`` has no stages to sample, when ``init_weights`` and
+        it first, before anything is written): raises ValueError for a bad ``until`` or one without
+        periodic evals (``eval_every``), when ``stage_sampling=adaptive`` has no stages to sample, when ``init_weights`` and
         ``init_encoder`` are both given, or when ``sticky`` or ``noop_max`` is set for an env that is
         not Mario."""
-        parse_until(self.until)
+        if parse_until(self.until) and not self.eval_every:
+            raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         mario_only = [
             f"{name}={getattr(self, name)}" for name in ("sticky", "noop_max") if getattr(self, name)
         ]

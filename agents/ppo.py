@@ -99,13 +99,10 @@ class PPOConfig(AgentConfig):
         min=1,
         max=64,
     )
-    eval_every: int = option(0, "agent steps between greedy evals (0: at end)", min=0)
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
         super().check()
-        if self.until and not self.eval_every:
-            raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         batch_size = self.num_envs * self.num_steps
         if batch_size < self.num_minibatches or (
             self.memory != "none" and self.num_envs % self.num_minibatches

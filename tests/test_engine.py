@@ -282,3 +282,13 @@ def test_a_bad_until_is_one_line_and_exit_2(until, needle, tmp_path, capsys):
     code, _, err = run_main(["train", "cartpole", *TINY_PPO, "--run-dir", run_dir, "--until", until], capsys)
     assert_one_line_exit_2(code, err, needle)
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_until_without_periodic_evals_is_refused_for_every_agent(algo, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    # `--until` gives eval_every a default; `--set until=...` and the Python API do not.
+    argv = [*train_argv(algo, run_dir, 512), "--set", "eval_every=0", "--set", "until=return_mean=100"]
+    code, _, err = run_main(argv, capsys)
+    assert_one_line_exit_2(code, err, "until needs periodic evaluations: set eval_every")
+    assert not run_dir.exists()
