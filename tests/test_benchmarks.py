@@ -207,3 +207,12 @@ def test_cpu_accounting_counts_threads_that_have_ended(capsys):
         cpu_accounting.main(["--systems", "ppo-bogus"])
     assert stop.value.code == 2
     assert "unknown system 'ppo-bogus'" in capsys.readouterr().err
+
+
+def test_the_jump_probe_finds_the_jump_that_a_route_lacks():
+    # Walking right into 1-1's first goomba dies before x 300; a jump from its last steps passes it.
+    from benchmarks.mario_jump_probe import RIGHT, try_jumps
+
+    route = [RIGHT] * 40
+    jumps = try_jumps("mario-1-1", route, len(route) - 2, holds=(4,), afters=(RIGHT,))
+    assert [jump.takeoff_step for jump in jumps] in ([38, 39], [39, 38]) and jumps[0].furthest_x > 400
