@@ -59,6 +59,7 @@ from core.config import option
 from core.files import atomic_write_json, is_storage_error, jsonable
 from core.plots import Panel, plot_history
 from core.runs import CHECKPOINTS
+from envs.mario import load_routes, stage_of
 
 
 class TrainingStopped(RuntimeError):
@@ -139,6 +140,12 @@ class AgentConfig:
     )
     sticky: float = option(0.0, "Mario: repeat the previous action on each frame with this probability", min=0.0, max=0.99)  # fmt: skip
     noop_max: int = option(0, "Mario: start each training episode with 0..noop_max random no-ops (the eval protocol uses 30)", min=0, max=1000)  # fmt: skip
+    route_starts: str | None = option(
+        None,
+        'Mario: a route file {"actions": "simple", "routes": {"1-3": [action, ...]}}: start route_start_prob '
+        "of the training episodes part-way along it (a start-state curriculum; evals start as usual)",
+    )
+    route_start_prob: float = option(0.5, "Mario: the share of training episodes that start along a route", min=0.0, max=1.0)  # fmt: skip
     stage_sampling: Literal["uniform", "adaptive"] = option(
         "uniform",
         "multi-stage presets: draw stages uniformly, or the less often cleared ones more often (adaptive)",
@@ -175,12 +182,23 @@ class AgentConfig:
         if parse_until(self.until) and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         mario_only = [
-            f"{name}={getattr(self, name)}" for name in ("sticky", "noop_max") if getattr(self, name)
+            f"{name}={getattr(self, name)}"
+            for name in ("sticky", "noop_max", "route_starts")
+            if getattr(self, name)
         ]
-        if mario_only and envs.resolve(self.env).kind != "mario":
+        preset = envs.resolve(self.env)
+        if mario_only and preset.kind != "mario":
             raise ValueError(
-                f"{' and '.join(mario_only)}: Mario presets only; this run trains {self.env!r} (leave them at 0)"
+                f"{' and '.join(mario_only)}: Mario presets only; this run trains {self.env!r} (leave them unset)"
             )
+        if self.route_starts:
+            routes = load_routes(self.route_starts, preset.env_kwargs.get("actions", "simple"))
+            played = preset_stages(self.env) or tuple(filter(None, [stage_of(preset.env_id)]))
+            if unplayed := sorted(set(routes) - set(played)):
+                raise ValueError(
+                    f"route_starts={self.route_starts!r} has routes for {', '.join(unplayed)}, which "
+                    f"{self.env!r} never plays ({', '.join(played)})"
+                )
         if self.init_weights and self.init_encoder:
             raise ValueError(
                 "init_weights already holds the encoder: give init_weights or init_encoder, not both"
@@ -200,13 +218,21 @@ def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
         overrides["sticky_prob"] = config.sticky
     if config.noop_max:
         overrides["noop_max"] = config.noop_max
+    if config.route_starts:
+        preset = envs.resolve(config.env)
+        overrides["route_starts"] = load_routes(
+            config.route_starts, preset.env_kwargs.get("actions", "simple")
+        )
+        overrides["route_start_prob"] = config.route_start_prob
     return overrides
 
 
 def eval_env_overrides(config: AgentConfig) -> dict[str, Any]:
     """Options of the periodic evaluation's envs: the training's sticky actions and the preset's eval
-    protocol, whose no-op starts win over the training's (every run is measured alike)."""
-    return {**train_env_overrides(config), **envs.eval_overrides(config.env)}
+    protocol, whose no-op starts win over the training's (every run is measured alike); every
+    episode starts at the stage's start."""
+    overrides = {"sticky_prob": config.sticky} if config.sticky else {}
+    return {**overrides, **envs.eval_overrides(config.env)}
 
 
 def worker_counts(vec_envs: list[Any]) -> dict[str, float]:

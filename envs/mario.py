@@ -27,6 +27,7 @@ GrayscaleObservation) and reading it only on the two frames that are max-pooled.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any, SupportsFloat
 
@@ -343,6 +344,12 @@ def parse_stages(stages: Sequence[str]) -> list[tuple[int, int]]:
     return parsed
 
 
+def stage_of(env_id: str) -> str | None:
+    """``"SuperMarioBros-1-3-v0"`` -> ``"1-3"``; None for an id that plays the whole game."""
+    parts = env_id.split("-")
+    return f"{parts[1]}-{parts[2]}" if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit() else None
+
+
 def _per_frame_stack(
     env_id: str,
     actions: str | Sequence[Sequence[str]],
@@ -361,6 +368,104 @@ def _per_frame_stack(
     if info_keys is not None and isinstance(env.unwrapped, SuperMarioBrosEnv):
         env = FilterInfo(env, keys=tuple(info_keys))
     return env
+
+
+class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Starts some episodes part-way along a known route through the stage (a start-state curriculum).
+
+    On 1-3 the progress reward leads the agent along the low tree tops to a tree it cannot climb; the
+    high ones that lead past it pay no more until then, and no entropy bonus found them (issue 26;
+    ``benchmarks/mario_jump_probe.py``). Starting episodes along a route that takes the high way
+    (Salimans and Chen 2018, "Learning Montezuma's Revenge from a single demonstration") lets the
+    agent learn the stage's later parts, and then the way there, from nearer starts.
+
+    At reset, with probability ``prob``, the wrapper replays the first ``n`` actions of the stage's
+    route, ``n`` uniform in ``0..len(route)``, with sticky actions off (the emulator is then
+    deterministic, so the replay passes where the route passed) and hands over from there. The
+    replayed steps are not the agent's: their rewards are dropped, and episode statistics and time
+    limits outside the wrapper start after them. Stages without a route start as usual.
+
+    Args:
+        env: a Mario env stack whose info carries ``world`` and ``stage`` (below the no-op starts,
+            whose random wait would throw the replay off its route).
+        routes: ``{"1-3": [action, ...]}``, indices into the env's action set from the stage's start.
+        prob: the probability that an episode starts along the route, in [0, 1].
+    """
+
+    def __init__(self, env: gym.Env, routes: dict[str, Sequence[int]], prob: float):
+        gym.utils.RecordConstructorArgs.__init__(self, routes=routes, prob=prob)
+        gym.Wrapper.__init__(self, env)
+        if not 0.0 <= float(prob) <= 1.0:
+            raise ValueError(f"route_start_prob must be in [0, 1], got {prob}")
+        self.routes = {str(label): [int(action) for action in route] for label, route in routes.items()}
+        self.prob = float(prob)
+        self.sticky = [wrapper for wrapper in _wrappers_below(env) if isinstance(wrapper, StickyAction)]
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        obs, info = self.env.reset(seed=seed, options=options)
+        route = self.routes.get(f"{info.get('world')}-{info.get('stage')}")
+        if not route or self.np_random.random() >= self.prob:
+            return obs, info
+        steps = int(self.np_random.integers(0, len(route) + 1))
+        sticky_probs = [wrapper.repeat_action_probability for wrapper in self.sticky]
+        for wrapper in self.sticky:
+            wrapper.repeat_action_probability = 0.0
+        try:
+            for action in route[:steps]:
+                obs, _, terminated, truncated, info = self.env.step(action)
+                if terminated or truncated:  # a route that does not fit this stage: start as usual
+                    return self.env.reset()
+        finally:
+            for wrapper, sticky_prob in zip(self.sticky, sticky_probs, strict=True):
+                wrapper.repeat_action_probability = sticky_prob
+        return obs, info
+
+
+def load_routes(path: str, action_set: str = "simple") -> dict[str, list[int]]:
+    """Reads a route file for :class:`RouteStarts`: ``{"actions": "simple", "routes": {"1-3": [...]}}``.
+
+    Raises:
+        ValueError: one line naming what is wrong (no such file, not JSON, another action set, a
+            stage that does not exist, an action outside the set).
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            content = json.load(file)
+    except OSError as error:
+        raise ValueError(f"route_starts={path!r}: {error.strerror or error}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"route_starts={path!r} is not JSON ({error.msg}, line {error.lineno})") from None
+    routes = content.get("routes") if isinstance(content, dict) else None
+    if not isinstance(routes, dict) or not routes:
+        raise ValueError(
+            f'route_starts={path!r} needs {{"actions": ..., "routes": {{"W-S": [action, ...]}}}}'
+        )
+    if content.get("actions", "simple") != action_set:
+        raise ValueError(
+            f"route_starts={path!r} is for the {content.get('actions')!r} action set; this preset uses {action_set!r}"
+        )
+    parse_stages(list(routes))
+    num_actions = len(ACTION_SETS[action_set])
+    for label, route in routes.items():
+        if not isinstance(route, list) or not all(
+            isinstance(action, int) and 0 <= action < num_actions for action in route
+        ):
+            raise ValueError(
+                f"route_starts={path!r}: the route of {label} must be a list of actions 0..{num_actions - 1}"
+            )
+    return {str(label): list(route) for label, route in routes.items()}
+
+
+def _wrappers_below(env: gym.Env) -> list[gym.Env]:
+    """Every wrapper under ``env``, through :class:`RandomStage`'s stage stacks too."""
+    found, pending = [], [env]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        pending.extend(getattr(current, "stacks", []))
+        if isinstance(current, gym.Wrapper):
+            pending.append(current.env)
+    return found
 
 
 class TruncateWithoutProgress(gym.Wrapper, gym.utils.RecordConstructorArgs):
@@ -451,6 +556,8 @@ def make_mario(
     info_keys: Sequence[str] | None = INFO_KEYS,
     render_mode: str | None = None,
     stages: Sequence[str] | None = None,
+    route_starts: dict[str, Sequence[int]] | None = None,
+    route_start_prob: float = 0.5,
 ) -> gym.Env:
     """Builds a preprocessed Super Mario Bros environment.
 
@@ -482,6 +589,9 @@ def make_mario(
         stages: play a stage drawn at random from this list at every episode, e.g.
             ``("1-1", "1-2", "1-3", "1-4")`` (:class:`RandomStage`); ``env_id`` then only says which
             game (Super Mario Bros.). None plays ``env_id``.
+        route_starts: ``{"1-3": [action, ...]}``: start a share of the episodes part-way along these
+            routes (:class:`RouteStarts`; training only). None starts every episode at the start.
+        route_start_prob: the share of the episodes that start along a route.
 
     Returns:
         The wrapped env; observation ``Box(0, 255, (frame_stack, 84, 84), uint8)`` by default.
@@ -526,6 +636,8 @@ def make_mario(
             env = MergeStackChannels(env)
     elif not grayscale:
         env = ChannelFirstObservation(env)
+    if route_starts:
+        env = RouteStarts(env, route_starts, route_start_prob)
     if noop_max:
         env = NoopResetEpisode(env, noop_max=noop_max, noop_action=0)
     if max_episode_steps is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from types import SimpleNamespace
 
@@ -147,5 +148,93 @@ def test_sticky_and_noop_starts_are_refused_outside_mario(setting, tmp_path, cap
         ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
          "--run-dir", str(tmp_path / "run"), "--set", setting],
         capsys, setting, "Mario presets only", "cartpole",
+    )  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Route starts: a start-state curriculum along a known route
+# ---------------------------------------------------------------------------------------------
+
+WALK = [3, 3, 0] * 8 + [3]  # right+B and waits: safe for 1-1's first 25 steps; sticky actions change it
+
+
+def walked_positions() -> list[int]:
+    """x after each prefix of WALK (the start included), played without sticky actions."""
+    env = envs.make("mario-1-1")
+    try:
+        _, info = env.reset(seed=0)
+        positions = [info["x_pos"]]
+        for action in WALK:
+            _, _, _, _, info = env.step(action)
+            positions.append(info["x_pos"])
+        return positions
+    finally:
+        env.close()
+
+
+def start_positions(resets: int, **overrides) -> list[int]:
+    env = envs.make("mario-1-1", **overrides)
+    try:
+        return [env.reset(seed=seed)[1]["x_pos"] for seed in range(resets)]
+    finally:
+        env.close()
+
+
+def test_route_starts_replay_a_prefix_of_the_route_with_sticky_actions_off():
+    route = walked_positions()
+    starts = start_positions(8, sticky_prob=0.9, route_starts={"1-1": WALK}, route_start_prob=1.0)
+    assert set(starts) <= set(route)  # with sticky actions on, the walk would stray from the route
+    assert len(set(starts)) >= 4  # prefixes of many lengths
+    assert start_positions(4, route_starts={"1-1": WALK}, route_start_prob=0.0) == [route[0]] * 4
+    assert (
+        start_positions(4, route_starts={"1-2": WALK}, route_start_prob=1.0) == [route[0]] * 4
+    )  # not this stage
+
+
+def test_route_starts_reach_every_stage_stack_of_a_multi_stage_env():
+    env = envs.make("mario-world-1", sticky_prob=0.5, route_starts={"1-4": WALK}, route_start_prob=1.0)
+    try:
+        wrapper = env
+        while not isinstance(wrapper, envs.mario.RouteStarts):
+            wrapper = wrapper.env
+        assert len(wrapper.sticky) == len(WORLD_1_STAGES)  # one sticky wrapper per stage, all paused
+    finally:
+        env.close()
+
+
+def write_routes(tmp_path, content) -> str:
+    path = tmp_path / "routes.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return str(path)
+
+
+def test_route_starts_reach_the_training_envs_only(tmp_path):
+    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-3": WALK}})
+    config = ppo.PPOConfig(env="mario-world-1", route_starts=path, route_start_prob=0.25)
+    config.check()
+    assert engine.train_env_overrides(config) == {"route_starts": {"1-3": WALK}, "route_start_prob": 0.25}
+    assert engine.eval_env_overrides(config) == {"noop_max": 30, "stall_patience": 200}
+
+
+@pytest.mark.parametrize(
+    ("env", "content", "needles"),
+    [
+        ("mario-1-1", None, ["No such file"]),
+        ("mario-1-1", "{not json", ["is not JSON"]),
+        ("mario-1-1", {"routes": []}, ['"routes"']),
+        ("mario-1-1", {"actions": "complex", "routes": {"1-1": [1]}}, ["'complex' action set", "'simple'"]),
+        ("mario-1-1", {"routes": {"1-9": [1]}}, ["1-9", "does not exist"]),
+        ("mario-1-1", {"routes": {"1-1": [1, 7]}}, ["route of 1-1", "actions 0..6"]),
+        ("mario-1-1", {"routes": {"1-3": [1]}}, ["routes for 1-3", "never plays (1-1)"]),
+        ("cartpole", {"routes": {"1-1": [1]}}, ["Mario presets only"]),
+    ],
+)
+def test_a_bad_route_file_is_one_line_before_the_run_exists(env, content, needles, tmp_path, capsys):
+    path = str(tmp_path / "missing.json") if content is None else write_routes(tmp_path, content)
+    assert_usage_error(
+        ["train", env, "--steps", "256", "--device", "cpu", "--no-progress",
+         "--run-dir", str(tmp_path / "run"), "--set", f"route_starts={path}"],
+        capsys, *needles,
     )  # fmt: skip
     assert not (tmp_path / "run").exists()
