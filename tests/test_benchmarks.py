@@ -8,11 +8,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from benchmarks import train_throughput
 from lab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def settings(**overrides):
@@ -216,3 +219,24 @@ def test_the_jump_probe_finds_the_jump_that_a_route_lacks():
     route = [RIGHT] * 40
     jumps = try_jumps("mario-1-1", route, len(route) - 2, holds=(4,), afters=(RIGHT,))
     assert [jump.takeoff_step for jump in jumps] in ([38, 39], [39, 38]) and jumps[0].furthest_x > 400
+
+
+def test_the_route_search_writes_a_route_that_replays_to_where_it_says(tmp_path):
+    from benchmarks import mario_route_search
+    from envs.mario import load_routes
+
+    route, furthest_x, cleared = mario_route_search.search("mario-1-1", iterations=4, seed=0)
+    assert furthest_x > 40 and not cleared
+    env = mario_route_search.make_search_env("mario-1-1")
+    env.reset(seed=123)  # any seed: the emulator is deterministic
+    for action in route:
+        _, _, terminated, truncated, info = env.step(action)
+        assert not (terminated or truncated)
+    assert info["x_pos"] == furthest_x
+    env.close()
+    out = tmp_path / "routes" / "1-1.json"
+    code = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mario_route_search", "mario-1-1", "--out", str(out), "--iterations", "2"],
+        capture_output=True, text=True, cwd=ROOT,
+    ).returncode  # fmt: skip
+    assert code == 0 and list(load_routes(str(out))) == ["1-1"]
