@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from agents import load_agent
+from compress.prune import end_layers, prunable_weights
 
 RUNS = Path(__file__).resolve().parents[1] / "runs"
-SHIPPED = ["mario-1-1", "mario-1-1-distilled", "mario-1-1-int8", "mario-world-1-training"]
+SHIPPED = ["mario-1-1", "mario-1-1-distilled", "mario-1-1-int8", "mario-1-1-pruned", "mario-world-1-training"]
 
 
 def weights_bytes(run: str) -> int:
@@ -34,3 +35,14 @@ def test_the_compressed_agents_are_as_small_as_claimed():
     teacher = weights_bytes("mario-1-1")
     assert weights_bytes("mario-1-1-distilled") * 20 <= teacher  # 4 bytes a parameter: 20x fewer
     assert weights_bytes("mario-1-1-int8") * 3.5 <= teacher
+
+
+def test_the_pruned_agent_is_90_percent_sparse_with_whole_ends():
+    if not (RUNS / "mario-1-1-pruned" / "checkpoints").is_dir():
+        pytest.skip("runs/mario-1-1-pruned is not in this checkout")
+    model = load_agent(RUNS / "mario-1-1-pruned", "cpu").policy.agent
+    weights = [layer.weight for layer, _ in prunable_weights(model)]
+    zeros = sum(int((weight == 0).sum()) for weight in weights)
+    assert zeros / sum(weight.numel() for weight in weights) == pytest.approx(0.9, abs=1e-4)
+    for layer in end_layers(model):  # dense_ends: the first layer and the heads keep every weight
+        assert int((layer.weight == 0).sum()) == 0
