@@ -18,7 +18,7 @@ import numpy as np
 import envs
 
 #: The info keys of a finished episode that its statistics keep (Mario's progress and stage).
-EPISODE_INFO_KEYS = ("x_pos_max", "flag_get", "world", "stage", "stalled")
+EPISODE_INFO_KEYS = ("x_pos_max", "flag_get", "world", "stage", "stalled", "route_start")
 
 
 def stage_label(stats: dict[str, float]) -> str | None:
@@ -53,17 +53,24 @@ def finished_episodes(infos: dict[str, Any]) -> Iterator[tuple[int, dict[str, fl
 
 class EpisodeTracker:
     """Recent-episode windows for the progress bar and TensorBoard ``charts/``: one over all
-    episodes, and one per stage for multi-stage Mario presets (so a rare stage keeps its own 100)."""
+    episodes, and one per stage for multi-stage Mario presets (so a rare stage keeps its own 100).
+
+    Episodes that started part-way along a route (``route_starts``) are counted but kept out of the
+    windows: a clear rate means clears from the stage's start."""
 
     def __init__(self, window: int = 100) -> None:
         self.window = window
         self.recent: deque[dict[str, float]] = deque(maxlen=window)
         self.by_stage: dict[str, deque[dict[str, float]]] = {}
         self.count = 0
+        self.route_start_count = 0
 
     def add(self, stats: dict[str, float]) -> None:
-        self.recent.append(stats)
         self.count += 1
+        if stats.get("route_start"):
+            self.route_start_count += 1
+            return
+        self.recent.append(stats)
         label = stage_label(stats)
         if label is not None:
             self.by_stage.setdefault(label, deque(maxlen=self.window)).append(stats)
@@ -91,12 +98,14 @@ class EpisodeTracker:
         """For checkpoints: the count and the window, so that a resumed run's curves carry on."""
         return {
             "episodes": self.count,
+            "route_start_episodes": self.route_start_count,
             "recent_episodes": list(self.recent),
             "recent_by_stage": {label: list(window) for label, window in self.by_stage.items()},
         }
 
     def restore(self, state: dict[str, Any]) -> None:
         self.count = int(state.get("episodes", 0))
+        self.route_start_count = int(state.get("route_start_episodes", 0))
         self.recent.clear()
         self.recent.extend(dict(stats) for stats in state.get("recent_episodes", []))
         self.by_stage = {

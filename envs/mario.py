@@ -383,7 +383,9 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     route, ``n`` uniform in ``0..len(route)``, with sticky actions off (the emulator is then
     deterministic, so the replay passes where the route passed) and hands over from there. The
     replayed steps are not the agent's: their rewards are dropped, and episode statistics and time
-    limits outside the wrapper start after them. Stages without a route start as usual.
+    limits outside the wrapper start after them. ``info["route_start"]`` is the number of replayed
+    steps (0 for an episode from the stage's start), so the training curves can leave these episodes
+    out. Stages without a route start as usual.
 
     Args:
         env: a Mario env stack whose info carries ``world`` and ``stage`` (below the no-op starts,
@@ -400,24 +402,34 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self.routes = {str(label): [int(action) for action in route] for label, route in routes.items()}
         self.prob = float(prob)
         self.sticky = [wrapper for wrapper in _wrappers_below(env) if isinstance(wrapper, StickyAction)]
+        self.replayed = 0
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         obs, info = self.env.reset(seed=seed, options=options)
+        self.replayed = 0
         route = self.routes.get(f"{info.get('world')}-{info.get('stage')}")
-        if not route or self.np_random.random() >= self.prob:
-            return obs, info
-        steps = int(self.np_random.integers(0, len(route) + 1))
+        if route and self.np_random.random() < self.prob:
+            obs, info = self._replay(route[: int(self.np_random.integers(0, len(route) + 1))], obs, info)
+        return obs, {**info, "route_start": self.replayed}
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        # Every step says how the episode began, so the episode statistics can tell the two apart.
+        return obs, reward, terminated, truncated, {**info, "route_start": self.replayed}
+
+    def _replay(self, actions: list[int], obs: Any, info: dict) -> tuple[Any, dict]:
         sticky_probs = [wrapper.repeat_action_probability for wrapper in self.sticky]
         for wrapper in self.sticky:
             wrapper.repeat_action_probability = 0.0
         try:
-            for action in route[:steps]:
+            for action in actions:
                 obs, _, terminated, truncated, info = self.env.step(action)
-                if terminated or truncated:  # a route that does not fit this stage: start as usual
+                if terminated or truncated:  # the route's end (the flag), or one that does not fit
                     return self.env.reset()
         finally:
             for wrapper, sticky_prob in zip(self.sticky, sticky_probs, strict=True):
                 wrapper.repeat_action_probability = sticky_prob
+        self.replayed = len(actions)
         return obs, info
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,9 +12,11 @@ import pytest
 
 import envs
 from agents import engine, episodes, ppo
-from envs.mario import parse_stages
+from envs.mario import load_routes, parse_stages
 from envs.registry import WORLD_1_STAGES
 from tests.test_cli import assert_usage_error
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parse_stages_reads_labels_and_names_a_bad_one():
@@ -238,3 +241,35 @@ def test_a_bad_route_file_is_one_line_before_the_run_exists(env, content, needle
         capsys, *needles,
     )  # fmt: skip
     assert not (tmp_path / "run").exists()
+
+
+def test_route_start_episodes_say_so_and_stay_out_of_the_clear_rates():
+    env = envs.make("mario-1-1", route_starts={"1-1": WALK}, route_start_prob=1.0)
+    try:
+        _, info = env.reset(seed=3)
+        replayed = info["route_start"]
+        assert 0 < replayed <= len(WALK) and env.step(0)[4]["route_start"] == replayed
+    finally:
+        env.close()
+    tracker = episodes.EpisodeTracker()
+    tracker.add({"return": 10.0, "flag_get": 0.0, "route_start": 0.0})
+    tracker.add({"return": 99.0, "flag_get": 1.0, "route_start": 12.0})  # began near the flag
+    assert tracker.mean("flag_get") == 0.0 and tracker.mean("return") == 10.0
+    assert (tracker.count, tracker.route_start_count) == (2, 1)
+    restored = episodes.EpisodeTracker()
+    restored.restore(tracker.state())
+    assert (restored.count, restored.route_start_count) == (2, 1)
+
+
+def test_the_shipped_1_3_route_reaches_the_flag():
+    route = load_routes(str(ROOT / "envs" / "routes" / "1-3.json"))["1-3"]
+    env = envs.make("mario-1-3")
+    try:
+        env.reset(seed=0)
+        for action in route:
+            _, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+        assert info["flag_get"] and info["x_pos"] > 2400
+    finally:
+        env.close()
