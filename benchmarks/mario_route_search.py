@@ -62,7 +62,7 @@ def search(preset: str, iterations: int, seed: int) -> tuple[list[int], int, boo
     for _ in progress:
         keys = list(archive)
         front = max(cell.x for cell in archive.values()) - FRONT
-        weights = [(1 + 3 * (archive[k].x >= front)) / math.sqrt(picked.get(k, 0) + 1) for k in keys]
+        weights = [1 / math.sqrt(picked.get(k, 0) + 1) * (1 + 3 * (archive[k].x >= front)) for k in keys]
         key = rng.choices(keys, weights)[0]
         picked[key] = picked.get(key, 0) + 1
         actions = list(archive[key].actions)
