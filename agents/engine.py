@@ -176,9 +176,10 @@ class AgentConfig:
     def check(self) -> None:
         """Checks the shared fields against each other and the env (the algorithms' ``check`` calls
         it first, before anything is written): raises ValueError for a bad ``until`` or one without
-        periodic evals (``eval_every``), when ``stage_sampling=adaptive`` has no stages to sample, when ``init_weights`` and
-        ``init_encoder`` are both given, or when ``sticky`` or ``noop_max`` is set for an env that is
-        not Mario."""
+        periodic evals (``eval_every``), when ``sticky``, ``noop_max`` or ``route_starts`` is set for
+        an env that is not Mario, for a route file that is unreadable or names a stage the preset
+        never plays, when ``init_weights`` and ``init_encoder`` are both given, or when
+        ``stage_sampling=adaptive`` has no stages to sample."""
         if parse_until(self.until) and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         mario_only = [
