@@ -43,6 +43,7 @@ from agents.episodes import (
     evaluate_preset,
     finished_episodes,
     preset_stages,
+    route_start_scalars,
     stage_scalars,
 )
 from core.checkpoint import (
@@ -518,11 +519,7 @@ class TrainingRun:
                 "charts/x_pos_max": record["x_pos_max_mean"],
                 "charts/clear_rate": record["clear_rate"],
                 "charts/episodes": episodes.count,
-                **(
-                    {"charts/route_start_episodes": episodes.route_start_count}
-                    if self.config.route_starts
-                    else {}
-                ),
+                **(route_start_scalars(episodes) if self.config.route_starts else {}),
                 "charts/skipped_updates": self.skipped_updates,
                 **{f"charts/{name}": count for name, count in workers.items()},
                 **stage_scalars(episodes),

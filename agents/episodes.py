@@ -55,19 +55,21 @@ class EpisodeTracker:
     """Recent-episode windows for the progress bar and TensorBoard ``charts/``: one over all
     episodes, and one per stage for multi-stage Mario presets (so a rare stage keeps its own 100).
 
-    Episodes that started part-way along a route (``route_starts``) are counted but kept out of the
-    windows: a clear rate means clears from the stage's start."""
+    Episodes that started part-way along a route (``route_starts``) have a window of their own
+    (``route_starts``): a clear rate of the others means clears from the stage's start."""
 
     def __init__(self, window: int = 100) -> None:
         self.window = window
         self.recent: deque[dict[str, float]] = deque(maxlen=window)
         self.by_stage: dict[str, deque[dict[str, float]]] = {}
+        self.route_starts: deque[dict[str, float]] = deque(maxlen=window)
         self.count = 0
         self.route_start_count = 0
 
     def add(self, stats: dict[str, float]) -> None:
         self.count += 1
         if stats.get("route_start"):
+            self.route_starts.append(stats)
             self.route_start_count += 1
             return
         self.recent.append(stats)
@@ -79,6 +81,11 @@ class EpisodeTracker:
         """Mean of ``key`` over the recent episodes (of ``stage`` only, when given)."""
         episodes = self.recent if stage is None else self.by_stage.get(stage, ())
         values = [s[key] for s in episodes if key in s]
+        return float(np.mean(values)) if values else math.nan
+
+    def route_start_mean(self, key: str) -> float:
+        """Mean of ``key`` over the recent episodes that started along a route."""
+        values = [s[key] for s in self.route_starts if key in s]
         return float(np.mean(values)) if values else math.nan
 
     def stage_means(self) -> dict[str, dict[str, float]]:
@@ -99,6 +106,7 @@ class EpisodeTracker:
         return {
             "episodes": self.count,
             "route_start_episodes": self.route_start_count,
+            "recent_route_starts": list(self.route_starts),
             "recent_episodes": list(self.recent),
             "recent_by_stage": {label: list(window) for label, window in self.by_stage.items()},
         }
@@ -106,12 +114,24 @@ class EpisodeTracker:
     def restore(self, state: dict[str, Any]) -> None:
         self.count = int(state.get("episodes", 0))
         self.route_start_count = int(state.get("route_start_episodes", 0))
+        self.route_starts.clear()
+        self.route_starts.extend(dict(stats) for stats in state.get("recent_route_starts", []))
         self.recent.clear()
         self.recent.extend(dict(stats) for stats in state.get("recent_episodes", []))
         self.by_stage = {
             label: deque((dict(stats) for stats in window), maxlen=self.window)
             for label, window in state.get("recent_by_stage", {}).items()
         }
+
+
+def route_start_scalars(episodes: EpisodeTracker) -> dict[str, float]:
+    """How the episodes that started along a route went (``route_starts``): their count, and the clear
+    rate and furthest x of the recent ones (NaN before the first)."""
+    return {
+        "route_starts/episodes": float(episodes.route_start_count),
+        "route_starts/clear_rate": episodes.route_start_mean("flag_get"),
+        "route_starts/x_pos_max": episodes.route_start_mean("x_pos_max"),
+    }
 
 
 def stage_scalars(episodes: EpisodeTracker) -> dict[str, float]:

@@ -253,12 +253,16 @@ def test_route_start_episodes_say_so_and_stay_out_of_the_clear_rates():
         env.close()
     tracker = episodes.EpisodeTracker()
     tracker.add({"return": 10.0, "flag_get": 0.0, "route_start": 0.0})
-    tracker.add({"return": 99.0, "flag_get": 1.0, "route_start": 12.0})  # began near the flag
+    tracker.add({"return": 99.0, "flag_get": 1.0, "x_pos_max": 3000.0, "route_start": 12.0})  # near the flag
     assert tracker.mean("flag_get") == 0.0 and tracker.mean("return") == 10.0
     assert (tracker.count, tracker.route_start_count) == (2, 1)
+    assert episodes.route_start_scalars(tracker) == {
+        "route_starts/episodes": 1.0, "route_starts/clear_rate": 1.0, "route_starts/x_pos_max": 3000.0
+    }  # fmt: skip
     restored = episodes.EpisodeTracker()
     restored.restore(tracker.state())
     assert (restored.count, restored.route_start_count) == (2, 1)
+    assert episodes.route_start_scalars(restored) == episodes.route_start_scalars(tracker)
 
 
 def test_the_shipped_1_3_route_reaches_the_flag():
