@@ -105,6 +105,15 @@ def test_rng_state_round_trip_through_a_checkpoint(tmp_path):
     assert np.array_equal(generator.random(3), expected[2])
 
 
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt, as in a terminal, even where the test runner started with it
+    ignored (a background job: `make test &`, nohup, some CI runners)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def interrupt_after_first(monkeypatch, module, name: str) -> list[str]:
     """Makes ``module.name`` (os.replace, Path.unlink) send this process a Ctrl-C after its first call."""
     real, calls = getattr(module, name), []
@@ -120,7 +129,9 @@ def interrupt_after_first(monkeypatch, module, name: str) -> list[str]:
     return calls
 
 
-def test_ctrl_c_between_the_two_renames_of_a_checkpoint_waits_until_both_are_in(tmp_path, monkeypatch):
+def test_ctrl_c_between_the_two_renames_of_a_checkpoint_waits_until_both_are_in(
+    tmp_path, monkeypatch, ctrl_c_raises
+):
     calls = interrupt_after_first(monkeypatch, os, "replace")
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path / "step_000000000001", {"w": torch.ones(2)})
@@ -128,7 +139,9 @@ def test_ctrl_c_between_the_two_renames_of_a_checkpoint_waits_until_both_are_in(
     assert load_checkpoint(tmp_path / "step_000000000001")[0]["w"].tolist() == [1.0, 1.0]
 
 
-def test_ctrl_c_while_pruning_deletes_both_files_of_a_checkpoint_or_neither(tmp_path, monkeypatch):
+def test_ctrl_c_while_pruning_deletes_both_files_of_a_checkpoint_or_neither(
+    tmp_path, monkeypatch, ctrl_c_raises
+):
     for step in (1, 2):
         save_checkpoint(tmp_path / f"step_{step:012d}", {"step": step})
     interrupt_after_first(monkeypatch, Path, "unlink")
@@ -140,7 +153,7 @@ def test_ctrl_c_while_pruning_deletes_both_files_of_a_checkpoint_or_neither(tmp_
     ]
 
 
-def test_deferred_signals_reach_their_own_handler_once_the_block_ends():
+def test_deferred_signals_reach_their_own_handler_once_the_block_ends(ctrl_c_raises):
     seen: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
     try:
