@@ -20,6 +20,7 @@ import numpy as np
 
 import agents
 import envs
+from core.checkpoint import CheckpointError
 
 # SIMPLE_MOVEMENT indices: the probe's jumps are built from these.
 NOOP, RIGHT, RIGHT_A, RIGHT_B, RIGHT_A_B = 0, 1, 2, 3, 4
@@ -87,7 +88,10 @@ def main() -> None:
     parser.add_argument("--last", type=int, default=45, help="try takeoffs from this many final steps (45)")
     parser.add_argument("--max-steps", type=int, default=3000, help="cut the agent's episode here")
     args = parser.parse_args()
-    actions, xs, cleared = agent_route(args.run, args.preset, args.max_steps)
+    try:
+        actions, xs, cleared = agent_route(args.run, args.preset, args.max_steps)
+    except (CheckpointError, ValueError) as error:  # no such run, not an agent, unknown preset
+        parser.exit(2, f"mario_jump_probe: {error}\n")
     print(f"agent: {len(actions)} steps, furthest x {max(xs)}, {'cleared' if cleared else 'died or stopped'}")
     jumps = try_jumps(args.preset, actions, max(0, len(actions) - args.last))
     print(f"{len(jumps)} scripted jumps; the best five (furthest x, takeoff step, steps of A held, then):")

@@ -240,3 +240,17 @@ def test_the_route_search_writes_a_route_that_replays_to_where_it_says(tmp_path)
         capture_output=True, text=True, cwd=ROOT,
     ).returncode  # fmt: skip
     assert code == 0 and list(load_routes(str(out))) == ["1-1"]
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "needle"),
+    [
+        ("mario_jump_probe", ["runs/no-such-run"], "does not exist"),
+        ("mario_route_search", ["cartpole", "--out", "unused.json"], "not a one-stage Mario preset"),
+    ],
+)
+def test_the_mario_diagnostics_refuse_bad_input_in_one_line(module, argv, needle):
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", *argv], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 2 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
