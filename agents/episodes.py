@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,6 +51,12 @@ def finished_episodes(infos: dict[str, Any]) -> Iterator[tuple[int, dict[str, fl
         yield int(index), stats
 
 
+def _window_mean(episodes: Iterable[dict[str, float]], key: str) -> float:
+    """Mean of ``key`` over the episodes that have it; NaN when none has."""
+    values = [stats[key] for stats in episodes if key in stats]
+    return float(np.mean(values)) if values else math.nan
+
+
 class EpisodeTracker:
     """Recent-episode windows for the progress bar and TensorBoard ``charts/``: one over all
     episodes, and one per stage for multi-stage Mario presets (so a rare stage keeps its own 100).
@@ -79,14 +85,11 @@ class EpisodeTracker:
 
     def mean(self, key: str, stage: str | None = None) -> float:
         """Mean of ``key`` over the recent episodes (of ``stage`` only, when given)."""
-        episodes = self.recent if stage is None else self.by_stage.get(stage, ())
-        values = [s[key] for s in episodes if key in s]
-        return float(np.mean(values)) if values else math.nan
+        return _window_mean(self.recent if stage is None else self.by_stage.get(stage, ()), key)
 
     def route_start_mean(self, key: str) -> float:
         """Mean of ``key`` over the recent episodes that started along a route."""
-        values = [s[key] for s in self.route_starts if key in s]
-        return float(np.mean(values)) if values else math.nan
+        return _window_mean(self.route_starts, key)
 
     def stage_means(self) -> dict[str, dict[str, float]]:
         """``{stage: {"clear_rate", "x_pos_max_mean", "episodes"}}`` when episodes span several stages."""
