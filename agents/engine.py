@@ -194,7 +194,7 @@ class AgentConfig:
                 f"{' and '.join(mario_only)}: Mario presets only; this run trains {self.env!r} (leave them unset)"
             )
         if self.route_starts:
-            routes = load_routes(self.route_starts, preset.env_kwargs.get("actions", "simple"))
+            routes = config_routes(self)
             played = preset_stages(self.env) or tuple(filter(None, [stage_of(preset.env_id)]))
             if unplayed := sorted(set(routes) - set(played)):
                 raise ValueError(
@@ -221,12 +221,15 @@ def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
     if config.noop_max:
         overrides["noop_max"] = config.noop_max
     if config.route_starts:
-        preset = envs.resolve(config.env)
-        overrides["route_starts"] = load_routes(
-            config.route_starts, preset.env_kwargs.get("actions", "simple")
-        )
+        overrides["route_starts"] = config_routes(config)
         overrides["route_start_prob"] = config.route_start_prob
     return overrides
+
+
+def config_routes(config: AgentConfig) -> dict[str, list[int]]:
+    """The routes of ``config.route_starts``, checked against the preset's action set (ValueError)."""
+    assert config.route_starts
+    return load_routes(config.route_starts, envs.resolve(config.env).env_kwargs.get("actions", "simple"))
 
 
 def eval_env_overrides(config: AgentConfig) -> dict[str, Any]:
