@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -35,10 +35,18 @@ class Jump(NamedTuple):
     then_action: int
 
 
+def deterministic_env(preset: str, **overrides: Any) -> Any:
+    """The preset's eval env without sticky actions, no-op starts or stall cut-off: the emulator then
+    replays an action sequence exactly (``overrides``: other ``envs.make`` options)."""
+    return envs.make(
+        preset, **{**envs.eval_overrides(preset), "noop_max": 0, "stall_patience": 0, **overrides}
+    )
+
+
 def agent_route(run: str, preset: str, max_steps: int) -> tuple[list[int], list[int], bool]:
     """The greedy agent's actions and x positions in one deterministic episode, and whether it cleared."""
     agent = agents.load_agent(run)
-    env = envs.make(preset, **{**envs.eval_overrides(preset), "noop_max": 0, "stall_patience": 0})
+    env = deterministic_env(preset)
     obs, _ = env.reset(seed=1)
     agent.policy.reset(1)
     starts = np.array([True])
@@ -64,7 +72,7 @@ def try_jumps(
     afters: tuple[int, ...] = AFTERS,
 ) -> list[Jump]:
     """Every scripted jump from every step of the route from ``first_takeoff`` on, best first."""
-    env = envs.make(preset, **{**envs.eval_overrides(preset), "noop_max": 0, "stall_patience": 0})
+    env = deterministic_env(preset)
     jumps = []
     for takeoff, hold, after in itertools.product(range(first_takeoff, len(route)), holds, afters):
         env.reset(seed=1)

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from tqdm.auto import tqdm
 
 import envs
+from benchmarks.mario_jump_probe import deterministic_env
 from core.files import atomic_write_json
 from envs.mario import stage_of
 
@@ -46,9 +47,8 @@ def cell_key(info: dict[str, Any]) -> tuple[int, int]:
 
 
 def make_search_env(preset: str) -> Any:
-    """The preset's env without sticky actions, no-op starts or stall cut-off, at native resolution."""
-    overrides = {**envs.eval_overrides(preset), "noop_max": 0, "stall_patience": 0}
-    return envs.make(preset, **overrides, resize=None, frame_stack=1)
+    """The preset's deterministic env at native resolution, one frame (the search never looks at it)."""
+    return deterministic_env(preset, resize=None, frame_stack=1)
 
 
 def search(preset: str, iterations: int, seed: int) -> tuple[list[int], int, bool]:
