@@ -425,7 +425,13 @@ def test_a_sweep_killed_with_sigkill_resumes_without_training_a_finished_trial_t
     )
     assert compared.returncode == 0, compared.stderr[-2000:]
     groups = json.loads(compared.stdout.strip().splitlines()[-1])["groups"]
-    assert {g["label"] for g in groups} <= {"learning_rate=0.001", "learning_rate=0.0003"}
+    # Groups are labelled by the fields in which they differ; when the scheduler stopped every
+    # trial of one learning rate (no final evaluation), one group is left and no field differs.
+    labels = {g["label"] for g in groups}
+    if len(groups) > 1:
+        assert labels == {"learning_rate=0.001", "learning_rate=0.0003"}, labels
+    else:
+        assert labels == {"ppo on cartpole"}, labels
 
 
 def test_tunes_status_tells_a_scheduler_stop_from_an_interrupted_sweep(tmp_path):
