@@ -39,11 +39,14 @@ from agents.episodes import (
     EpisodeTracker,
     Policy,
     adaptive_stage_weights,
+    advance_route_frontiers,
     eval_scalars,
     evaluate_preset,
     finished_episodes,
+    first_route_frontiers,
     preset_stages,
     route_start_scalars,
+    route_windows,
     stage_scalars,
 )
 from core.checkpoint import (
@@ -147,6 +150,12 @@ class AgentConfig:
         "of the training episodes part-way along it (a start-state curriculum; evals start as usual)",
     )
     route_start_prob: float = option(0.5, "Mario: the share of training episodes that start along a route", min=0.0, max=1.0)  # fmt: skip
+    route_start_schedule: Literal["uniform", "backward"] = option(
+        "uniform",
+        "route starts: anywhere along the route (uniform), or from a window that begins near the flag "
+        "and moves route_start_step actions back whenever a fifth of its starts clear (backward)",
+    )
+    route_start_step: int = option(20, "route_start_schedule=backward: the window's width and step, in actions", min=1)  # fmt: skip
     stage_sampling: Literal["uniform", "adaptive"] = option(
         "uniform",
         "multi-stage presets: draw stages uniformly, or the less often cleared ones more often (adaptive)",
@@ -179,7 +188,8 @@ class AgentConfig:
         it first, before anything is written): raises ValueError for a bad ``until`` or one without
         periodic evals (``eval_every``), when ``sticky``, ``noop_max`` or ``route_starts`` is set for
         an env that is not Mario, for a route file that is unreadable or names a stage the preset
-        never plays, when ``init_weights`` and ``init_encoder`` are both given, or when
+        never plays, for a backward route-start schedule without routes, when ``init_weights`` and
+        ``init_encoder`` are both given, or when
         ``stage_sampling=adaptive`` has no stages to sample."""
         if parse_until(self.until) and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
@@ -201,6 +211,10 @@ class AgentConfig:
                     f"route_starts={self.route_starts!r} has routes for {', '.join(unplayed)}, which "
                     f"{self.env!r} never plays ({', '.join(played)})"
                 )
+        if self.route_start_schedule != "uniform" and not self.route_starts:
+            raise ValueError(
+                f"route_start_schedule={self.route_start_schedule} needs route_starts=FILE (a route file)"
+            )
         if self.init_weights and self.init_encoder:
             raise ValueError(
                 "init_weights already holds the encoder: give init_weights or init_encoder, not both"
@@ -441,6 +455,14 @@ class TrainingRun:
         self.episodes.restore(self.saved)
         self.history: list[dict[str, Any]] = list(self.saved.get("history", []))
         self.skipped_updates = int(self.saved.get("skipped_updates", 0))
+        # route_start_schedule=backward: {stage: the first action of its route-start window}.
+        self.route_lengths: dict[str, int] = {}
+        self.route_frontiers: dict[str, int] = {}
+        if config.route_start_schedule == "backward":
+            self.route_lengths = {label: len(route) for label, route in config_routes(config).items()}
+            first = first_route_frontiers(self.route_lengths, config.route_start_step)
+            saved = self.saved.get("route_frontiers", {})
+            self.route_frontiers = {label: min(int(saved.get(label, k)), k) for label, k in first.items()}
         self.bad_in_a_row = 0  # updates (PPO) or gradient steps (DQN) in a row with non-finite numbers
         # Worker failures of earlier processes of this run: the counts carry on across resumes.
         self.workers_before: dict[str, float] = dict(self.saved.get("worker_counts", {}))
@@ -459,9 +481,10 @@ class TrainingRun:
     def make_vec_env(self, num_envs: int, seed: int) -> Any:
         """The training envs (closed by the run): the config's env, back-end and sticky actions."""
         ray = {"ray_address": self.config.ray_address} if self.config.env_backend == "ray" else {}
+        windows = {"route_start_windows": self.route_windows()} if self.route_frontiers else {}
         vec_env = envs.make_vec(
             self.config.env, num_envs, seed=seed, backend=self.config.env_backend, **ray,
-            **train_env_overrides(self.config),
+            **train_env_overrides(self.config), **windows,
         )  # fmt: skip
         self.vec_envs.append(vec_env)
         return vec_env
@@ -510,6 +533,9 @@ class TrainingRun:
         if episodes.stage_means():
             record["stages"] = episodes.stage_means()
         shares = self.rebalance_stages(record.get("stages", {}))
+        self.advance_route_starts()
+        if self.route_frontiers:
+            record["route_frontiers"] = dict(self.route_frontiers)
         self.history.append(record)
         workers = self.worker_counts()
         assert self.logger is not None
@@ -523,6 +549,7 @@ class TrainingRun:
                 "charts/clear_rate": record["clear_rate"],
                 "charts/episodes": episodes.count,
                 **(route_start_scalars(episodes) if self.config.route_starts else {}),
+                **{f"route_starts/frontier/{label}": k for label, k in self.route_frontiers.items()},
                 "charts/skipped_updates": self.skipped_updates,
                 **{f"charts/{name}": count for name, count in workers.items()},
                 **stage_scalars(episodes),
@@ -544,6 +571,22 @@ class TrainingRun:
             vec_env.call("set_stage_weights", weights)
         total = sum(weights.values())
         return {label: weight / total for label, weight in weights.items()}
+
+    def route_windows(self) -> dict[str, tuple[int, int]]:
+        """The backward schedule's route-start windows: ``{stage: (low, high)}`` actions replayed."""
+        return route_windows(self.route_frontiers, self.route_lengths, self.config.route_start_step)
+
+    def advance_route_starts(self) -> None:
+        """``route_start_schedule=backward``: moves each stage's window back once enough of its
+        starts cleared (:func:`advance_route_frontiers`) and hands the new windows to the training
+        envs. Called between updates, when no env is stepping."""
+        if not self.route_frontiers:
+            return
+        moved = advance_route_frontiers(self.route_frontiers, self.episodes, self.config.route_start_step)
+        if moved != self.route_frontiers:
+            self.route_frontiers = moved
+            for vec_env in self.vec_envs:
+                vec_env.call("set_route_windows", self.route_windows())
 
     def worker_counts(self) -> dict[str, float]:
         """Env-worker failures over the whole run (earlier processes of a resumed run included)."""
@@ -609,6 +652,7 @@ class TrainingRun:
             "history": self.history,
             "skipped_updates": self.skipped_updates,
             "worker_counts": self.worker_counts(),
+            "route_frontiers": self.route_frontiers,
         }
         save_training_checkpoint(self.run_dir, step, full, self.meta, self.config.keep_checkpoints)
 

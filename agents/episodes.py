@@ -137,6 +137,43 @@ def route_start_scalars(episodes: EpisodeTracker) -> dict[str, float]:
     }
 
 
+#: Backward route starts (``route_start_schedule=backward``) move their window back once the last
+#: FRONTIER_EPISODES episodes that started in it cleared the stage at least FRONTIER_CLEAR_RATE of the
+#: time. Salimans and Chen (2018) move on at about that success rate: the part behind the window is
+#: practised again by every start further back, so it need not be mastered first.
+FRONTIER_EPISODES = 20
+FRONTIER_CLEAR_RATE = 0.2
+
+
+def first_route_frontiers(lengths: dict[str, int], step: int) -> dict[str, int]:
+    """Where the backward schedule starts: ``step`` actions before each route's end (0 at least)."""
+    return {label: max(0, length - step) for label, length in lengths.items() if length > 0}
+
+
+def route_windows(
+    frontiers: dict[str, int], lengths: dict[str, int], step: int
+) -> dict[str, tuple[int, int]]:
+    """``{stage: (low, high)}``: the route starts replay ``frontier <= n < frontier + step`` actions
+    (never the whole route, whose last action ends the episode at the flag)."""
+    return {label: (k, max(k + 1, min(k + step, lengths[label]))) for label, k in frontiers.items()}
+
+
+def advance_route_frontiers(frontiers: dict[str, int], episodes: EpisodeTracker, step: int) -> dict[str, int]:
+    """The frontiers after the recent route-start episodes: a stage's moves ``step`` actions back
+    (to 0 at least) once its last :data:`FRONTIER_EPISODES` episodes started in its window cleared
+    at least :data:`FRONTIER_CLEAR_RATE` of the time."""
+    moved = dict(frontiers)
+    for label, k in frontiers.items():
+        started_there = [
+            stats for stats in episodes.route_starts
+            if stage_label(stats) == label and k <= stats["route_start"] < k + step
+        ][-FRONTIER_EPISODES:]  # fmt: skip
+        enough = k > 0 and len(started_there) == FRONTIER_EPISODES
+        if enough and _window_mean(started_there, "flag_get") >= FRONTIER_CLEAR_RATE:
+            moved[label] = max(0, k - step)
+    return moved
+
+
 def stage_scalars(episodes: EpisodeTracker) -> dict[str, float]:
     """``stages/<W-S>/clear_rate`` and ``stages/<W-S>/x_pos_max`` for multi-stage runs, else ``{}``."""
     scalars = {}

@@ -380,36 +380,60 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     agent learn the stage's later parts, and then the way there, from nearer starts.
 
     At reset, with probability ``prob``, the wrapper replays the first ``n`` actions of the stage's
-    route, ``n`` uniform in ``0..len(route)``, with sticky actions off (the emulator is then
-    deterministic, so the replay passes where the route passed) and hands over from there. The
-    replayed steps are not the agent's: their rewards are dropped, and episode statistics and time
-    limits outside the wrapper start after them. ``info["route_start"]`` is the number of replayed
-    steps (0 for an episode from the stage's start), so the training curves can leave these episodes
-    out. Stages without a route start as usual.
+    route, with sticky actions off (the emulator is then deterministic, so the replay passes where
+    the route passed) and hands over from there. ``n`` is uniform in the stage's window ``[low,
+    high)`` of :meth:`set_route_windows`, by default ``0..len(route)``; the training's backward
+    schedule moves a narrow window from the flag back to the start. The replayed steps are not the
+    agent's: their rewards are dropped, and episode statistics and time limits outside the wrapper
+    start after them. ``info["route_start"]`` is the number of replayed steps (0 for an episode from
+    the stage's start), so the training curves can leave these episodes out. Stages without a route
+    start as usual.
 
     Args:
         env: a Mario env stack whose info carries ``world`` and ``stage`` (below the no-op starts,
             whose random wait would throw the replay off its route).
         routes: ``{"1-3": [action, ...]}``, indices into the env's action set from the stage's start.
         prob: the probability that an episode starts along the route, in [0, 1].
+        windows: ``{"1-3": (low, high)}``, the first windows (:meth:`set_route_windows`).
     """
 
-    def __init__(self, env: gym.Env, routes: dict[str, Sequence[int]], prob: float):
-        gym.utils.RecordConstructorArgs.__init__(self, routes=routes, prob=prob)
+    def __init__(
+        self,
+        env: gym.Env,
+        routes: dict[str, Sequence[int]],
+        prob: float,
+        windows: dict[str, tuple[int, int]] | None = None,
+    ):
+        gym.utils.RecordConstructorArgs.__init__(self, routes=routes, prob=prob, windows=windows)
         gym.Wrapper.__init__(self, env)
         if not 0.0 <= float(prob) <= 1.0:
             raise ValueError(f"route_start_prob must be in [0, 1], got {prob}")
         self.routes = {str(label): [int(action) for action in route] for label, route in routes.items()}
         self.prob = float(prob)
+        self.windows = {label: (0, len(route) + 1) for label, route in self.routes.items()}
+        self.set_route_windows(windows or {})
         self.sticky = [wrapper for wrapper in _wrappers_below(env) if isinstance(wrapper, StickyAction)]
         self.replayed = 0
+
+    def set_route_windows(self, windows: dict[str, tuple[int, int]]) -> None:
+        """Later starts of each named stage replay ``low <= n < high`` actions of its route (the
+        training sets them between updates; stages not named keep theirs)."""
+        for label, (low, high) in windows.items():
+            route = self.routes.get(label)
+            if route is None or not 0 <= low < high <= len(route) + 1:
+                raise ValueError(
+                    f"route window {label}: ({low}, {high}) needs a route of that stage and "
+                    f"0 <= low < high <= {len(route) + 1 if route else 'its length + 1'}"
+                )
+            self.windows[label] = (int(low), int(high))
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         obs, info = self.env.reset(seed=seed, options=options)
         self.replayed = 0
-        route = self.routes.get(f"{info.get('world')}-{info.get('stage')}")
+        label = f"{info.get('world')}-{info.get('stage')}"
+        route = self.routes.get(label)
         if route and self.np_random.random() < self.prob:
-            obs, info = self._replay(route[: int(self.np_random.integers(0, len(route) + 1))], obs, info)
+            obs, info = self._replay(route[: int(self.np_random.integers(*self.windows[label]))], obs, info)
         return obs, {**info, "route_start": self.replayed}
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
@@ -570,6 +594,7 @@ def make_mario(
     stages: Sequence[str] | None = None,
     route_starts: dict[str, Sequence[int]] | None = None,
     route_start_prob: float = 0.5,
+    route_start_windows: dict[str, tuple[int, int]] | None = None,
 ) -> gym.Env:
     """Builds a preprocessed Super Mario Bros environment.
 
@@ -604,6 +629,8 @@ def make_mario(
         route_starts: ``{"1-3": [action, ...]}``: start a share of the episodes part-way along these
             routes (:class:`RouteStarts`; training only). None starts every episode at the start.
         route_start_prob: the share of the episodes that start along a route.
+        route_start_windows: ``{"1-3": (low, high)}``: the replayed prefix's length is drawn from
+            ``low..high-1`` (default: the whole route; :meth:`RouteStarts.set_route_windows`).
 
     Returns:
         The wrapped env; observation ``Box(0, 255, (frame_stack, 84, 84), uint8)`` by default.
@@ -649,7 +676,7 @@ def make_mario(
     elif not grayscale:
         env = ChannelFirstObservation(env)
     if route_starts:
-        env = RouteStarts(env, route_starts, route_start_prob)
+        env = RouteStarts(env, route_starts, route_start_prob, route_start_windows)
     if noop_max:
         env = NoopResetEpisode(env, noop_max=noop_max, noop_action=0)
     if max_episode_steps is not None:

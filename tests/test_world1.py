@@ -277,3 +277,88 @@ def test_the_shipped_1_3_route_reaches_the_flag():
         assert info["flag_get"] and info["x_pos"] > 2400
     finally:
         env.close()
+
+
+def test_route_start_windows_bound_the_replayed_prefix():
+    route = walked_positions()
+    starts = start_positions(
+        6, route_starts={"1-1": WALK}, route_start_prob=1.0, route_start_windows={"1-1": (20, 22)}
+    )
+    assert set(starts) <= {route[20], route[21]} and len(starts) == 6
+    env = envs.make("mario-1-1", route_starts={"1-1": WALK}, route_start_prob=1.0)
+    try:
+        env.reset(seed=0)
+        env.get_wrapper_attr("set_route_windows")({"1-1": (5, 6)})
+        assert env.reset(seed=1)[1]["route_start"] == 5
+        for bad in ({"1-1": (6, 6)}, {"1-1": (0, len(WALK) + 2)}, {"1-2": (0, 1)}):
+            with pytest.raises(ValueError, match="route window"):
+                env.get_wrapper_attr("set_route_windows")(bad)
+    finally:
+        env.close()
+
+
+def route_episode(start: int, cleared: bool, stage: int = 3) -> dict[str, float]:
+    return {
+        "return": 1.0,
+        "flag_get": float(cleared),
+        "world": 1.0,
+        "stage": float(stage),
+        "route_start": float(start),
+    }
+
+
+def test_the_backward_schedule_moves_back_after_a_fifth_of_its_window_clears():
+    lengths = {"1-3": 300, "1-4": 10}
+    frontiers = episodes.first_route_frontiers(lengths, step=20)
+    assert frontiers == {"1-3": 280, "1-4": 0}
+    assert episodes.route_windows(frontiers, lengths, 20) == {"1-3": (280, 300), "1-4": (0, 10)}
+    tracker = episodes.EpisodeTracker()
+    for i in range(episodes.FRONTIER_EPISODES - 1):  # one episode short: the window stays
+        tracker.add(route_episode(280 + i % 20, cleared=i < 4))
+    assert episodes.advance_route_frontiers(frontiers, tracker, 20) == frontiers
+    tracker.add(route_episode(250, cleared=True))  # outside the window: does not count
+    tracker.add(route_episode(281, cleared=True, stage=4))  # another stage: does not count
+    assert episodes.advance_route_frontiers(frontiers, tracker, 20) == frontiers
+    tracker.add(route_episode(299, cleared=False))  # 20 in the window, 4 cleared: a fifth
+    moved = episodes.advance_route_frontiers(frontiers, tracker, 20)
+    assert moved == {"1-3": 260, "1-4": 0}
+    # twenty starts in the new window without a clear leave it where it is
+    for _ in range(episodes.FRONTIER_EPISODES):
+        tracker.add(route_episode(265, cleared=False))
+    assert episodes.advance_route_frontiers(moved, tracker, 20) == moved
+    assert episodes.advance_route_frontiers({"1-3": 10}, tracker, 20)["1-3"] == 10
+    for _ in range(episodes.FRONTIER_EPISODES):
+        tracker.add(route_episode(12, cleared=True))
+    assert episodes.advance_route_frontiers({"1-3": 10}, tracker, 20)["1-3"] == 0  # not below the start
+
+
+def test_a_backward_schedule_needs_routes(tmp_path, capsys):
+    assert_usage_error(
+        ["train", "mario-1-1", "--steps", "256", "--device", "cpu", "--no-progress",
+         "--run-dir", str(tmp_path / "run"), "--set", "route_start_schedule=backward"],
+        capsys, "route_start_schedule=backward needs route_starts",
+    )  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_backward_schedule_hands_its_windows_to_the_envs_and_a_resumed_run_keeps_them(tmp_path):
+    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
+    config = ppo.PPOConfig(
+        env="mario-1-1", route_starts=path, route_start_prob=1.0, route_start_schedule="backward",
+        route_start_step=5, device="cpu",
+    )  # fmt: skip
+    run = engine.TrainingRun("ppo", config, tmp_path / "run", resume=False, progress=False)
+    try:
+        assert run.route_frontiers == {"1-1": 20}
+        vec_env = run.make_vec_env(2, seed=0)
+        assert all(20 <= start < 25 for start in vec_env.reset(seed=0)[1]["route_start"])
+        for i in range(episodes.FRONTIER_EPISODES):  # a fifth of the window's starts clear
+            run.episodes.add(route_episode(20 + i % 5, cleared=i < 4, stage=1))
+        run.advance_route_starts()
+        assert run.route_frontiers == {"1-1": 15}
+        assert all(15 <= start < 20 for start in vec_env.reset(seed=1)[1]["route_start"])
+        run.save(512, {})
+    finally:
+        run.close()
+    resumed = engine.TrainingRun("ppo", config, tmp_path / "run", resume=True, progress=False)
+    assert resumed.route_frontiers == {"1-1": 15} and resumed.route_windows() == {"1-1": (15, 20)}
