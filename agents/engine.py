@@ -60,15 +60,11 @@ from core.checkpoint import (
 )
 from core.compute import resolve_device, seed_everything, set_learner_threads
 from core.config import option
+from core.errors import TrainingStopped
 from core.files import atomic_write_json, is_storage_error, jsonable
 from core.plots import Panel, plot_history
 from core.runs import CHECKPOINTS
 from envs.mario import load_routes, stage_of
-
-
-class TrainingStopped(RuntimeError):
-    """Training cannot go on (persistent NaNs, env workers that keep failing); the message says why."""
-
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints of a training run

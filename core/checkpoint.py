@@ -26,14 +26,11 @@ import torch
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 
+from core.errors import CheckpointError
 from core.files import StorageError, atomic_write_files, json_bytes, signals_deferred
 
 FORMAT = "agent-lab-checkpoint"
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or run directory that cannot be loaded: missing, truncated, tampered or foreign."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from core.errors import CheckpointError, TrainingStopped
 from lab.arguments import (
     STOCHASTIC_HELP,
     add_repeatable,
@@ -288,12 +289,15 @@ def command(name: str) -> Callable[[argparse.Namespace], Any]:
     return getattr(importlib.import_module(module), function)
 
 
+def env_workers_failed(error: BaseException) -> bool:
+    """Whether ``error`` is an ``envs.vector.EnvWorkerError``. That module is loaded whenever one was
+    raised; importing it up front would load the envs (0.3 s) for every ``lab --help``."""
+    vector = sys.modules.get("envs.vector")
+    return vector is not None and isinstance(error, vector.EnvWorkerError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs ``lab``; returns the exit status (0 ok, 1 a run that failed, 2 bad input, 130 interrupted)."""
-    from agents.engine import TrainingStopped
-    from core.checkpoint import CheckpointError
-    from envs.vector import EnvWorkerError
-
     debug = os.environ.get("LAB_DEBUG") == "1"
     # A path or name the terminal cannot encode must not turn finished work into an error.
     for stream in (sys.stdout, sys.stderr):
@@ -304,8 +308,8 @@ def main(argv: list[str] | None = None) -> int:
         result = command(args.command)(args)
     except UsageError as error:
         return fail(str(error))
-    except (TrainingStopped, EnvWorkerError) as error:
-        if debug:
+    except RuntimeError as error:  # a run that stopped, or its env workers that failed for good
+        if debug or not (isinstance(error, TrainingStopped) or env_workers_failed(error)):
             raise
         storage = storage_error_in(error)
         if storage is not None:  # a full disk or read-only directory is the user's to fix: exit 2

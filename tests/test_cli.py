@@ -688,3 +688,39 @@ def test_eval_prints_each_clear_rate_with_its_95_percent_interval(capsys):
     out = capsys.readouterr().out
     # Wilson: 6 of 10 -> 31-83%, 5 of 5 -> 57-100%.
     assert "flag reached 60% (95% CI 31-83)" in out and "flag reached 100% (95% CI 57-100)" in out
+
+
+def test_lab_help_loads_neither_torch_nor_the_envs():
+    code = (
+        "import contextlib, io, sys\n"
+        "from lab.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    main(['--help'])\n"
+        "print(sorted(m for m in ('torch', 'envs', 'gymnasium') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("kind", ["env workers", "training stopped"])
+def test_a_run_that_fails_is_one_line_and_exit_1(kind, monkeypatch, capsys):
+    from envs.vector import EnvWorkerError
+
+    error = EnvWorkerError("env 3 failed 6 times") if kind == "env workers" else engine.TrainingStopped("NaNs")
+
+    def failing(args: Any) -> None:
+        raise error
+
+    monkeypatch.setattr(cli, "command", lambda name: failing)
+    assert cli.main(["train", "cartpole"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(error) in err and "LAB_DEBUG=1" in err
+
+
+def test_another_runtime_error_is_not_taken_for_a_failed_run(monkeypatch):
+    def failing(args: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "command", lambda name: failing)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["train", "cartpole"])
