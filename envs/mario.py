@@ -389,6 +389,12 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     the stage's start), so the training curves can leave these episodes out. Stages without a route
     start as usual.
 
+    A replay from the stage's start costs as much emulation as the agent steps it skips (about 4.5 ms
+    each here), which near the flag is many times the episode itself. So every position the replays
+    pass is kept as an emulator snapshot (nes-py's ``dump_state``, a few microseconds each), and a
+    later start loads the snapshot ``tail`` actions before it and replays only those, which refills
+    the frame stack and the wrappers' last action exactly as a replay from the start would.
+
     Args:
         env: a Mario env stack whose info carries ``world`` and ``stage`` (below the no-op starts,
             whose random wait would throw the replay off its route).
@@ -412,7 +418,12 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self.prob = float(prob)
         self.windows = {label: (0, len(route) + 1) for label, route in self.routes.items()}
         self.set_route_windows(windows or {})
-        self.sticky = [wrapper for wrapper in _wrappers_below(env) if isinstance(wrapper, StickyAction)]
+        below = _wrappers_below(env)
+        self.sticky = [wrapper for wrapper in below if isinstance(wrapper, StickyAction)]
+        stacks = [wrapper.stack_size for wrapper in below if isinstance(wrapper, FrameStackObservation)]
+        self.tail = max(stacks, default=1)  # the actions replayed after a snapshot: a whole frame stack
+        #: {stage: {n: the emulator after the route's first n actions}}
+        self.snapshots: dict[str, dict[int, Any]] = {label: {} for label in self.routes}
         self.replayed = 0
 
     def set_route_windows(self, windows: dict[str, tuple[int, int]]) -> None:
@@ -433,7 +444,7 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         label = f"{info.get('world')}-{info.get('stage')}"
         route = self.routes.get(label)
         if route and self.np_random.random() < self.prob:
-            obs, info = self._replay(route[: int(self.np_random.integers(*self.windows[label]))], obs, info)
+            obs, info = self._replay(label, int(self.np_random.integers(*self.windows[label])), obs, info)
         return obs, {**info, "route_start": self.replayed}
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
@@ -441,20 +452,35 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         # Every step says how the episode began, so the episode statistics can tell the two apart.
         return obs, reward, terminated, truncated, {**info, "route_start": self.replayed}
 
-    def _replay(self, actions: list[int], obs: Any, info: dict) -> tuple[Any, dict]:
+    def _replay(self, label: str, length: int, obs: Any, info: dict) -> tuple[Any, dict]:
+        """Plays the first ``length`` actions of the stage's route, from the nearest snapshot at
+        least ``tail`` actions before when there is one."""
+        route, snapshots, emulator = self.routes[label], self.snapshots[label], self._emulator()
+        start = max((n for n in snapshots if n <= length - self.tail), default=0)
+        if start and emulator is not None:
+            emulator.load_state(snapshots[start])
         sticky_probs = [wrapper.repeat_action_probability for wrapper in self.sticky]
         for wrapper in self.sticky:
             wrapper.repeat_action_probability = 0.0
         try:
-            for action in actions:
-                obs, _, terminated, truncated, info = self.env.step(action)
+            for n in range(start + 1, length + 1):
+                obs, _, terminated, truncated, info = self.env.step(route[n - 1])
                 if terminated or truncated:  # the route's end (the flag), or one that does not fit
                     return self.env.reset()
+                if emulator is not None and n not in snapshots:
+                    snapshots[n] = emulator.dump_state()
         finally:
             for wrapper, sticky_prob in zip(self.sticky, sticky_probs, strict=True):
                 wrapper.repeat_action_probability = sticky_prob
-        self.replayed = len(actions)
+        self.replayed = length
         return obs, info
+
+    def _emulator(self) -> Any:
+        """The playing stage's nes-py emulator, None for an env without snapshots."""
+        base = self.env.unwrapped
+        if isinstance(base, RandomStage):
+            base = base.stacks[base.current].unwrapped
+        return base if hasattr(base, "dump_state") and hasattr(base, "load_state") else None
 
 
 def load_routes(path: str, action_set: str = "simple") -> dict[str, list[int]]:

@@ -706,7 +706,9 @@ def test_lab_help_loads_neither_torch_nor_the_envs():
 def test_a_run_that_fails_is_one_line_and_exit_1(kind, monkeypatch, capsys):
     from envs.vector import EnvWorkerError
 
-    error = EnvWorkerError("env 3 failed 6 times") if kind == "env workers" else engine.TrainingStopped("NaNs")
+    error = (
+        EnvWorkerError("env 3 failed 6 times") if kind == "env workers" else engine.TrainingStopped("NaNs")
+    )
 
     def failing(args: Any) -> None:
         raise error

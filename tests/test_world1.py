@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -362,3 +363,26 @@ def test_the_backward_schedule_hands_its_windows_to_the_envs_and_a_resumed_run_k
         run.close()
     resumed = engine.TrainingRun("ppo", config, tmp_path / "run", resume=True, progress=False)
     assert resumed.route_frontiers == {"1-1": 15} and resumed.route_windows() == {"1-1": (15, 20)}
+
+
+@pytest.mark.parametrize("preset", ["mario-1-1", "mario-world-1"])
+def test_a_route_start_from_a_snapshot_equals_a_replay_from_the_start(preset):
+    stages = {"stages": ["1-1"]} if preset == "mario-world-1" else {}
+
+    def start(windows: list[tuple[int, int]]) -> tuple[Any, dict, int]:
+        env = envs.make(preset, route_starts={"1-1": WALK}, route_start_prob=1.0, **stages)
+        try:
+            set_windows = env.get_wrapper_attr("set_route_windows")
+            for seed, window in enumerate(windows):
+                set_windows({"1-1": window})
+                obs, info = env.reset(seed=seed)
+            obs, *_, info = env.step(3)  # and the step after it
+            return obs, info, len(env.get_wrapper_attr("snapshots")["1-1"])
+        finally:
+            env.close()
+
+    fresh_obs, fresh_info, cached = start([(13, 14)])
+    assert cached == 13  # every position the replay passed
+    obs, info, cached = start([(24, 25), (13, 14)])  # 13 from the snapshot at 9, 4 actions replayed
+    assert cached == 24 and np.array_equal(obs, fresh_obs)
+    assert (info["x_pos"], info["route_start"]) == (fresh_info["x_pos"], 13)
