@@ -43,7 +43,7 @@ from agents.ppo import keep_zero_weights, setup_network
 from core.checkpoint import load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, keep_freed_memory
 from core.config import config_from_dict as rebuild_config
-from core.config import option
+from core.config import option, redefault
 from nets.augment import SHIFT_PAD, random_shift
 
 ALGO = "dqn"
@@ -60,13 +60,12 @@ class DQNConfig(AgentConfig):
     periodic greedy evals kept at the end.
     """
 
-    hidden: tuple[int, ...] = option((256, 256), "MLP widths for vector observations")
+    hidden: tuple[int, ...] = redefault(AgentConfig, "hidden", (256, 256))
     head_hidden: int = option(0, "hidden layer per Q stream (0: one Linear)", min=0)
-    total_steps: int = option(50_000, "agent steps over the whole run", min=1)
-    num_envs: int = option(1, "parallel envs", min=1, max=1024)
+    total_steps: int = redefault(AgentConfig, "total_steps", 50_000)
+    num_envs: int = redefault(AgentConfig, "num_envs", 1)
     buffer_size: int = option(100_000, "replay memory in transitions", min=1)
-    learning_rate: float = option(2.3e-3, "Adam learning rate", min=0.0)
-    gamma: float = option(0.99, "discount", min=0.0, max=1.0)
+    learning_rate: float = redefault(AgentConfig, "learning_rate", 2.3e-3)
     batch_size: int = option(64, "transitions per gradient step", min=1)
     learning_starts: int = option(1_000, "transitions stored before learning", min=0)
     train_frequency: int = option(2, "agent steps between training phases", min=1)
@@ -85,8 +84,7 @@ class DQNConfig(AgentConfig):
     prioritized_alpha: float = option(0.6, "priority exponent", min=0.0)
     prioritized_beta0: float = option(0.4, "initial importance exponent, annealed to 1", min=0.0, max=1.0)
     loss: Literal["huber", "mse"] = option("huber", "TD loss")
-    max_grad_norm: float = option(10.0, "gradient clipping norm (0: none)", min=0.0)
-    threads: int = option(1, "CPU threads of the learner (0: torch's default, one per core)", min=0, max=1024)
+    max_grad_norm: float = redefault(AgentConfig, "max_grad_norm", 10.0)
     keep_freed_memory: bool = option(
         True,
         "keep memory freed between gradient steps in the process (glibc malloc thresholds) "
@@ -99,8 +97,8 @@ class DQNConfig(AgentConfig):
         "env in this process (env_backend=sync)",
     )
     log_every: int = option(1_000, "agent steps between log records", min=1)
-    # The shared field with DQN's own default: its keep_best picks among the periodic evals.
-    eval_every: int = option(2_500, "agent steps between greedy evals (0: at end)", min=0)
+    # Periodic evals by default: keep_best picks among them.
+    eval_every: int = redefault(AgentConfig, "eval_every", 2_500)
     keep_best: bool = option(True, "end with the weights of the best periodic greedy eval (needs eval_every)")
     save_buffer: bool = option(False, "checkpoint the replay memory too (large)")
     augment: Literal["none", "shift"] = option(
@@ -574,9 +572,7 @@ def dqn_update(trainer: DQNTrainer, batches: Iterable[Any], learning_rate: float
 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(
-            trainer.q_network.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf")
-        )
+        grad_norm = nn.utils.clip_grad_norm_(trainer.q_network.parameters(), config.max_grad_norm or math.inf)
         # A non-finite loss or gradient skips this step instead of poisoning the weights.
         if torch.isfinite(loss) and torch.isfinite(grad_norm):
             optimizer.step()

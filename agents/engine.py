@@ -132,6 +132,18 @@ class AgentConfig:
     net: str = option("auto", "encoder from nets/ (auto: by observation type)")
     seed: int = option(1, "seed of torch, numpy and the envs", min=0)
     device: str = option("auto", "auto, cpu or cuda")
+    threads: int = option(
+        1,
+        "CPU threads of the learner (0: one per core); PPO's inference beside env workers uses one",
+        min=0,
+        max=1024,
+    )
+    total_steps: int = option(200_000, "agent steps over the whole run", min=1)
+    num_envs: int = option(8, "parallel envs", min=1, max=1024)
+    hidden: tuple[int, ...] = option((64, 64), "MLP widths for vector observations")
+    learning_rate: float = option(2.5e-4, "Adam learning rate", min=0.0)
+    gamma: float = option(0.99, "discount", min=0.0, max=1.0)
+    max_grad_norm: float = option(0.5, "gradient clipping norm (0: none)", min=0.0)
     env_backend: Literal["sync", "async", "ray"] = option(
         "sync", "vector env back-end: sync (in process), async (worker processes), ray (Ray actors)"
     )

@@ -27,6 +27,7 @@ on the run engine of :mod:`agents.engine`), collection, and the update's math (`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -52,18 +53,13 @@ ALGO = "ppo"
 class PPOConfig(AgentConfig):
     """Every field can be set with ``lab train ... --set key=value``."""
 
-    hidden: tuple[int, ...] = option((64, 64), "MLP widths for vector observations")
     shared_encoder: bool = option(True, "actor and critic share the encoder")
     memory: Literal["none", "lstm", "gru", "transformer"] = option(
         "none", "recurrent/attention memory after the encoder"
     )
     memory_size: int = option(128, "memory width (hidden size / d_model)", min=1)
     memory_len: int = option(16, "Transformer memory length in steps", min=1)
-    total_steps: int = option(200_000, "agent steps over the whole run", min=1)
-    num_envs: int = option(8, "parallel envs", min=1, max=1024)
     num_steps: int = option(128, "rollout length per env per update", min=1)
-    learning_rate: float = option(2.5e-4, "Adam learning rate", min=0.0)
-    gamma: float = option(0.99, "discount", min=0.0, max=1.0)
     gae_lambda: float = option(0.95, "GAE lambda", min=0.0, max=1.0)
     num_minibatches: int = option(4, "minibatches per epoch", min=1)
     update_epochs: int = option(4, "passes over each rollout", min=1)
@@ -72,7 +68,6 @@ class PPOConfig(AgentConfig):
     clip_vloss: bool = option(True, "clip the value loss too")
     ent_coef: float = option(0.01, "entropy bonus coefficient", min=0.0)
     vf_coef: float = option(0.5, "value loss coefficient", min=0.0)
-    max_grad_norm: float = option(0.5, "gradient clipping norm", min=0.0)
     target_kl: float | None = option(None, "stop the epochs early above this KL")
     reward_scale: float = option(1.0, "multiply env rewards by this", min=0.0)
     augment: Literal["none", "shift"] = option(
@@ -83,12 +78,6 @@ class PPOConfig(AgentConfig):
     # DrAC's second pass costs a forward and backward per regularised frame; a quarter of each
     # minibatch keeps that cost small and still regularises thousands of frames per update.
     drac_share: float = option(0.25, "augment: share of each minibatch (of its envs, with memory) whose shifted copy DrAC sees", min=0.01, max=1.0)  # fmt: skip
-    threads: int = option(
-        1,
-        "CPU threads of the learner (0: one per core); inference with env workers uses one",
-        min=0,
-        max=1024,
-    )
     overlap: bool = option(
         False, "learn from a rollout in a thread while collecting the next (policy lag of one update)"
     )
@@ -805,7 +794,7 @@ def ppo_update(
                 loss = loss + config.drac_coef * drac
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm)
+            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm or math.inf)
             # A non-finite loss or gradient skips this step instead of poisoning the weights.
             if torch.isfinite(loss) and torch.isfinite(grad_norm):
                 optimizer.step()

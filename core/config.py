@@ -51,6 +51,12 @@ def option(
     return dataclasses.field(default=default, metadata=metadata)
 
 
+def redefault(base: type, name: str, default: Any) -> Any:
+    """A subclass's field that only changes the default of ``base``'s field ``name``: its help and
+    bounds stay declared once, in ``base``. The field keeps its place among ``base``'s fields."""
+    return dataclasses.field(default=default, metadata=config_fields(base)[name].metadata)
+
+
 def config_fields(config_class: type) -> dict[str, dataclasses.Field]:
     """The fields of a config dataclass by name."""
     return {f.name: f for f in dataclasses.fields(config_class)}
