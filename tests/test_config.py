@@ -53,3 +53,18 @@ def test_validate_checks_ranges_of_values_set_in_code():
     validate(Example())
     with pytest.raises(ConfigError):
         validate(Example(steps=0))
+
+
+def test_a_redefaulted_field_keeps_the_base_fields_help_bounds_and_place():
+    from agents.dqn import DQNConfig
+    from agents.engine import AgentConfig
+    from core.config import config_fields, redefault
+
+    base, dqn = config_fields(AgentConfig), config_fields(DQNConfig)
+    assert list(dqn)[: len(base)] == list(base)  # the shared fields first, in their order
+    for name in ("total_steps", "num_envs", "hidden", "learning_rate", "max_grad_norm", "eval_every"):
+        assert dqn[name].metadata == base[name].metadata and dqn[name].default != base[name].default
+    with pytest.raises(ConfigError, match="must be >= 1"):
+        apply_overrides(DQNConfig(), ["num_envs=0"])  # the base's bound holds
+    with pytest.raises(KeyError):
+        redefault(AgentConfig, "no_such_field", 1)

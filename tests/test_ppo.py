@@ -2,6 +2,7 @@
 no autoreset transition, and a slow CartPole learning run."""
 
 import json
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -419,3 +420,28 @@ def test_overlap_bf16_actor_copy_collects_what_autocast_computes(tmp_path, monke
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     weights = [engine.load_training_checkpoint(run)[0]["model"] for run in runs]
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(sorted((run_dir / "checkpoints").glob("*.safetensors"))[-1])
+
+
+def test_max_grad_norm_0_means_no_clipping_not_zero_gradients(tmp_path):
+    # Before the field was shared with DQN, PPO clipped to a norm of 0: every update was a no-op.
+    runs_by_norm = {
+        norm: train(tmp_path, f"norm-{norm}", seed=5, max_grad_norm=norm)[1] for norm in (1e-12, 0.0)
+    }
+    start = final_weights(train(tmp_path, "lr-0", seed=5, learning_rate=0.0)[1])
+
+    def moved(run_dir: Path) -> float:
+        weights = final_weights(run_dir)
+        return max(
+            float((weights[k].float() - start[k].float()).abs().max())
+            for k in start
+            if k.startswith("model/")
+        )
+
+    tiny, unclipped = moved(runs_by_norm[1e-12]), moved(runs_by_norm[0.0])
+    assert tiny < unclipped / 100 and unclipped > 1e-3, (tiny, unclipped)
