@@ -397,7 +397,7 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     Args:
         env: a Mario env stack whose info carries ``world`` and ``stage`` (below the no-op starts,
-            whose random wait would throw the replay off its route).
+            whose random wait would throw the replay off its route; they skip a route start).
         routes: ``{"1-3": [action, ...]}``, indices into the env's action set from the stage's start.
         prob: the probability that an episode starts along the route, in [0, 1].
         windows: ``{"1-3": (low, high)}``, the first windows (:meth:`set_route_windows`).
@@ -704,7 +704,9 @@ def make_mario(
     if route_starts:
         env = RouteStarts(env, route_starts, route_start_prob, route_start_windows)
     if noop_max:
-        env = NoopResetEpisode(env, noop_max=noop_max, noop_action=0)
+        # A route start hands over where the route left Mario, often in the air: no-ops there would
+        # drop him mid-jump, so they apply to the episodes from the stage's start only.
+        env = NoopResetEpisode(env, noop_max=noop_max, noop_action=0, skip_if="route_start")
     if max_episode_steps is not None:
         env = TimeLimit(env, max_episode_steps=max_episode_steps)
     if stall_patience:

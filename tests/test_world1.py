@@ -386,3 +386,9 @@ def test_a_route_start_from_a_snapshot_equals_a_replay_from_the_start(preset):
     obs, info, cached = start([(24, 25), (13, 14)])  # 13 from the snapshot at 9, 4 actions replayed
     assert cached == 24 and np.array_equal(obs, fresh_obs)
     assert (info["x_pos"], info["route_start"]) == (fresh_info["x_pos"], 13)
+
+
+def test_no_op_starts_skip_the_episodes_that_start_along_a_route():
+    route = walked_positions()
+    along = {"route_starts": {"1-1": WALK}, "route_start_windows": {"1-1": (13, 14)}}
+    assert start_positions(6, noop_max=30, route_start_prob=1.0, **along) == [route[13]] * 6
