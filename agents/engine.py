@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 import envs
@@ -63,7 +62,7 @@ from core.config import option
 from core.errors import TrainingStopped
 from core.files import atomic_write_json, is_storage_error, jsonable
 from core.plots import Panel, plot_history
-from core.runs import CHECKPOINTS
+from core.runs import CHECKPOINTS, tensorboard_writer
 from envs.mario import load_routes, stage_of
 
 # ---------------------------------------------------------------------------------------------
@@ -287,8 +286,7 @@ class RunLogger:
     """TensorBoard writer plus a tqdm bar over agent steps; resumes the event stream on resume."""
 
     def __init__(self, run_dir: Path, total_steps: int, start_step: int, progress: bool, config: Any) -> None:
-        # purge_step drops events written after the checkpoint we resume from, so curves do not fold back.
-        self.writer = SummaryWriter(str(run_dir), purge_step=start_step if start_step > 0 else None)
+        self.writer = tensorboard_writer(run_dir, purge_step=start_step if start_step > 0 else None)
         if start_step == 0:
             rows = "\n".join(f"|{k}|{v}|" for k, v in dataclasses.asdict(config).items())
             self.writer.add_text("config", f"|param|value|\n|-|-|\n{rows}")

@@ -18,6 +18,11 @@ from typing import Any
 from core.checkpoint import CheckpointError, latest_checkpoint, read_sidecar
 from core.files import atomic_write_json, jsonable
 
+#: Seconds between the TensorBoard writer's flushes to disk, and so the longest its close waits: runs
+#: stopped by a signal were seen (2026-12-05, about one stop in 30 under load) waiting out the whole
+#: period in the writer thread's queue wait (torch's default, 120 s) before the close went through.
+TENSORBOARD_FLUSH_SECONDS = 10
+
 RUN_FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
 
@@ -37,6 +42,14 @@ def new_run_dir(base: str | os.PathLike, name: str) -> Path:
 def slug(name: str) -> str:
     """A name fit for a directory: ``SuperMarioBros-1-1-v0`` -> ``supermariobros-1-1-v0``."""
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-").lower()
+
+
+def tensorboard_writer(run_dir: Path, purge_step: int | None) -> Any:
+    """The run's TensorBoard ``SummaryWriter``; ``purge_step`` (a resumed run's first step or epoch)
+    drops the events written after the checkpoint, so a resumed curve does not fold back."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(run_dir), purge_step=purge_step, flush_secs=TENSORBOARD_FLUSH_SECONDS)
 
 
 def write_run_config(run_dir: Path, kind: str, name: str, config: Any) -> None:

@@ -56,7 +56,7 @@ from core.compute import native_bf16, resolve_device, seed_everything
 from core.config import option
 from core.files import atomic_write_json, jsonable, remove_stale_temps
 from core.plots import Panel, plot_history
-from core.runs import write_run_config
+from core.runs import tensorboard_writer, write_run_config
 from tasks import distributed
 
 Tensors = tuple[torch.Tensor, ...]
@@ -386,7 +386,6 @@ def fit(
             a lever that cannot run here (:func:`check_levers`).
         distributed.RankStopped: another rank of a data-parallel run went away.
     """
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only when a task runs
 
     started = time.perf_counter()
     run_dir = Path(run_dir)
@@ -481,9 +480,8 @@ def fit(
 
     if where.main:
         write_run_config(run_dir, "task", task, config)
-    # purge_step drops the events of epochs after the checkpoint, so a resumed curve does not fold back.
     writer = (
-        SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
+        tensorboard_writer(run_dir, purge_step=start_epoch + 1 if start_epoch else None)
         if where.main
         else None
     )

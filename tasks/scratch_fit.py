@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 import nets
 from core.checkpoint import latest_checkpoint, prune_checkpoints, save_checkpoint
 from core.files import jsonable, remove_stale_temps
-from core.runs import write_run_config
+from core.runs import tensorboard_writer, write_run_config
 from scratch import nn as snn
 from scratch import ops
 from scratch.core import Variable, no_grad
@@ -243,7 +243,6 @@ def fit(
         TaskError: a net the scratch engine does not build, inputs other than ``(inputs, labels)``,
             or a ``resume`` the loop's rules refuse (see ``tasks.loop.load_epoch_checkpoint``).
     """
-    from torch.utils.tensorboard import SummaryWriter  # slow import, only when a task runs
 
     try:
         check_engine(task, "scratch", config.net)
@@ -319,7 +318,7 @@ def fit(
         prune_checkpoints(checkpoints, KEEP_EPOCH_CHECKPOINTS, prefix=EPOCH_PREFIX)
 
     write_run_config(run_dir, "task", task, config)
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch + 1 if start_epoch else None)
+    writer = tensorboard_writer(run_dir, purge_step=start_epoch + 1 if start_epoch else None)
     bar = tqdm(total=total_steps, initial=step, desc=f"{task}/{config.net} scratch", unit="step",
                disable=not progress, leave=False)  # fmt: skip
     last_checkpoint = time.monotonic()
