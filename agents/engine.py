@@ -539,6 +539,8 @@ class TrainingRun:
         if episodes.stage_means():
             record["stages"] = episodes.stage_means()
         shares = self.rebalance_stages(record.get("stages", {}))
+        if self.config.route_starts:
+            record["route_start_clear_rate"] = episodes.route_start_mean("flag_get")
         self.advance_route_starts()
         if self.route_frontiers:
             record["route_frontiers"] = dict(self.route_frontiers)
@@ -783,8 +785,11 @@ def first_step_reaching(history: list[dict[str, Any]], key: str, threshold: floa
 
 def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Recent mean episode return over agent steps; Mario adds furthest x and the clear rate with
-    the steps of the first clear and of 90% clears; multi-stage runs add the clear rate per stage."""
-    has_mario = any(not math.isnan(record.get("clear_rate", math.nan) or math.nan) for record in history)
+    the steps of the first clear and of 90% clears (and of the route starts' episodes, with
+    ``route_starts``); multi-stage runs add the clear rate per stage, a backward route-start
+    schedule where its window is."""
+    # Mario's episodes report their furthest x (NaN elsewhere); a run without a clear is Mario too.
+    has_mario = any(not math.isnan(record.get("x_pos_max_mean") or math.nan) for record in history)
     panels = [Panel(("return_mean",), "mean episode return (last 100)")]
     if has_mario:
         markers = []
@@ -792,9 +797,16 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = 
             step = first_step_reaching(history, "clear_rate", threshold)
             if step is not None:
                 markers.append((step, f"{text}: {step / 1e6:.2f}M"))
+        routes = any("route_start_clear_rate" in record for record in history)
         panels += [
             Panel(("x_pos_max_mean",), "furthest x (last 100 episodes)"),
-            Panel(("clear_rate",), "flag reached (last 100)", ylim=(-0.02, 1.02), markers=tuple(markers)),
+            Panel(
+                ("clear_rate", "route_start_clear_rate") if routes else ("clear_rate",),
+                "flag reached (last 100)",
+                legend=("from the stage's start", "from route starts") if routes else (),
+                ylim=(-0.02, 1.02),
+                markers=tuple(markers),
+            ),
         ]
     stages = sorted({label for record in history for label in record.get("stages", {})})
     if stages:
@@ -805,5 +817,15 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = 
         panels.append(
             Panel(tuple(f"clear_rate/{label}" for label in stages), "flag reached per stage (last 100)",
                   legend=tuple(stages), ylim=(-0.02, 1.02))
+        )  # fmt: skip
+    frontier_stages = sorted({label for record in history for label in record.get("route_frontiers", {})})
+    if frontier_stages:
+        history = [
+            {**record, **{f"frontier/{label}": k for label, k in record.get("route_frontiers", {}).items()}}
+            for record in history
+        ]  # fmt: skip
+        panels.append(
+            Panel(tuple(f"frontier/{label}" for label in frontier_stages), "route starts from action",
+                  legend=tuple(frontier_stages) if len(frontier_stages) > 1 else ())
         )  # fmt: skip
     return plot_history(history, "step", panels, path, title=title, xlabel="agent steps")

@@ -392,3 +392,29 @@ def test_no_op_starts_skip_the_episodes_that_start_along_a_route():
     route = walked_positions()
     along = {"route_starts": {"1-1": WALK}, "route_start_windows": {"1-1": (13, 14)}}
     assert start_positions(6, noop_max=30, route_start_prob=1.0, **along) == [route[13]] * 6
+
+
+def test_the_learning_curve_shows_route_starts_and_the_backward_window(tmp_path, monkeypatch):
+    history = [
+        {"step": 4096 * i, "return_mean": 1.0, "x_pos_max_mean": 700.0, "clear_rate": 0.0,
+         "route_start_clear_rate": 0.5, "route_frontiers": {"1-3": 280 - 20 * i}}
+        for i in range(1, 6)
+    ]  # fmt: skip
+    drawn = {}
+    monkeypatch.setattr(
+        engine, "plot_history", lambda rows, x, panels, path, **kw: drawn.update(rows=rows, panels=panels)
+    )
+    engine.plot_learning_curve(history, tmp_path / "curve.png")
+    clears, frontier = drawn["panels"][2], drawn["panels"][-1]
+    assert clears.keys == ("clear_rate", "route_start_clear_rate") and len(clears.legend) == 2
+    assert frontier.keys == ("frontier/1-3",) and [r["frontier/1-3"] for r in drawn["rows"]] == [
+        260,
+        240,
+        220,
+        200,
+        180,
+    ]
+    engine.plot_learning_curve(
+        [{k: v for k, v in r.items() if "route" not in k} for r in history], tmp_path / "c.png"
+    )
+    assert len(drawn["panels"]) == 3 and drawn["panels"][2].keys == ("clear_rate",)
