@@ -20,7 +20,8 @@ Mario run of many hours must not. Three kinds of failure are caught, during ``st
 
 * ``"exception"``: a sub-env raised (the worker reports the traceback, then exits);
 * ``"crash"``: the worker process died (segfault in the emulator, the OOM killer, ``kill -9``);
-* ``"hang"``: no reply within ``step_timeout`` seconds (the worker is then killed).
+* ``"hang"``: no reply within ``step_timeout`` seconds and a grace of ``HANG_GRACE`` after it (the
+  worker is then killed).
 
 The failed worker is restarted: killed if still alive, then a new pipe and process rebuild its
 sub-envs from the same ``env_fns`` and reset each with a fresh, deterministic seed (derived from
@@ -88,6 +89,9 @@ FAILURE_KINDS = ("exception", "crash", "hang")
 DEFAULT_STEP_TIMEOUT = 60.0
 DEFAULT_MAX_RESTARTS = 5
 DEFAULT_RESTART_WINDOW = 100
+#: Seconds a worker still gets once its deadline has passed: a process group that was stopped (SIGSTOP,
+#: Ctrl-Z) and continued finds every deadline gone although no worker could reply in the meantime.
+HANG_GRACE = 2.0
 
 
 class EnvWorkerError(RuntimeError):
@@ -604,8 +608,9 @@ class SubprocVectorEnv(WorkerGroups, VectorEnv):
             poller = self._pollers[worker]
             if poller is not None:
                 ready = bool(poller.poll(max(0, math.ceil(remaining * 1000))))
+                ready = ready or bool(poller.poll(math.ceil(HANG_GRACE * 1000)))
             else:  # no poll(2) on this platform
-                ready = pipe.poll(max(remaining, 0.0))
+                ready = pipe.poll(max(remaining, 0.0)) or pipe.poll(HANG_GRACE)
             if not ready:
                 raise _WorkerFailure(
                     worker, "hang", f"{self._where(worker)}: no reply within {self.step_timeout:g} s"

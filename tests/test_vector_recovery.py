@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -603,3 +604,22 @@ def test_a_worker_may_take_a_step_timeout_per_sub_env_to_start():
             step_timeout=HANG_TIMEOUT,
         )
     assert 3 * HANG_TIMEOUT * 0.9 <= time.monotonic() - started < 3 * HANG_TIMEOUT + 30
+
+
+def test_workers_stopped_past_the_timeout_and_continued_are_not_taken_for_hung():
+    # What a Ctrl-Z (or SIGSTOP) of the whole process group and a later `fg` look like from the main
+    # process: every deadline has passed when the workers run again, and they reply at once.
+    vec = SubprocVectorEnv(env_fns(2, {}), envs_per_worker=1, step_timeout=HANG_TIMEOUT)
+    try:
+        vec.reset(seed=0)
+        pids = [process.pid for process in vec._processes]
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        resume = threading.Timer(HANG_TIMEOUT + 0.3, lambda: [os.kill(pid, signal.SIGCONT) for pid in pids])
+        resume.start()
+        obs, *_ = vec.step(np.zeros(2, dtype=np.int64))
+        resume.join()
+        assert (obs[:, 1] == 1).all() and vec.failure_counts["hang"] == 0
+        assert [process.pid for process in vec._processes] == pids  # none restarted
+    finally:
+        vec.close()
