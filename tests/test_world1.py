@@ -313,17 +313,20 @@ def test_the_backward_schedule_moves_back_after_a_fifth_of_its_window_clears():
     frontiers = episodes.first_route_frontiers(lengths, step=20)
     assert frontiers == {"1-3": 280, "1-4": 0}
     assert episodes.route_windows(frontiers, lengths, 20) == {"1-3": (280, 300), "1-4": (0, 10)}
-    tracker = episodes.EpisodeTracker()
+    tracker, fifth = (
+        episodes.EpisodeTracker(),
+        math.ceil(episodes.FRONTIER_EPISODES * episodes.FRONTIER_CLEAR_RATE),
+    )
     for i in range(episodes.FRONTIER_EPISODES - 1):  # one episode short: the window stays
-        tracker.add(route_episode(280 + i % 20, cleared=i < 4))
+        tracker.add(route_episode(280 + i % 20, cleared=i < fifth))
     assert episodes.advance_route_frontiers(frontiers, tracker, 20) == frontiers
     tracker.add(route_episode(250, cleared=True))  # outside the window: does not count
     tracker.add(route_episode(281, cleared=True, stage=4))  # another stage: does not count
     assert episodes.advance_route_frontiers(frontiers, tracker, 20) == frontiers
-    tracker.add(route_episode(299, cleared=False))  # 20 in the window, 4 cleared: a fifth
+    tracker.add(route_episode(299, cleared=False))  # enough in the window, a fifth of them cleared
     moved = episodes.advance_route_frontiers(frontiers, tracker, 20)
     assert moved == {"1-3": 260, "1-4": 0}
-    # twenty starts in the new window without a clear leave it where it is
+    # as many starts in the new window without a clear leave it where it is
     for _ in range(episodes.FRONTIER_EPISODES):
         tracker.add(route_episode(265, cleared=False))
     assert episodes.advance_route_frontiers(moved, tracker, 20) == moved
@@ -353,8 +356,9 @@ def test_the_backward_schedule_hands_its_windows_to_the_envs_and_a_resumed_run_k
         assert run.route_frontiers == {"1-1": 20}
         vec_env = run.make_vec_env(2, seed=0)
         assert all(20 <= start < 25 for start in vec_env.reset(seed=0)[1]["route_start"])
+        fifth = math.ceil(episodes.FRONTIER_EPISODES * episodes.FRONTIER_CLEAR_RATE)
         for i in range(episodes.FRONTIER_EPISODES):  # a fifth of the window's starts clear
-            run.episodes.add(route_episode(20 + i % 5, cleared=i < 4, stage=1))
+            run.episodes.add(route_episode(20 + i % 5, cleared=i < fifth, stage=1))
         run.advance_route_starts()
         assert run.route_frontiers == {"1-1": 15}
         assert all(15 <= start < 20 for start in vec_env.reset(seed=1)[1]["route_start"])
