@@ -390,10 +390,11 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     start as usual.
 
     A replay from the stage's start costs as much emulation as the agent steps it skips (about 4.5 ms
-    each here), which near the flag is many times the episode itself. So every position the replays
-    pass is kept as an emulator snapshot (nes-py's ``dump_state``, a few microseconds each), and a
-    later start loads the snapshot ``tail`` actions before it and replays only those, which refills
-    the frame stack and the wrappers' last action exactly as a replay from the start would.
+    each here), which near the flag is many times the episode itself. So every ``tail``-th position
+    the replays pass is kept as an emulator snapshot (nes-py's ``dump_state``: microseconds, but about
+    250 KB each, hence not every position), and a later start loads the last snapshot at least
+    ``tail`` actions before it and replays ``tail`` to ``2 * tail - 1`` actions, which refills the
+    frame stack and the wrappers' last action exactly as a replay from the start would.
 
     Args:
         env: a Mario env stack whose info carries ``world`` and ``stage`` (below the no-op starts,
@@ -422,7 +423,7 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         self.sticky = [wrapper for wrapper in below if isinstance(wrapper, StickyAction)]
         stacks = [wrapper.stack_size for wrapper in below if isinstance(wrapper, FrameStackObservation)]
         self.tail = max(stacks, default=1)  # the actions replayed after a snapshot: a whole frame stack
-        #: {stage: {n: the emulator after the route's first n actions}}
+        #: {stage: {n: the emulator after the route's first n actions}}, n a multiple of tail
         self.snapshots: dict[str, dict[int, Any]] = {label: {} for label in self.routes}
         self.replayed = 0
 
@@ -467,7 +468,7 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
                 obs, _, terminated, truncated, info = self.env.step(route[n - 1])
                 if terminated or truncated:  # the route's end (the flag), or one that does not fit
                     return self.env.reset()
-                if emulator is not None and n not in snapshots:
+                if emulator is not None and n % self.tail == 0 and n not in snapshots:
                     snapshots[n] = emulator.dump_state()
         finally:
             for wrapper, sticky_prob in zip(self.sticky, sticky_probs, strict=True):

@@ -386,9 +386,9 @@ def test_a_route_start_from_a_snapshot_equals_a_replay_from_the_start(preset):
             env.close()
 
     fresh_obs, fresh_info, cached = start([(13, 14)])
-    assert cached == 13  # every position the replay passed
-    obs, info, cached = start([(24, 25), (13, 14)])  # 13 from the snapshot at 9, 4 actions replayed
-    assert cached == 24 and np.array_equal(obs, fresh_obs)
+    assert cached == 3  # every 4th position the replay passed (a frame stack apart): 4, 8, 12
+    obs, info, cached = start([(24, 25), (13, 14)])  # 13 from the snapshot at 8, 5 actions replayed
+    assert cached == 6 and np.array_equal(obs, fresh_obs)
     assert (info["x_pos"], info["route_start"]) == (fresh_info["x_pos"], 13)
 
 
