@@ -162,8 +162,8 @@ class AgentConfig:
         "route starts: anywhere along the route (uniform), or from a window that begins near the flag "
         "and moves route_start_step actions back whenever a fifth of its starts clear (backward)",
     )
-    # A window of 20 actions on 1-3 held starts before and after the moving lift: those after it
-    # cleared a fifth of the time and the window moved on before the lift itself was learnt.
+    # A wide window mixes starts before and after a hard spot (1-3's moving lift): those after it
+    # clear, and the window moves on before the spot itself is learnt.
     route_start_step: int = option(10, "route_start_schedule=backward: the window's width and step, in actions", min=1)  # fmt: skip
     stage_sampling: Literal["uniform", "adaptive"] = option(
         "uniform",

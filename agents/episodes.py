@@ -141,8 +141,8 @@ def route_start_scalars(episodes: EpisodeTracker) -> dict[str, float]:
 #: FRONTIER_EPISODES episodes that started in it cleared the stage at least FRONTIER_CLEAR_RATE of the
 #: time. Salimans and Chen (2018) move on at about that success rate: the part behind the window is
 #: practised again by every start further back, so it need not be mastered first. The rule is asked
-#: after every update, of overlapping windows: with 20 episodes, 1-3's window passed it twice by luck
-#: while its starts cleared 1-4% of the time; with 50 a lucky pass needs 10 clears, not 4.
+#: after every update, of overlapping windows, so luck passes it far more often than one draw of a
+#: window suggests; 50 episodes (10 clears needed) keep a window that rarely clears in place.
 FRONTIER_EPISODES = 50
 FRONTIER_CLEAR_RATE = 0.2
 

@@ -18,9 +18,9 @@ from typing import Any
 from core.checkpoint import CheckpointError, latest_checkpoint, read_sidecar
 from core.files import atomic_write_json, jsonable
 
-#: Seconds between the TensorBoard writer's flushes to disk, and so the longest its close waits: runs
-#: stopped by a signal were seen (2026-12-05, about one stop in 30 under load) waiting out the whole
-#: period in the writer thread's queue wait (torch's default, 120 s) before the close went through.
+#: Seconds between the TensorBoard writer's flushes to disk, and so the longest its close waits: a run
+#: stopped by a signal can find the writer thread in its timed queue wait, deaf to the close, until
+#: the period ends (torch's default is 120 s; benchmarks/RESULTS.md, "Stopping a run").
 TENSORBOARD_FLUSH_SECONDS = 10
 
 RUN_FORMAT_VERSION = 1

@@ -389,10 +389,10 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     the stage's start), so the training curves can leave these episodes out. Stages without a route
     start as usual.
 
-    A replay from the stage's start costs as much emulation as the agent steps it skips (about 4.5 ms
-    each here), which near the flag is many times the episode itself. So every ``tail``-th position
-    the replays pass is kept as an emulator snapshot (nes-py's ``dump_state``: microseconds, but about
-    250 KB each, hence not every position), and a later start loads the last snapshot at least
+    A replay from the stage's start costs as much emulation as the agent steps it skips, which near
+    the flag is many times the episode itself. So every ``tail``-th position the replays pass is kept
+    as an emulator snapshot (nes-py's ``dump_state``: quick, but hundreds of KB each, hence not every
+    position), and a later start loads the last snapshot at least
     ``tail`` actions before it and replays ``tail`` to ``2 * tail - 1`` actions, which refills the
     frame stack and the wrappers' last action exactly as a replay from the start would.
 
