@@ -93,7 +93,10 @@ def load_training_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, A
 
 
 #: What a shipped (slim) checkpoint keeps: weights and the counters behind its curves.
-SLIM_KEYS = ("model", "global_step", "update", "episodes", "recent_episodes", "recent_by_stage", "history")
+SLIM_KEYS = (
+    "model", "global_step", "update", "episodes", "recent_episodes", "recent_by_stage", "history",
+    "route_start_episodes", "recent_route_starts", "route_frontiers",  # a route-start curriculum goes on
+)  # fmt: skip
 
 
 def export_slim_checkpoint(run_dir: Path, out_dir: Path) -> Path:

@@ -13,6 +13,7 @@ import pytest
 
 import envs
 from agents import engine, episodes, ppo
+from core.runs import write_run_config
 from envs.mario import load_routes, parse_stages
 from envs.registry import WORLD_1_STAGES
 from tests.test_cli import assert_usage_error
@@ -362,11 +363,17 @@ def test_the_backward_schedule_hands_its_windows_to_the_envs_and_a_resumed_run_k
         run.advance_route_starts()
         assert run.route_frontiers == {"1-1": 15}
         assert all(15 <= start < 20 for start in vec_env.reset(seed=1)[1]["route_start"])
-        run.save(512, {})
+        run.save(512, {"global_step": 512})
     finally:
         run.close()
     resumed = engine.TrainingRun("ppo", config, tmp_path / "run", resume=True, progress=False)
     assert resumed.route_frontiers == {"1-1": 15} and resumed.route_windows() == {"1-1": (15, 20)}
+    write_run_config(tmp_path / "run", "algo", "ppo", config)
+    engine.export_slim_checkpoint(tmp_path / "run", tmp_path / "slim")  # what a session commits
+    slim = engine.TrainingRun("ppo", config, tmp_path / "slim", resume=True, progress=False)
+    assert (
+        slim.route_frontiers == {"1-1": 15} and slim.episodes.route_start_count == episodes.FRONTIER_EPISODES
+    )
 
 
 @pytest.mark.parametrize("preset", ["mario-1-1", "mario-world-1"])
