@@ -544,8 +544,9 @@ class TrainingRun:
         if episodes.stage_means():
             record["stages"] = episodes.stage_means()
         shares = self.rebalance_stages(record.get("stages", {}))
-        if self.config.route_starts:
-            record["route_start_clear_rate"] = episodes.route_start_mean("flag_get")
+        route_scalars = route_start_scalars(episodes) if self.config.route_starts else {}
+        if route_scalars:
+            record["route_start_clear_rate"] = route_scalars["route_starts/clear_rate"]
         self.advance_route_starts()
         if self.route_frontiers:
             record["route_frontiers"] = dict(self.route_frontiers)
@@ -561,7 +562,7 @@ class TrainingRun:
                 "charts/x_pos_max": record["x_pos_max_mean"],
                 "charts/clear_rate": record["clear_rate"],
                 "charts/episodes": episodes.count,
-                **(route_start_scalars(episodes) if self.config.route_starts else {}),
+                **route_scalars,
                 **{f"route_starts/frontier/{label}": k for label, k in self.route_frontiers.items()},
                 "charts/skipped_updates": self.skipped_updates,
                 **{f"charts/{name}": count for name, count in workers.items()},
@@ -788,6 +789,19 @@ def first_step_reaching(history: list[dict[str, Any]], key: str, threshold: floa
     return None
 
 
+def spread_columns(
+    history: list[dict[str, Any]], key: str, name: str, pick: Callable[[Any], float]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """The stages of the records' ``{stage: value}`` dicts under ``key``, and the records with a
+    flat column ``name/<stage>`` of ``pick(value)`` each, for :func:`plot_history`."""
+    labels = sorted({label for record in history for label in record.get(key, {})})
+    rows = [
+        {**record, **{f"{name}/{label}": pick(value) for label, value in record.get(key, {}).items()}}
+        for record in history
+    ]
+    return labels, rows
+
+
 def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Recent mean episode return over agent steps; Mario adds furthest x and the clear rate with
     the steps of the first clear and of 90% clears (and of the route starts' episodes, with
@@ -813,22 +827,14 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = 
                 markers=tuple(markers),
             ),
         ]
-    stages = sorted({label for record in history for label in record.get("stages", {})})
+    stages, history = spread_columns(history, "stages", "clear_rate", lambda means: means["clear_rate"])
     if stages:
-        history = [
-            {**record, **{f"clear_rate/{label}": means["clear_rate"] for label, means in record.get("stages", {}).items()}}
-            for record in history
-        ]  # fmt: skip
         panels.append(
             Panel(tuple(f"clear_rate/{label}" for label in stages), "flag reached per stage (last 100)",
                   legend=tuple(stages), ylim=(-0.02, 1.02))
         )  # fmt: skip
-    frontier_stages = sorted({label for record in history for label in record.get("route_frontiers", {})})
+    frontier_stages, history = spread_columns(history, "route_frontiers", "frontier", lambda k: k)
     if frontier_stages:
-        history = [
-            {**record, **{f"frontier/{label}": k for label, k in record.get("route_frontiers", {}).items()}}
-            for record in history
-        ]  # fmt: skip
         panels.append(
             Panel(tuple(f"frontier/{label}" for label in frontier_stages), "route starts from action",
                   legend=tuple(frontier_stages) if len(frontier_stages) > 1 else ())
