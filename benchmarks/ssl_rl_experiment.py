@@ -17,8 +17,11 @@ pretrained  ``--set init_encoder=RUN``: the Nature CNN starts from the ATC encod
 
 Every run lives in ``ROOT/<arm>-s<seed>``; ``train`` skips the runs that reached the budget, resumes
 the ones with a checkpoint (``lab train --resume``) and starts the rest, each as a child process at
-``--nice``, so the script can be stopped and started again at any point. ``report`` reads the runs
-as far as they got (the newest checkpoint's history for unfinished ones), draws furthest x and the
+``--nice``, so the script can be stopped and started again at any point. A run that reaches the
+budget leaves a record in ``RECORDS/<arm>-s<seed>.json`` (its history and its sticky-action clear
+rate, tens of KB) meant to be committed: the runs themselves are gitignored, and a lost machine lost
+three finished runs once. ``report`` reads the records, and the runs without one as far as they got
+(the newest checkpoint's history for unfinished ones), draws furthest x and the
 training clear rate (last 100 episodes) per arm, the mean over seeds with a bootstrap 95% interval,
 next to the shipped run's curve, and tabulates per seed the steps to the first clear and to 50%
 training clears and the final agent's clear rate with sticky actions (p = 0.25).
@@ -64,6 +67,7 @@ ARMS = {
 # checkpoints so that a stopped run loses little.
 COMMON_SETS = ["eval_every=0", "checkpoint_every=20480", "keep_checkpoints=1"]
 STICKY = 0.25
+RECORDS = Path("benchmarks/results/ssl-rl")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +80,7 @@ def gather(args: argparse.Namespace) -> Path:
     from agents import load_agent
     from tasks.ssl import gather_frames
 
-    os.nice(args.nice)
+    set_niceness(args.nice)
     agent = load_agent(args.agent, device="cpu")
 
     def greedy(obs: np.ndarray) -> np.ndarray:
@@ -128,12 +132,17 @@ def train(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for arm in args.arms:
             run_dir = args.root / f"{arm}-s{seed}"
+            if record_path(args, arm, seed).exists():
+                print(f"{run_dir}: done, recorded in {record_path(args, arm, seed)}", flush=True)
+                continue
             reached = steps_reached(run_dir)
             if reached >= stop_at:
                 print(
                     f"{run_dir}: {reached:,} steps, {'done' if reached >= args.steps else 'paused'}",
                     flush=True,
                 )
+                if reached >= args.steps:
+                    save_record(args, arm, seed)
                 continue
             if reached > 0:
                 command = ["train", "--resume", str(run_dir), "--steps", str(args.steps)]
@@ -153,6 +162,39 @@ def train(args: argparse.Namespace) -> None:
                 command += [part for item in sets for part in ("--set", item)]
             stop = (lambda d=run_dir: checkpoint_step(d) >= stop_at) if pausing else None
             run_lab(command + ["--no-progress"], args.nice, stop)
+            if steps_reached(run_dir) >= args.steps:
+                save_record(args, arm, seed)
+
+
+def record_path(args: argparse.Namespace, arm: str, seed: int) -> Path:
+    return args.records / f"{arm}-s{seed}.json"
+
+
+def save_record(args: argparse.Namespace, arm: str, seed: int) -> None:
+    """The finished run's history and sticky-action clear rate, in a small committed file."""
+    from core.files import atomic_write_json
+
+    run_dir = args.root / f"{arm}-s{seed}"
+    set_niceness(args.nice)  # the evaluation runs in this process, beside other work
+    sticky = (
+        None if args.sticky_episodes == 0 else sticky_clear_rate(run_dir, args.sticky_episodes, seed=12345)
+    )
+    record = {
+        "arm": arm,
+        "seed": seed,
+        "budget": args.steps,
+        "sticky_clear_rate": sticky,
+        "sticky_episodes": args.sticky_episodes,
+        "history": run_history(run_dir),
+    }
+    args.records.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(record_path(args, arm, seed), record)
+    print(f"  recorded {record_path(args, arm, seed)} (sticky clear rate {sticky})", flush=True)
+
+
+def load_record(args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any] | None:
+    path = record_path(args, arm, seed)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def run_lab(command: list[str], nice: int, stop: Callable[[], bool] | None = None) -> None:
@@ -160,7 +202,7 @@ def run_lab(command: list[str], nice: int, stop: Callable[[], bool] | None = Non
     ``stop()`` turns true (asked every 30 s) the child gets SIGTERM, which saves and exits 130."""
     print(f"$ nice -n {nice} lab {' '.join(command)}", flush=True)
     started = time.time()
-    child = subprocess.Popen([sys.executable, "-m", "lab", *command], preexec_fn=lambda: os.nice(nice))
+    child = subprocess.Popen([sys.executable, "-m", "lab", *command], preexec_fn=lambda: set_niceness(nice))
     while True:
         try:
             status = child.wait(timeout=30)
@@ -171,6 +213,12 @@ def run_lab(command: list[str], nice: int, stop: Callable[[], bool] | None = Non
     print(f"  exit {status} after {(time.time() - started) / 60:.1f} min", flush=True)
     if status not in (0, 130) or (status == 130 and not (stop is not None and stop())):
         raise SystemExit(status)
+
+
+def set_niceness(nice: int) -> None:
+    """Raise this process's niceness to ``nice`` (absolute, not an increment: a child of a process
+    that is nice already must not add its share again)."""
+    os.nice(max(0, nice - os.nice(0)))
 
 
 def checkpoint_step(run_dir: Path) -> int:
@@ -252,8 +300,15 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     from agents.engine import first_step_reaching
 
     rng = np.random.default_rng(0)
+    records = {(arm, seed): load_record(args, arm, seed) for arm in args.arms for seed in args.seeds}
     runs = {
-        arm: {seed: run_history(args.root / f"{arm}-s{seed}") for seed in args.seeds} for arm in args.arms
+        arm: {
+            seed: records[arm, seed]["history"]
+            if records[arm, seed]
+            else run_history(args.root / f"{arm}-s{seed}")
+            for seed in args.seeds
+        }
+        for arm in args.arms
     }
     shipped = run_history(args.shipped)
     grid = np.arange(0, args.steps + 1, 4096, dtype=float)
@@ -261,9 +316,13 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     for arm, histories in runs.items():
         present = {seed: history for seed, history in histories.items() if history}
         for seed, history in present.items():
-            sticky = None if args.sticky_episodes == 0 else sticky_clear_rate(
-                args.root / f"{arm}-s{seed}", args.sticky_episodes, seed=12345
-            )  # fmt: skip
+            record = records[arm, seed]
+            if record is not None:
+                sticky = record["sticky_clear_rate"]
+            else:
+                sticky = None if args.sticky_episodes == 0 else sticky_clear_rate(
+                    args.root / f"{arm}-s{seed}", args.sticky_episodes, seed=12345
+                )  # fmt: skip
             rows.append({
                 "arm": arm, "seed": seed, "steps": int(history[-1]["step"]),
                 "first_clear": first_step_reaching(history, "clear_rate", 1e-9),
@@ -363,6 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("step", choices=("frames", "pretrain", "train", "report", "all"))
     parser.add_argument(
         "--root", type=Path, default=ROOT, help=f"run directories of the arms (default {ROOT})"
+    )
+    parser.add_argument(
+        "--records", type=Path, default=RECORDS, help=f"finished runs' records, committed (default {RECORDS})"
     )
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
