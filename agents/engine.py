@@ -96,6 +96,7 @@ def load_training_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, A
 SLIM_KEYS = (
     "model", "global_step", "update", "episodes", "recent_episodes", "recent_by_stage", "history",
     "route_start_episodes", "recent_route_starts", "route_frontiers",  # a route-start curriculum goes on
+    "seconds",
 )  # fmt: skip
 
 
@@ -482,9 +483,13 @@ class TrainingRun:
         self.logger: RunLogger | None = None
         self.last_eval_step = self.last_checkpoint_step = self.global_step
         self.start_time, self.start_step = time.time(), self.global_step
+        # Wall-clock seconds of training before this process (resumes add up); older checkpoints
+        # without the count fall back to their last history record.
+        last_seconds = self.history[-1].get("seconds", 0.0) if self.history else 0.0
+        self.seconds_before = float(self.saved.get("seconds", last_seconds))
         self.on_eval = on_eval
         self.until = parse_until(config.until)
-        #: Set when a periodic eval reached ``until``: (agent step, seconds of training); the loop ends.
+        #: Set when a periodic eval reached ``until``: (agent step, seconds of training across resumes); the loop ends.
         self.reached: tuple[int, float] | None = None
 
     # ---- set-up ---------------------------------------------------------------------------
@@ -517,6 +522,11 @@ class TrainingRun:
     # ---- during training ------------------------------------------------------------------
 
     @property
+    def seconds(self) -> float:
+        """Wall-clock seconds of training since the run began, across resumes (evaluations included)."""
+        return self.seconds_before + time.time() - self.start_time
+
+    @property
     def sps(self) -> float:
         """Agent steps per second of training in this process (evaluations included, as they run)."""
         return (self.global_step - self.start_step) / max(time.time() - self.start_time, 1e-9)
@@ -537,7 +547,7 @@ class TrainingRun:
         sps = self.sps
         episodes = self.episodes
         record = {
-            "step": step, "sps": sps, "seconds": time.time() - self.start_time, **record,
+            "step": step, "sps": sps, "seconds": self.seconds, **record,
             "return_mean": episodes.mean("return"), "x_pos_max_mean": episodes.mean("x_pos_max"),
             "clear_rate": episodes.mean("flag_get"),
         }  # fmt: skip
@@ -649,7 +659,7 @@ class TrainingRun:
         if self.until is not None and not final and self.reached is None:
             metric, target = self.until
             if summary.get(metric, -math.inf) >= target:
-                self.reached = (step, time.time() - self.start_time)
+                self.reached = (step, self.seconds)
         return summary
 
     @property
@@ -667,6 +677,7 @@ class TrainingRun:
             "skipped_updates": self.skipped_updates,
             "worker_counts": self.worker_counts(),
             "route_frontiers": self.route_frontiers,
+            "seconds": self.seconds,
         }
         save_training_checkpoint(self.run_dir, step, full, self.meta, self.config.keep_checkpoints)
 

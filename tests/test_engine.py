@@ -108,6 +108,22 @@ def test_ctrl_c_saves_a_checkpoint_and_the_resumed_run_finishes(algo, tmp_path, 
 
 
 @pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_the_seconds_of_a_run_add_up_across_resumes(algo, tmp_path, capsys):
+    run_dir, second = tmp_path / "run", TINY[algo][2]
+    code, _, err = run_main([*train_argv(algo, run_dir, second), "--no-progress"], capsys)
+    assert code == 0, err
+    before = engine.load_training_checkpoint(run_dir)[0]["seconds"]
+    assert before > 0
+    code, _, err = run_main(["train", "--resume", run_dir, "--steps", 2 * second, "--no-progress"], capsys)
+    assert code == 0, err
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    resumed = [record["seconds"] for record in history if record["step"] > second]
+    assert resumed and min(resumed) >= before
+    seconds = [record["seconds"] for record in history]
+    assert seconds == sorted(seconds)
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
 def test_an_error_in_training_saves_what_was_learnt_and_exits_1(algo, tmp_path, monkeypatch, capsys):
     run_dir, (_, first, _) = tmp_path / "run", TINY[algo]
     interrupt_after(
