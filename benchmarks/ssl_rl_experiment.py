@@ -7,7 +7,9 @@ as a lab user runs it, resumably, one step at a time:
     python -m benchmarks.ssl_rl_experiment report     # curves with bootstrap bands, table, sticky evals
     python -m benchmarks.ssl_rl_experiment all        # the four in turn
 
-The arms (``--arms``), each ``lab train mario-1-1`` with the preset's hyperparameters:
+The arms (``--arms``), each ``lab train mario-1-1`` with the preset's hyperparameters, launched for
+the preset's 2M-step learning-rate schedule (``--horizon``) and stopped at the budget (``--steps``),
+as the shipped run's first steps were:
 
 ==========  =====================================================================================
 baseline    the preset as it is
@@ -67,6 +69,8 @@ ARMS = {
 # checkpoints so that a stopped run loses little.
 COMMON_SETS = ["eval_every=0", "checkpoint_every=20480", "keep_checkpoints=1"]
 STICKY = 0.25
+# The mario-1-1 preset's total_steps, over which the shipped run's learning rate annealed.
+HORIZON = 2_000_000
 RECORDS = Path("benchmarks/results/ssl-rl")
 
 
@@ -125,10 +129,13 @@ def train(args: argparse.Namespace) -> None:
     With ``--pause-at N`` each run stops at its first checkpoint past N agent steps (SIGTERM: it
     saves and exits), so a session with little time runs a prefix of every run under the schedule
     of the whole budget; a later call without it continues them."""
+    # Every run is launched for the preset's whole schedule (``--horizon``) and stopped at the
+    # budget, so its learning rate anneals as the shipped run's did and their curves compare.
+    horizon = max(args.horizon, args.steps)
     stop_at = args.pause_at or args.steps
-    # Only a pause stops a child from outside: a run reaching the budget ends by itself, after its
-    # final evaluation and metrics.json.
-    pausing = 0 < args.pause_at < args.steps
+    # Only a stop short of the horizon comes from outside: a run reaching the horizon ends by
+    # itself, after its final evaluation and metrics.json.
+    pausing = stop_at < horizon
     for seed in args.seeds:
         for arm in args.arms:
             run_dir = args.root / f"{arm}-s{seed}"
@@ -145,7 +152,7 @@ def train(args: argparse.Namespace) -> None:
                     save_record(args, arm, seed)
                 continue
             if reached > 0:
-                command = ["train", "--resume", str(run_dir), "--steps", str(args.steps)]
+                command = ["train", "--resume", str(run_dir), "--steps", str(horizon)]
             else:
                 (run_dir / "config.json").unlink(missing_ok=True)  # a start that saved nothing
                 sets = [item.format(encoder=args.encoder) for item in [*ARMS[arm], *COMMON_SETS]]
@@ -155,7 +162,7 @@ def train(args: argparse.Namespace) -> None:
                     "--seed",
                     str(seed),
                     "--steps",
-                    str(args.steps),
+                    str(horizon),
                     "--run-dir",
                     str(run_dir),
                 ]
@@ -183,6 +190,7 @@ def save_record(args: argparse.Namespace, arm: str, seed: int) -> None:
         "arm": arm,
         "seed": seed,
         "budget": args.steps,
+        "horizon": max(args.horizon, args.steps),
         "sticky_clear_rate": sticky,
         "sticky_episodes": args.sticky_episodes,
         "history": run_history(run_dir),
@@ -295,17 +303,23 @@ def sticky_clear_rate(run_dir: Path, episodes: int, seed: int) -> float | None:
     return float(summary["clear_rate"])
 
 
+def within_budget(record: dict[str, Any] | None, run_dir: Path, steps: int) -> list[dict[str, Any]]:
+    """The run's history (from its record, else its directory) up to ``steps`` agent steps."""
+    history = record["history"] if record else run_history(run_dir)
+    return [entry for entry in history if entry["step"] <= steps]
+
+
 def report(args: argparse.Namespace) -> dict[str, Any]:
     """The plot, the per-seed table (printed as Markdown) and a JSON record of both."""
     from agents.engine import first_step_reaching
 
     rng = np.random.default_rng(0)
     records = {(arm, seed): load_record(args, arm, seed) for arm in args.arms for seed in args.seeds}
+    # A run stops at its first checkpoint past the budget: its records after the budget are cut, so
+    # every arm is read at the same step.
     runs = {
         arm: {
-            seed: records[arm, seed]["history"]
-            if records[arm, seed]
-            else run_history(args.root / f"{arm}-s{seed}")
+            seed: within_budget(records[arm, seed], args.root / f"{arm}-s{seed}", args.steps)
             for seed in args.seeds
         }
         for arm in args.arms
@@ -429,6 +443,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     parser.add_argument("--steps", type=int, default=500_000, help="agent steps per run (default 500000)")
+    parser.add_argument(
+        "--horizon",
+        type=int,
+        default=HORIZON,
+        help=f"agent steps the learning rate anneals over; runs stop at --steps (default {HORIZON:,}, the preset's)",
+    )
     parser.add_argument("--pause-at", type=int, default=0, help="stop each run past this many steps for now")
     parser.add_argument("--nice", type=int, default=5, help="niceness of the child processes (default 5)")
     parser.add_argument(
