@@ -25,7 +25,7 @@ import contextlib
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +96,7 @@ def load_training_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, A
 SLIM_KEYS = (
     "model", "global_step", "update", "episodes", "recent_episodes", "recent_by_stage", "history",
     "route_start_episodes", "recent_route_starts", "route_frontiers",  # a route-start curriculum goes on
-    "seconds",
+    "seconds", "evals",
 )  # fmt: skip
 
 
@@ -466,6 +466,9 @@ class TrainingRun:
         self.episodes = EpisodeTracker()
         self.episodes.restore(self.saved)
         self.history: list[dict[str, Any]] = list(self.saved.get("history", []))
+        #: One record per greedy evaluation (periodic and final): step, seconds, final and the
+        #: ``eval/`` scalars without their prefix (return_mean, clear_rate, stages/1-1/clear_rate...).
+        self.evals: list[dict[str, Any]] = list(self.saved.get("evals", []))
         self.skipped_updates = int(self.saved.get("skipped_updates", 0))
         # route_start_schedule=backward: {stage: the first action of its route-start window}.
         self.route_lengths: dict[str, int] = {}
@@ -652,8 +655,11 @@ class TrainingRun:
         episodes = -(-config.eval_episodes // stages)
         summary = evaluate_preset(policy, config.env, episodes, seed, eval_env_overrides(config))
         assert self.logger is not None
-        self.logger.scalars(eval_scalars(summary), step)
+        scalars = eval_scalars(summary)
+        self.logger.scalars(scalars, step)
         final = seed == config.seed + 10_000
+        self.evals.append({"step": step, "seconds": self.seconds, "final": final,
+                           **{name.removeprefix("eval/"): value for name, value in scalars.items()}})  # fmt: skip
         if self.on_eval is not None:
             self.on_eval(step, summary, final)
         if self.until is not None and not final and self.reached is None:
@@ -674,6 +680,7 @@ class TrainingRun:
             "rng": rng_state(self.np_rng),
             **self.episodes.state(),
             "history": self.history,
+            "evals": self.evals,
             "skipped_updates": self.skipped_updates,
             "worker_counts": self.worker_counts(),
             "route_frontiers": self.route_frontiers,
@@ -763,10 +770,14 @@ class TrainingRun:
             summary["until"] = {"metric": metric, "target": target, "reached_at_step": step,
                                 "reached_after_seconds": None if seconds is None else round(seconds, 1)}  # fmt: skip
         summary.update(extra or {})
-        atomic_write_json(self.run_dir / "metrics.json", jsonable({**summary, "history": self.history}))
+        metrics = {**summary, "history": self.history, "evals": self.evals}
+        atomic_write_json(self.run_dir / "metrics.json", jsonable(metrics))
         if self.history:
             plot_learning_curve(
-                self.history, self.run_dir / "learning_curve.png", f"{self.algo} on {self.config.env}"
+                self.history,
+                self.run_dir / "learning_curve.png",
+                f"{self.algo} on {self.config.env}",
+                self.evals,
             )
         return summary
 
@@ -813,14 +824,21 @@ def spread_columns(
     return labels, rows
 
 
-def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+def plot_learning_curve(
+    history: list[dict[str, Any]], path: Path, title: str = "", evals: Sequence[dict[str, Any]] = ()
+) -> Path:
     """Recent mean episode return over agent steps; Mario adds furthest x and the clear rate with
     the steps of the first clear and of 90% clears (and of the route starts' episodes, with
     ``route_starts``); multi-stage runs add the clear rate per stage, a backward route-start
-    schedule where its window is."""
+    schedule where its window is. The greedy evaluations (``evals``) are dots on the return and
+    clear-rate panels."""
+
+    def eval_points(key: str) -> tuple[tuple[float, float], ...]:
+        return tuple((record["step"], record[key]) for record in evals if key in record)
+
     # Mario's episodes report their furthest x (NaN elsewhere); a run without a clear is Mario too.
     has_mario = any(not math.isnan(record.get("x_pos_max_mean") or math.nan) for record in history)
-    panels = [Panel(("return_mean",), "mean episode return (last 100)")]
+    panels = [Panel(("return_mean",), "mean episode return (last 100)", points=eval_points("return_mean"))]
     if has_mario:
         markers = []
         for threshold, text, _key in CLEAR_MILESTONES:
@@ -836,6 +854,7 @@ def plot_learning_curve(history: list[dict[str, Any]], path: Path, title: str = 
                 legend=("from the stage's start", "from route starts") if routes else (),
                 ylim=(-0.02, 1.02),
                 markers=tuple(markers),
+                points=eval_points("clear_rate"),
             ),
         ]
     stages, history = spread_columns(history, "stages", "clear_rate", lambda means: means["clear_rate"])

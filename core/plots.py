@@ -24,6 +24,8 @@ class Panel:
         log: logarithmic y axis (for a positive loss).
         ylim: fixed y range, e.g. ``(0, 1.02)`` for a rate.
         markers: vertical lines ``(x, text)``, e.g. the step of the first clear.
+        points: dots ``(x, y)`` beside the lines, e.g. the greedy evaluations of a run.
+        points_label: their legend entry.
     """
 
     keys: tuple[str, ...]
@@ -34,6 +36,8 @@ class Panel:
     log: bool = False
     ylim: tuple[float, float] | None = None
     markers: tuple[tuple[float, str], ...] = ()
+    points: tuple[tuple[float, float], ...] = ()
+    points_label: str = "greedy eval"
 
 
 def plot_history(
@@ -60,7 +64,11 @@ def plot_history(
         for index, key in enumerate(panel.keys):
             label = panel.legend[index] if index < len(panel.legend) else None
             axis.plot(xs, [_value(record, key) for record in history], color=COLORS[index % 6], label=label)
-        if panel.legend:
+        if panel.points:
+            axis.scatter(
+                *zip(*panel.points, strict=True), s=14, color="black", zorder=3, label=panel.points_label
+            )
+        if panel.legend or panel.points:
             axis.legend(fontsize=8, loc="best")
         axis.set_xlabel(xlabel or x_key)
         axis.set_ylabel(panel.ylabel, color=COLORS[0] if panel.twin_key else "black")

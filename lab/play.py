@@ -176,7 +176,10 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     history = list(state.get("history", []))
     if history:
         plot_learning_curve(
-            history, out / "learning_curve.png", f"{meta['algo'].upper()} on {meta['config']['env']}"
+            history,
+            out / "learning_curve.png",
+            f"{meta['algo'].upper()} on {meta['config']['env']}",
+            state.get("evals", []),
         )
     size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
     summary = {"run": str(out), "checkpoint": str(sidecar), "steps": int(state["global_step"]), "bytes": size}

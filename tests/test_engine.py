@@ -124,6 +124,25 @@ def test_the_seconds_of_a_run_add_up_across_resumes(algo, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_greedy_evals_are_recorded_in_metrics_and_kept_across_resumes(algo, tmp_path, capsys):
+    run_dir, (_, first, second) = tmp_path / "run", TINY[algo]
+    every = ["--set", f"eval_every={first}"]
+    code, _, err = run_main([*train_argv(algo, run_dir, second), *every], capsys)
+    assert code == 0, err
+    evals = json.loads((run_dir / "metrics.json").read_text())["evals"]
+    periodic = [record for record in evals if not record["final"]]
+    assert [record["step"] for record in periodic] == [first, second]
+    assert evals[-1]["final"] and evals[-1]["step"] == second
+    assert all(record["return_mean"] > 0 and record["seconds"] >= 0 for record in evals)
+    code, _, err = run_main(["train", "--resume", run_dir, "--steps", 2 * second, "--no-progress"], capsys)
+    assert code == 0, err
+    resumed = json.loads((run_dir / "metrics.json").read_text())["evals"]
+    # The first process's final eval came after its last checkpoint: the resume keeps the periodic ones.
+    assert resumed[: len(periodic)] == periodic
+    assert [record["step"] for record in resumed[len(periodic) :] if not record["final"]][-1] == 2 * second
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
 def test_an_error_in_training_saves_what_was_learnt_and_exits_1(algo, tmp_path, monkeypatch, capsys):
     run_dir, (_, first, _) = tmp_path / "run", TINY[algo]
     interrupt_after(

@@ -429,3 +429,23 @@ def test_the_learning_curve_shows_route_starts_and_the_backward_window(tmp_path,
         [{k: v for k, v in r.items() if "route" not in k} for r in history], tmp_path / "c.png"
     )
     assert len(drawn["panels"]) == 3 and drawn["panels"][2].keys == ("clear_rate",)
+
+
+def test_the_learning_curve_draws_the_greedy_evals_as_dots(tmp_path, monkeypatch):
+    history = [
+        {"step": 4096 * i, "return_mean": 1.0, "x_pos_max_mean": 700.0, "clear_rate": 0.0} for i in (1, 2)
+    ]
+    evals = [
+        {"step": 4096, "seconds": 9.0, "final": False, "return_mean": 200.0, "clear_rate": 0.0},
+        {"step": 8192, "seconds": 19.0, "final": True, "return_mean": 3000.0, "clear_rate": 1.0},
+    ]
+    drawn = {}
+    monkeypatch.setattr(
+        engine, "plot_history", lambda rows, x, panels, path, **kw: drawn.update(panels=panels)
+    )
+    engine.plot_learning_curve(history, tmp_path / "curve.png", evals=evals)
+    returns, _, clears = drawn["panels"]
+    assert returns.points == ((4096, 200.0), (8192, 3000.0))
+    assert clears.points == ((4096, 0.0), (8192, 1.0))
+    engine.plot_learning_curve(history, tmp_path / "curve.png")
+    assert all(panel.points == () for panel in drawn["panels"])
