@@ -39,17 +39,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.experiments import (
+    bootstrap_band,
+    checkpoint_step,
+    curve,
+    load_record,
+    run_history,
+    run_lab,
+    save_record,
+    set_niceness,
+    steps_reached,
+)
 
 ENV = "mario-1-1"
 SHIPPED = Path("runs/mario-1-1")
@@ -149,7 +155,7 @@ def train(args: argparse.Namespace) -> None:
                     flush=True,
                 )
                 if reached >= args.steps:
-                    save_record(args, arm, seed)
+                    write_record(args, arm, seed)
                 continue
             if reached > 0:
                 command = ["train", "--resume", str(run_dir), "--steps", str(horizon)]
@@ -170,17 +176,15 @@ def train(args: argparse.Namespace) -> None:
             stop = (lambda d=run_dir: checkpoint_step(d) >= stop_at) if pausing else None
             run_lab(command + ["--no-progress"], args.nice, stop)
             if steps_reached(run_dir) >= args.steps:
-                save_record(args, arm, seed)
+                write_record(args, arm, seed)
 
 
 def record_path(args: argparse.Namespace, arm: str, seed: int) -> Path:
     return args.records / f"{arm}-s{seed}.json"
 
 
-def save_record(args: argparse.Namespace, arm: str, seed: int) -> None:
+def write_record(args: argparse.Namespace, arm: str, seed: int) -> None:
     """The finished run's history and sticky-action clear rate, in a small committed file."""
-    from core.files import atomic_write_json
-
     run_dir = args.root / f"{arm}-s{seed}"
     set_niceness(args.nice)  # the evaluation runs in this process, beside other work
     sticky = (
@@ -195,95 +199,12 @@ def save_record(args: argparse.Namespace, arm: str, seed: int) -> None:
         "sticky_episodes": args.sticky_episodes,
         "history": run_history(run_dir),
     }
-    args.records.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(record_path(args, arm, seed), record)
-    print(f"  recorded {record_path(args, arm, seed)} (sticky clear rate {sticky})", flush=True)
-
-
-def load_record(args: argparse.Namespace, arm: str, seed: int) -> dict[str, Any] | None:
-    path = record_path(args, arm, seed)
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def run_lab(command: list[str], nice: int, stop: Callable[[], bool] | None = None) -> None:
-    """``lab COMMAND`` in a child process at ``nice``; prints the command and its wall time. When
-    ``stop()`` turns true (asked every 30 s) the child gets SIGTERM, which saves and exits 130."""
-    print(f"$ nice -n {nice} lab {' '.join(command)}", flush=True)
-    started = time.time()
-    child = subprocess.Popen([sys.executable, "-m", "lab", *command], preexec_fn=lambda: set_niceness(nice))
-    while True:
-        try:
-            status = child.wait(timeout=30)
-            break
-        except subprocess.TimeoutExpired:
-            if stop is not None and stop():
-                child.send_signal(signal.SIGTERM)
-    print(f"  exit {status} after {(time.time() - started) / 60:.1f} min", flush=True)
-    if status not in (0, 130) or (status == 130 and not (stop is not None and stop())):
-        raise SystemExit(status)
-
-
-def set_niceness(nice: int) -> None:
-    """Raise this process's niceness to ``nice`` (absolute, not an increment: a child of a process
-    that is nice already must not add its share again)."""
-    os.nice(max(0, nice - os.nice(0)))
-
-
-def checkpoint_step(run_dir: Path) -> int:
-    """The agent step of a run's newest checkpoint, from its file name (0 without one)."""
-    from core.checkpoint import list_checkpoints
-
-    names = list_checkpoints(run_dir / "checkpoints")
-    return int(names[-1].stem.rsplit("_", 1)[-1]) if names else 0
+    save_record(record_path(args, arm, seed), record)
 
 
 # ---------------------------------------------------------------------------------------------
 # Reading the runs
 # ---------------------------------------------------------------------------------------------
-
-
-def run_history(run_dir: Path) -> list[dict[str, Any]]:
-    """The per-update records of a run: metrics.json when it finished, else its newest checkpoint's."""
-    from agents.engine import load_training_checkpoint
-
-    metrics = run_dir / "metrics.json"
-    if metrics.exists():
-        return json.loads(metrics.read_text())["history"]
-    loaded = load_training_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
-    return list(loaded[0].get("history", [])) if loaded else []
-
-
-def steps_reached(run_dir: Path) -> int:
-    history = run_history(run_dir)
-    return int(history[-1]["step"]) if history else 0
-
-
-def curve(history: list[dict[str, Any]], key: str, grid: np.ndarray) -> np.ndarray:
-    """``key`` of the records interpolated at the agent steps of ``grid`` (NaN before the first
-    finite value and after the last record)."""
-    steps = np.array([record["step"] for record in history], dtype=float)
-    values = np.array([record.get(key, math.nan) for record in history], dtype=float)
-    finite = np.isfinite(values)
-    if not finite.any():
-        return np.full(len(grid), math.nan)
-    out = np.interp(grid, steps[finite], values[finite])
-    out[(grid < steps[finite][0]) | (grid > steps[-1])] = math.nan
-    return out
-
-
-def bootstrap_band(
-    curves: np.ndarray, rng: np.random.Generator, samples: int = 2000
-) -> tuple[np.ndarray, ...]:
-    """Mean over seeds (rows) and the 2.5 / 97.5 percentiles of the means of resampled seeds; NaN
-    where no seed has reached that step."""
-    with warnings.catch_warnings():  # the steps no seed reached yet are NaN columns, by design
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(curves, axis=0)
-        if len(curves) < 2:
-            return mean, mean, mean
-        picks = rng.integers(0, len(curves), (samples, len(curves)))
-        means = np.nanmean(curves[picks], axis=1)  # (samples, grid)
-        return mean, np.nanpercentile(means, 2.5, axis=0), np.nanpercentile(means, 97.5, axis=0)
 
 
 def sticky_clear_rate(run_dir: Path, episodes: int, seed: int) -> float | None:
@@ -314,7 +235,9 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     from agents.engine import first_step_reaching
 
     rng = np.random.default_rng(0)
-    records = {(arm, seed): load_record(args, arm, seed) for arm in args.arms for seed in args.seeds}
+    records = {
+        (arm, seed): load_record(record_path(args, arm, seed)) for arm in args.arms for seed in args.seeds
+    }
     # A run stops at its first checkpoint past the budget: its records after the budget are cut, so
     # every arm is read at the same step.
     runs = {

@@ -254,3 +254,38 @@ def test_the_mario_diagnostics_refuse_bad_input_in_one_line(module, argv, needle
         [sys.executable, "-m", f"benchmarks.{module}", *argv], capture_output=True, text=True, cwd=ROOT
     )
     assert done.returncode == 2 and needle in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+# ---- benchmarks/fast_mario.py and benchmarks/experiments.py -----------------------------------
+
+
+def test_fast_mario_records_the_time_to_the_target_and_a_run_stopped_by_the_clock(tmp_path):
+    from benchmarks import fast_mario
+
+    common = ["--env", "cartpole", "--set", "eval_every=1000", "--set", "eval_episodes=2", "--sticky-episodes", "0",
+              "--root", str(tmp_path / "runs"), "--records", str(tmp_path / "records")]  # fmt: skip
+    # Any greedy CartPole episode lasts at least 8 steps: the first periodic eval reaches the target.
+    assert (
+        fast_mario.main(["run", "--seeds", "1", "--name", "easy", "--until", "length_mean=1", *common]) == 0
+    )
+    easy = json.loads((tmp_path / "records" / "easy-s1.json").read_text())
+    assert easy["reached"] and easy["reached_at_step"] <= 1000 + 128 and easy["reached_after_seconds"] > 0
+    assert easy["evals"][0]["step"] == easy["reached_at_step"] and easy["history"][-1]["seconds"] > 0
+    # A target no run reaches: stopped by the clock (SIGTERM, a checkpoint), recorded as not reached.
+    argv = ["run", "--seeds", "2", "--name", "never", "--until", "return_mean=1e9", "--minutes", "0.02",
+            "--set", "total_steps=10000000", *common]  # fmt: skip
+    assert fast_mario.main(argv) == 0
+    never = json.loads((tmp_path / "records" / "never-s2.json").read_text())
+    assert not never["reached"] and never["steps"] > 0 and never["reached_after_seconds"] is None
+    assert (tmp_path / "runs" / "never-s2" / "checkpoints").is_dir()
+    # A recorded seed is not run again; the report reads both records.
+    assert (
+        fast_mario.main(["run", "--seeds", "1", "--name", "easy", "--until", "length_mean=1", *common]) == 0
+    )
+    plot = tmp_path / "curves.png"
+    out = tmp_path / "report.json"
+    argv = ["report", "--records", str(tmp_path / "records"), "--plot", str(plot), "--json", str(out)]
+    assert fast_mario.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["name"], row["reached"]) for row in rows] == [("easy", True), ("never", False)]
+    assert plot.stat().st_size > 0

@@ -1,0 +1,252 @@
+"""From nothing to a World 1-1 agent on the CPU (issue 27), timed as a user would time it.
+
+    python -m benchmarks.fast_mario run --seeds 1,2,3 [--name NAME] [--set KEY=VALUE ...] [--minutes 90]
+    python -m benchmarks.fast_mario report [--names NAME,...] [--json FILE]
+
+``run`` trains each seed with ``lab train ENV --until clear_rate=0.9`` (the periodic greedy
+evaluation with the preset's protocol decides when to stop) in ``ROOT/<name>-s<seed>``, as a child
+process at ``--nice`` (0 by default: the issue's protocol is a machine with nothing else running; the
+load averages before and after are recorded, so a run beside other work shows as one). A run that
+has not reached the target after ``--minutes`` of wall clock gets SIGTERM (it saves a checkpoint)
+and is recorded as not reached. The agent a run stopped with is then evaluated with sticky actions
+(``lab eval --episodes 20 --sticky 0.25``), and the run leaves ``RECORDS/<name>-s<seed>.json``:
+the wall-clock minutes and agent steps to the target, the sticky evaluation, the training history
+and every greedy evaluation, small enough to commit. A run with a checkpoint and no record resumes.
+
+``report`` tabulates the records and draws the training clear rate and the greedy evaluations
+against wall-clock minutes and against agent steps, beside the shipped 1-1 run's training curve
+(against agent steps only: that run has no wall-clock record worth the name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.experiments import checkpoint_step, load_record, run_lab, run_state, save_record
+
+ENV = "mario-1-1"
+ROOT = Path("runs/fast-mario")
+RECORDS = Path("benchmarks/results/fast-mario")
+SHIPPED = Path("runs/mario-1-1")
+UNTIL = "clear_rate=0.9"
+STICKY = 0.25
+STICKY_EPISODES = 20
+# Seconds between checks of the wall-clock limit: a run is stopped at most this late.
+POLL = 5.0
+# The keys of a history record kept in the committed record (the rest are losses and timings).
+HISTORY_KEYS = ("step", "seconds", "return_mean", "x_pos_max_mean", "clear_rate")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Every seed: trained to the target or the time limit, evaluated with sticky actions, recorded."""
+    for seed in args.seeds:
+        run_dir = args.root / f"{args.name}-s{seed}"
+        record_file = args.records / f"{args.name}-s{seed}.json"
+        if record_file.exists():
+            print(f"{run_dir}: recorded in {record_file}", flush=True)
+            continue
+        load_before = os.getloadavg()
+        resumed = checkpoint_step(run_dir) > 0
+        if resumed:
+            command = ["train", "--resume", str(run_dir)]
+        else:
+            (run_dir / "config.json").unlink(missing_ok=True)  # a start that saved nothing
+            command = [
+                "train",
+                args.env,
+                "--seed",
+                str(seed),
+                "--run-dir",
+                str(run_dir),
+                "--until",
+                args.until,
+            ]
+            command += [part for item in args.set for part in ("--set", item)]
+        deadline = time.time() + args.minutes * 60
+        started = time.time()
+        status, _ = run_lab(
+            [*command, "--no-progress"], args.nice, stop=lambda d=deadline: time.time() > d, poll=POLL
+        )
+        wall_seconds = time.time() - started
+        load_after = os.getloadavg()
+        state = run_state(run_dir)
+        metrics = json.loads((run_dir / "metrics.json").read_text()) if status == 0 else {}
+        until = metrics.get("until") or {"reached_at_step": None, "reached_after_seconds": None}
+        sticky_eval = sticky_evaluation(run_dir, args) if args.sticky_episodes else None
+        record = {
+            "name": args.name, "seed": seed, "env": args.env, "until": args.until, "sets": args.set,
+            "command": "lab " + " ".join(command), "minutes_limit": args.minutes, "resumed": resumed,
+            "reached": until["reached_at_step"] is not None,
+            "reached_at_step": until["reached_at_step"], "reached_after_seconds": until["reached_after_seconds"],
+            "steps": state["history"][-1]["step"] if state["history"] else 0,
+            "wall_seconds": round(wall_seconds, 1), "load_before": load_before, "load_after": load_after,
+            "sticky_eval": sticky_eval,
+            "date": time.strftime("%Y-%m-%d"),
+            "history": [{key: entry.get(key) for key in HISTORY_KEYS} for entry in state["history"]],
+            "evals": state["evals"],
+        }  # fmt: skip
+        save_record(record_file, record)
+
+
+def sticky_evaluation(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``lab eval RUN --sticky 0.25`` of the run's newest weights (the agent it stopped with)."""
+    command = [
+        "eval",
+        str(run_dir),
+        "--episodes",
+        str(args.sticky_episodes),
+        "--sticky",
+        str(STICKY),
+        "--json",
+    ]
+    _, out = run_lab(command, args.nice, capture=True)
+    summary = json.loads(out.strip().splitlines()[-1])
+    return {"p": STICKY, "episodes": summary["episodes"], "clear_rate": summary["clear_rate"],
+            "x_pos_mean": summary["x_pos_mean"]}  # fmt: skip
+
+
+def report(args: argparse.Namespace) -> dict[str, Any]:
+    """The table (printed as Markdown), the plot and, with ``--json``, both as JSON."""
+    records = sorted(
+        (record for path in sorted(args.records.glob("*.json")) if (record := load_record(path)) is not None),
+        key=lambda record: (record["name"], record["seed"]),
+    )
+    if args.names:
+        records = [record for record in records if record["name"] in args.names]
+    if not records:
+        raise SystemExit(f"no records in {args.records}; run first: python -m benchmarks.fast_mario run")
+    rows = [
+        {
+            "name": record["name"], "seed": record["seed"], "reached": record["reached"],
+            "minutes": None if record["reached_after_seconds"] is None else record["reached_after_seconds"] / 60,
+            "steps": record["reached_at_step"] if record["reached"] else record["steps"],
+            "wall_minutes": record["wall_seconds"] / 60,
+            "sticky_clear_rate": record["sticky_eval"]["clear_rate"] if record["sticky_eval"] else None,
+            "load_before": record["load_before"][0],
+        }
+        for record in records
+    ]  # fmt: skip
+    print("| preset | seed | target reached | minutes to target | agent steps | child wall minutes | "
+          f"sticky clear rate (p={STICKY}) | load average at start |")  # fmt: skip
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        minutes = "-" if row["minutes"] is None else f"{row['minutes']:.1f}"
+        sticky = "-" if row["sticky_clear_rate"] is None else f"{row['sticky_clear_rate']:.2f}"
+        print(
+            f"| {row['name']} | {row['seed']} | {'yes' if row['reached'] else 'no'} | {minutes} | "
+            f"{row['steps']:,} | {row['wall_minutes']:.1f} | {sticky} | {row['load_before']:.2f} |"
+        )
+    shipped = run_state(args.shipped)["history"] if (args.shipped / "checkpoints").is_dir() else []
+    plot(records, shipped, args.plot)
+    result = {"rows": rows, "plot": str(args.plot), "date": time.strftime("%Y-%m-%d")}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def plot(records: list[dict[str, Any]], shipped: list[dict[str, Any]], path: Path) -> None:
+    """Two rows (x: wall-clock minutes, agent steps), two columns (training clear rate, greedy evals)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from core.files import save_figure
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100, squeeze=False)
+    names = sorted({record["name"] for record in records})
+    for row, (x_key, scale, label) in enumerate(
+        (("seconds", 60.0, "wall-clock minutes"), ("step", 1.0, "agent steps"))
+    ):
+        train_axis, eval_axis = axes[row]
+        # The shipped run is drawn against agent steps only: it ran in several processes beside other
+        # work, and its early records have no wall-clock seconds.
+        if shipped and x_key == "step":
+            xs = [entry["step"] for entry in shipped]
+            ys = [entry.get("clear_rate", math.nan) for entry in shipped]
+            train_axis.plot(xs, ys, color="0.5", linestyle="--", linewidth=1, label="shipped run")
+        for record in records:
+            color = f"C{names.index(record['name'])}"
+            xs = np.array([entry[x_key] for entry in record["history"]], dtype=float) / scale
+            train_axis.plot(xs, [entry["clear_rate"] for entry in record["history"]], color=color, alpha=0.8,
+                            label=f"{record['name']} s{record['seed']}")  # fmt: skip
+            evals = [entry for entry in record["evals"] if "clear_rate" in entry]
+            eval_axis.plot(
+                [entry[x_key] / scale for entry in evals], [entry["clear_rate"] for entry in evals],
+                color=color, marker="o", markersize=3, label=f"{record['name']} s{record['seed']}",
+            )  # fmt: skip
+        for axis, ylabel in (
+            (train_axis, "training: flag reached (last 100)"),
+            (eval_axis, "greedy eval: flag reached"),
+        ):
+            axis.set_xlabel(label)
+            axis.set_ylabel(ylabel)
+            axis.set_ylim(-0.02, 1.02)
+            axis.axhline(0.9, color="tab:red", linestyle=":", linewidth=1)
+            axis.grid(alpha=0.3)
+        if row == 0:
+            train_axis.axvline(60, color="tab:red", linestyle=":", linewidth=1)
+            eval_axis.axvline(60, color="tab:red", linestyle=":", linewidth=1)
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    axes[1][0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(
+        f"lab train {ENV} --until {UNTIL}: each seed against the clock and against agent steps", fontsize=10
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_figure(fig, path)
+    print(f"curves -> {path}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("step", choices=("run", "report"))
+    parser.add_argument("--env", default=ENV, help=f"the preset (default {ENV})")
+    parser.add_argument(
+        "--name", default="preset", help="the configuration's name in the records (default preset)"
+    )
+    parser.add_argument("--names", default="", help="report: comma-separated names (default: all)")
+    parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="passed to lab train")
+    parser.add_argument("--until", default=UNTIL, help=f"the target (default {UNTIL})")
+    parser.add_argument("--minutes", type=float, default=90.0, help="wall-clock limit per run (default 90)")
+    parser.add_argument("--nice", type=int, default=0, help="niceness of the child processes (default 0)")
+    parser.add_argument(
+        "--sticky-episodes", type=int, default=STICKY_EPISODES, help="episodes of the sticky eval"
+    )
+    parser.add_argument("--root", type=Path, default=ROOT, help=f"run directories (default {ROOT})")
+    parser.add_argument(
+        "--records", type=Path, default=RECORDS, help=f"committed records (default {RECORDS})"
+    )
+    parser.add_argument("--shipped", type=Path, default=SHIPPED, help="the reference run of the plot")
+    parser.add_argument("--plot", type=Path, default=Path("docs/images/fast-mario.png"))
+    parser.add_argument("--json", type=Path, default=None, help="report: also write it as JSON here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",") if seed]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    args.names = [name for name in args.names.split(",") if name]
+    if args.step == "run":
+        run(args)
+    else:
+        report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
