@@ -59,16 +59,7 @@ def run(args: argparse.Namespace) -> None:
             command = ["train", "--resume", str(run_dir)]
         else:
             (run_dir / "config.json").unlink(missing_ok=True)  # a start that saved nothing
-            command = [
-                "train",
-                args.env,
-                "--seed",
-                str(seed),
-                "--run-dir",
-                str(run_dir),
-                "--until",
-                args.until,
-            ]
+            command = ["train", args.env, "--seed", str(seed), "--run-dir", str(run_dir), "--until", args.until]  # fmt: skip
             command += [part for item in args.set for part in ("--set", item)]
         deadline = time.time() + args.minutes * 60
         started = time.time()
@@ -98,15 +89,7 @@ def run(args: argparse.Namespace) -> None:
 
 def sticky_evaluation(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     """``lab eval RUN --sticky 0.25`` of the run's newest weights (the agent it stopped with)."""
-    command = [
-        "eval",
-        str(run_dir),
-        "--episodes",
-        str(args.sticky_episodes),
-        "--sticky",
-        str(STICKY),
-        "--json",
-    ]
+    command = ["eval", str(run_dir), "--episodes", str(args.sticky_episodes), "--sticky", str(STICKY), "--json"]  # fmt: skip
     _, out = run_lab(command, args.nice, capture=True)
     summary = json.loads(out.strip().splitlines()[-1])
     return {"p": STICKY, "episodes": summary["episodes"], "clear_rate": summary["clear_rate"],
