@@ -4,6 +4,7 @@ grid, bootstrap bands over seeds, and small committed records of finished runs."
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -59,6 +60,14 @@ def run_lab(
     if status not in (0, 130) or (status == 130 and not stopped):
         raise SystemExit(status)
     return status, out or ""
+
+
+def parse_seeds(parser: argparse.ArgumentParser, text: str) -> list[int]:
+    """``--seeds 1,2,3`` as integers; anything else is the parser's one-line error (exit 2)."""
+    try:
+        return [int(seed) for seed in text.split(",") if seed]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {text!r}")
 
 
 def checkpoint_step(run_dir: Path) -> int:

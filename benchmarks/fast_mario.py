@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.experiments import checkpoint_step, load_record, run_lab, run_state, save_record
+from benchmarks.experiments import checkpoint_step, load_record, parse_seeds, run_lab, run_state, save_record
 
 ENV = "mario-1-1"
 ROOT = Path("runs/fast-mario")
@@ -204,7 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--minutes", type=float, default=90.0, help="wall-clock limit per run (default 90)")
     parser.add_argument("--nice", type=int, default=0, help="niceness of the child processes (default 0)")
     parser.add_argument(
-        "--sticky-episodes", type=int, default=STICKY_EPISODES, help="episodes of the sticky eval"
+        "--sticky-episodes",
+        type=int,
+        default=STICKY_EPISODES,
+        help="episodes of the sticky eval (0: none, e.g. off Mario)",
     )
     parser.add_argument("--root", type=Path, default=ROOT, help=f"run directories (default {ROOT})")
     parser.add_argument(
@@ -219,10 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        args.seeds = [int(seed) for seed in args.seeds.split(",") if seed]
-    except ValueError:
-        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    args.seeds = parse_seeds(parser, args.seeds)
     args.names = [name for name in args.names.split(",") if name]
     if args.step == "run":
         run(args)

@@ -50,6 +50,7 @@ from benchmarks.experiments import (
     checkpoint_step,
     curve,
     load_record,
+    parse_seeds,
     run_history,
     run_lab,
     save_record,
@@ -395,10 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        args.seeds = [int(seed) for seed in args.seeds.split(",") if seed]
-    except ValueError:
-        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    args.seeds = parse_seeds(parser, args.seeds)
     args.arms = [arm for arm in args.arms.split(",") if arm]
     unknown = [arm for arm in args.arms if arm not in ARMS]
     if unknown or not args.arms:

@@ -289,3 +289,15 @@ def test_fast_mario_records_the_time_to_the_target_and_a_run_stopped_by_the_cloc
     rows = json.loads(out.read_text())["rows"]
     assert [(row["name"], row["reached"]) for row in rows] == [("easy", True), ("never", False)]
     assert plot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("module", ["fast_mario", "ssl_rl_experiment"])
+def test_the_experiment_scripts_refuse_bad_seeds_with_exit_2(module):
+    done = subprocess.run(
+        [sys.executable, "-m", f"benchmarks.{module}", "report", "--seeds", "1,x"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert done.returncode == 2 and "--seeds takes comma-separated integers, got '1,x'" in done.stderr
+    assert "Traceback" not in done.stderr
