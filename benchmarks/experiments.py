@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -78,9 +78,16 @@ def checkpoint_step(run_dir: Path) -> int:
     return int(names[-1].stem.rsplit("_", 1)[-1]) if names else 0
 
 
-def run_state(run_dir: Path) -> dict[str, Any]:
-    """``history`` and ``evals`` of a run: metrics.json when it finished, else its newest checkpoint's
-    (empty lists without either)."""
+class RunState(NamedTuple):
+    """What a run recorded as far as it got (metrics.json when it finished, else its newest checkpoint)."""
+
+    history: list[dict[str, Any]]  # the per-update records
+    evals: list[dict[str, Any]]  # the greedy evaluations
+    until: dict[str, Any] | None  # the summary's --until outcome; None before the run finished
+
+
+def run_state(run_dir: Path) -> RunState:
+    """The run's :class:`RunState` (empty lists without metrics.json or a checkpoint)."""
     from agents.engine import load_training_checkpoint
 
     metrics = run_dir / "metrics.json"
@@ -89,12 +96,12 @@ def run_state(run_dir: Path) -> dict[str, Any]:
     else:
         loaded = load_training_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
         saved = loaded[0] if loaded else {}
-    return {"history": list(saved.get("history", [])), "evals": list(saved.get("evals", []))}
+    return RunState(list(saved.get("history", [])), list(saved.get("evals", [])), saved.get("until"))
 
 
 def run_history(run_dir: Path) -> list[dict[str, Any]]:
     """The per-update records of a run: metrics.json when it finished, else its newest checkpoint's."""
-    return run_state(run_dir)["history"]
+    return run_state(run_dir).history
 
 
 def steps_reached(run_dir: Path) -> int:
@@ -102,10 +109,10 @@ def steps_reached(run_dir: Path) -> int:
     return int(history[-1]["step"]) if history else 0
 
 
-def curve(history: list[dict[str, Any]], key: str, grid: np.ndarray, x_key: str = "step") -> np.ndarray:
-    """``key`` of the records interpolated at the ``x_key`` values of ``grid`` (NaN before the first
+def curve(history: list[dict[str, Any]], key: str, grid: np.ndarray) -> np.ndarray:
+    """``key`` of the records interpolated at the agent steps of ``grid`` (NaN before the first
     finite value and after the last record)."""
-    xs = np.array([record[x_key] for record in history], dtype=float)
+    xs = np.array([record["step"] for record in history], dtype=float)
     values = np.array([record.get(key, math.nan) for record in history], dtype=float)
     finite = np.isfinite(values)
     if not finite.any():

@@ -30,7 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.experiments import checkpoint_step, load_record, parse_seeds, run_lab, run_state, save_record
+from benchmarks.experiments import (
+    checkpoint_step,
+    load_record,
+    parse_seeds,
+    run_history,
+    run_lab,
+    run_state,
+    save_record,
+)
 
 ENV = "mario-1-1"
 ROOT = Path("runs/fast-mario")
@@ -63,26 +71,23 @@ def run(args: argparse.Namespace) -> None:
             command += [part for item in args.set for part in ("--set", item)]
         deadline = time.time() + args.minutes * 60
         started = time.time()
-        status, _ = run_lab(
-            [*command, "--no-progress"], args.nice, stop=lambda d=deadline: time.time() > d, poll=POLL
-        )
+        run_lab([*command, "--no-progress"], args.nice, stop=lambda d=deadline: time.time() > d, poll=POLL)
         wall_seconds = time.time() - started
         load_after = os.getloadavg()
         state = run_state(run_dir)
-        metrics = json.loads((run_dir / "metrics.json").read_text()) if status == 0 else {}
-        until = metrics.get("until") or {"reached_at_step": None, "reached_after_seconds": None}
+        until = state.until or {"reached_at_step": None, "reached_after_seconds": None}
         sticky_eval = sticky_evaluation(run_dir, args) if args.sticky_episodes else None
         record = {
             "name": args.name, "seed": seed, "env": args.env, "until": args.until, "sets": args.set,
             "command": "lab " + " ".join(command), "minutes_limit": args.minutes, "resumed": resumed,
             "reached": until["reached_at_step"] is not None,
             "reached_at_step": until["reached_at_step"], "reached_after_seconds": until["reached_after_seconds"],
-            "steps": state["history"][-1]["step"] if state["history"] else 0,
+            "steps": state.history[-1]["step"] if state.history else 0,
             "wall_seconds": round(wall_seconds, 1), "load_before": load_before, "load_after": load_after,
             "sticky_eval": sticky_eval,
             "date": time.strftime("%Y-%m-%d"),
-            "history": [{key: entry.get(key) for key in HISTORY_KEYS} for entry in state["history"]],
-            "evals": state["evals"],
+            "history": [{key: entry.get(key) for key in HISTORY_KEYS} for entry in state.history],
+            "evals": state.evals,
         }  # fmt: skip
         save_record(record_file, record)
 
@@ -127,7 +132,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             f"| {row['name']} | {row['seed']} | {'yes' if row['reached'] else 'no'} | {minutes} | "
             f"{row['steps']:,} | {row['wall_minutes']:.1f} | {sticky} | {row['load_before']:.2f} |"
         )
-    shipped = run_state(args.shipped)["history"] if (args.shipped / "checkpoints").is_dir() else []
+    shipped = run_history(args.shipped) if (args.shipped / "checkpoints").is_dir() else []
     plot(records, shipped, args.plot)
     result = {"rows": rows, "plot": str(args.plot), "date": time.strftime("%Y-%m-%d")}
     if args.json:
