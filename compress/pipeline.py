@@ -43,6 +43,7 @@ from torch.nn.utils import prune as torch_prune
 import envs
 from agents.engine import load_training_checkpoint
 from agents.episodes import finished_episodes
+from agents.ppo import copy_tensors
 from compress import METHODS, get_method
 from compress.agents import (
     PolicyNet,
@@ -88,6 +89,11 @@ class CompressConfig:
     method: str = option("distil", f"compression method: {', '.join(METHODS)}")
     student: str | None = option(
         None, "distil, structured prune: the student's net from nets/ (default nature-tiny / nature-half)"
+    )
+    init_student: str | None = option(
+        None,
+        "distil, structured prune: start the student from this run's weights (the same net), e.g. to go "
+        "on distilling a shipped student with other settings",
     )
     structured: bool = option(False, "prune: remove whole channels and units down to the student's widths")
     sparsity: float = option(0.9, "prune: fraction of the Conv2d/Linear weights set to zero, in (0, 1)")
@@ -317,13 +323,19 @@ def make_student(teacher: Teacher, config: CompressConfig, overrides: list[str])
     teacher (structured prune) or a copy of the teacher (prune).
 
     Raises:
-        ValueError: an unknown student net or override, or a teacher structured pruning cannot cut.
+        ValueError: an unknown student net or override, a teacher structured pruning cannot cut, or an
+            ``init_student`` whose tensors do not fit the student.
+        CheckpointError: nothing loadable at ``init_student``.
     """
     algo = teacher.algo
     if config.method == "prune" and not config.structured:
         if config.student is not None or overrides:
             raise ValueError(
                 "--student applies to distil and to prune --structured; prune keeps the teacher's net"
+            )
+        if config.init_student is not None:
+            raise ValueError(
+                "init_student applies to distil and to prune --structured; prune starts from the teacher"
             )
         net = copy.deepcopy(teacher.net.net)
         for parameter in net.parameters():
@@ -333,6 +345,8 @@ def make_student(teacher: Teacher, config: CompressConfig, overrides: list[str])
     net = build_network(algo, agent_config, teacher.obs_shape, teacher.num_actions)
     if config.method == "prune":
         _copy_channel_pruned(teacher.net.net, net)
+    if config.init_student is not None:  # every tensor, with its shape, or a one-line ValueError
+        copy_tensors(config.init_student, [net], prefix="", option="init_student")
     return PolicyNet(net, algo, detach_value=True), agent_config
 
 

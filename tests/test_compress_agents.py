@@ -160,6 +160,44 @@ def test_an_interrupted_distillation_keeps_what_it_learnt(teachers, tmp_path, ca
     assert json.loads(stdout.strip().splitlines()[-1])["frames"] == 4096
 
 
+def test_a_student_can_start_from_another_runs_weights(teachers, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["compress", teachers["ppo"], "--method", "distil", "--student-set", "hidden=8", "--steps", 256]
+    code, _, err = run_lab([*base, "--out", first, *FAST], capsys)
+    assert code == 0, err
+    # A learning rate of zero leaves the student where it started: exactly the first run's weights.
+    code, _, err = run_lab(
+        [*base, "--out", second, *FAST, "--set", f"init_student={first}", "--set", "learning_rate=0"], capsys
+    )
+    assert code == 0, err
+    start, _ = load_checkpoint(locate_checkpoint(first)[0])
+    after, _ = load_checkpoint(locate_checkpoint(second)[0])
+    assert start["model"].keys() == after["model"].keys()
+    for key, tensor in start["model"].items():
+        assert torch.equal(tensor, after["model"][key]), key
+    _, meta = locate_checkpoint(second)
+    assert meta["compression"]["settings"]["init_student"] == str(first)
+    # Another student shape, or pruning (which starts from the teacher), is refused in one line.
+    for method, needle in (
+        (["--method", "distil", "--student-set", "hidden=16"], "init_student: "),
+        (["--method", "prune", "--sparsity", "0.9"], "init_student applies to distil"),
+    ):
+        out = tmp_path / "refused"
+        argv = [
+            "compress",
+            teachers["ppo"],
+            *method,
+            "--set",
+            f"init_student={first}",
+            "--out",
+            out,
+            "--no-eval",
+        ]
+        code, _, err = run_lab(argv, capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # Pruning
 # ---------------------------------------------------------------------------------------------
