@@ -740,10 +740,13 @@ class TrainingRun:
 
         Returns:
             The ``lab train --json`` summary: run_dir, algo, env, steps, sps (training throughput,
-            without the final eval), train_seconds, eval_seconds, episodes, skipped_updates and the
+            without the final eval), start_step (where this process began: 0, or the step resumed
+            from), train_seconds (this process), run_seconds (since the run began, across resumes,
+            without the final eval), eval_seconds, episodes, skipped_updates and the
             final eval (eval_return_mean..., for Mario eval_clear_rate, per stage when several).
         """
         train_seconds = time.time() - self.start_time
+        run_seconds = self.seconds
         steps = self.global_step - self.start_step
         for vec_env in self.vec_envs:  # the training envs are done; the eval makes its own
             vec_env.close()
@@ -754,8 +757,8 @@ class TrainingRun:
         self.close()
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir), "algo": self.algo, "env": self.config.env, "steps": self.global_step,
-            "sps": round(steps / max(train_seconds, 1e-9), 1), "train_seconds": round(train_seconds, 1),
-            "eval_seconds": round(eval_seconds, 1), "episodes": self.episodes.count,
+            "start_step": self.start_step, "sps": round(steps / max(train_seconds, 1e-9), 1), "train_seconds": round(train_seconds, 1),
+            "run_seconds": round(run_seconds, 1), "eval_seconds": round(eval_seconds, 1), "episodes": self.episodes.count,
             "skipped_updates": self.skipped_updates, "eval_episodes": final["episodes"],
             "eval_return_mean": final["return_mean"], "eval_return_std": final["return_std"],
         }  # fmt: skip

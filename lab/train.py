@@ -151,6 +151,8 @@ def print_train_summary(summary: dict[str, Any]) -> None:
     )
     if "eval_clear_rate" in summary:
         line += f", flag reached {summary['eval_clear_rate']:.0%}"
+    if summary["start_step"] > 0:  # a resumed run: its whole time too
+        line += f"; {summary['run_seconds'] / 60:.1f} min of training since the run began"
     print(f"{line} -> {summary['run_dir']}")
     until = summary.get("until")
     if until and until["reached_at_step"] is not None:

@@ -114,11 +114,15 @@ def test_the_seconds_of_a_run_add_up_across_resumes(algo, tmp_path, capsys):
     assert code == 0, err
     before = engine.load_training_checkpoint(run_dir)[0]["seconds"]
     assert before > 0
-    code, _, err = run_main(["train", "--resume", run_dir, "--steps", 2 * second, "--no-progress"], capsys)
+    code, out, err = run_main(["train", "--resume", run_dir, "--steps", 2 * second, "--no-progress"], capsys)
     assert code == 0, err
-    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert "since the run began" in out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = metrics["history"]
     resumed = [record["seconds"] for record in history if record["step"] > second]
     assert resumed and min(resumed) >= before
+    # The summary gives both: this process's seconds and the run's, the first process's included.
+    assert metrics["run_seconds"] >= before + metrics["train_seconds"] - 0.1
     seconds = [record["seconds"] for record in history]
     assert seconds == sorted(seconds)
 
