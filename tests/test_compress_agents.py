@@ -183,17 +183,8 @@ def test_a_student_can_start_from_another_runs_weights(teachers, tmp_path, capsy
         (["--method", "prune", "--sparsity", "0.9"], "init_student applies to distil"),
     ):
         out = tmp_path / "refused"
-        argv = [
-            "compress",
-            teachers["ppo"],
-            *method,
-            "--set",
-            f"init_student={first}",
-            "--out",
-            out,
-            "--no-eval",
-        ]
-        code, _, err = run_lab(argv, capsys)
+        refused = ["compress", teachers["ppo"], *method, "--set", f"init_student={first}", "--out", out]
+        code, _, err = run_lab([*refused, "--no-eval"], capsys)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
 
