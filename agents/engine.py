@@ -757,8 +757,9 @@ class TrainingRun:
         self.close()
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir), "algo": self.algo, "env": self.config.env, "steps": self.global_step,
-            "start_step": self.start_step, "sps": round(steps / max(train_seconds, 1e-9), 1), "train_seconds": round(train_seconds, 1),
-            "run_seconds": round(run_seconds, 1), "eval_seconds": round(eval_seconds, 1), "episodes": self.episodes.count,
+            "start_step": self.start_step, "sps": round(steps / max(train_seconds, 1e-9), 1),
+            "train_seconds": round(train_seconds, 1), "run_seconds": round(run_seconds, 1),
+            "eval_seconds": round(eval_seconds, 1), "episodes": self.episodes.count,
             "skipped_updates": self.skipped_updates, "eval_episodes": final["episodes"],
             "eval_return_mean": final["return_mean"], "eval_return_std": final["return_std"],
         }  # fmt: skip
