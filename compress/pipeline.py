@@ -318,9 +318,12 @@ def _student_net_name(teacher: Teacher, config: CompressConfig) -> str | None:
     return None  # vector observations: the teacher's net, made smaller with --student-set hidden=...
 
 
-def make_student(teacher: Teacher, config: CompressConfig, overrides: list[str]) -> tuple[PolicyNet, Any]:
+def make_student(
+    teacher: Teacher, config: CompressConfig, overrides: list[str], resuming: bool = False
+) -> tuple[PolicyNet, Any]:
     """The network to train and its agent config: a fresh student (distil), the channel-pruned
-    teacher (structured prune) or a copy of the teacher (prune).
+    teacher (structured prune) or a copy of the teacher (prune); ``init_student``'s weights unless
+    ``resuming`` (the checkpoint holds the weights then, and the run it named may be gone).
 
     Raises:
         ValueError: an unknown student net or override, a teacher structured pruning cannot cut, or an
@@ -345,7 +348,7 @@ def make_student(teacher: Teacher, config: CompressConfig, overrides: list[str])
     net = build_network(algo, agent_config, teacher.obs_shape, teacher.num_actions)
     if config.method == "prune":
         _copy_channel_pruned(teacher.net.net, net)
-    if config.init_student is not None:  # every tensor, with its shape, or a one-line ValueError
+    if config.init_student is not None and not resuming:  # every tensor with its shape, or a ValueError
         copy_tensors(config.init_student, [net], prefix="", option="init_student")
     return PolicyNet(net, algo, detach_value=True), agent_config
 
@@ -410,7 +413,7 @@ def _train(
     progress: bool,
 ) -> CompressResult:
     seed_everything(config.seed)
-    student, agent_config = make_student(teacher, config, overrides)
+    student, agent_config = make_student(teacher, config, overrides, resuming=saved is not None)
     state = LoopState()
     if saved is not None:
         checkpoint = saved[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,11 @@ def test_a_student_can_start_from_another_runs_weights(teachers, tmp_path, capsy
         code, _, err = run_lab([*refused, "--no-eval"], capsys)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+    # A resume takes the weights from its own checkpoint: the run it started from may be gone.
+    shutil.rmtree(first / "checkpoints")
+    code, stdout, err = run_lab([*base[:-1], 512, "--out", second, "--resume", *FAST], capsys)
+    assert code == 0, err
+    assert json.loads(stdout.strip().splitlines()[-1])["frames"] == 512
 
 
 # ---------------------------------------------------------------------------------------------
