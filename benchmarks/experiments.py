@@ -87,14 +87,15 @@ class RunState(NamedTuple):
 
 
 def run_state(run_dir: Path) -> RunState:
-    """The run's :class:`RunState` (empty lists without metrics.json or a checkpoint)."""
+    """The run's :class:`RunState` (empty lists without metrics.json or a checkpoint). metrics.json
+    counts only when it is as far as the newest checkpoint: a finished run that was resumed and then
+    stopped leaves the first finish's metrics.json behind."""
     from agents.engine import load_training_checkpoint
 
     metrics = run_dir / "metrics.json"
-    if metrics.exists():
-        saved = json.loads(metrics.read_text())
-    else:
-        loaded = load_training_checkpoint(run_dir) if (run_dir / "checkpoints").is_dir() else None
+    saved = json.loads(metrics.read_text()) if metrics.exists() else {}
+    if int(saved.get("steps", -1)) < checkpoint_step(run_dir):
+        loaded = load_training_checkpoint(run_dir)
         saved = loaded[0] if loaded else {}
     return RunState(list(saved.get("history", [])), list(saved.get("evals", [])), saved.get("until"))
 

@@ -301,3 +301,19 @@ def test_the_experiment_scripts_refuse_bad_seeds_with_exit_2(module):
     )
     assert done.returncode == 2 and "--seeds takes comma-separated integers, got '1,x'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_run_state_reads_the_newest_of_metrics_and_checkpoint(tmp_path):
+    from agents.engine import save_training_checkpoint
+    from benchmarks.experiments import run_state
+
+    run = tmp_path / "run"
+    run.mkdir()
+    first = {"steps": 100, "history": [{"step": 100}], "evals": [], "until": {"reached_at_step": 100}}
+    (run / "metrics.json").write_text(json.dumps(first))
+    save_training_checkpoint(run, 100, {"history": [{"step": 100}], "evals": []}, {}, keep=1)
+    assert run_state(run).until == {"reached_at_step": 100}  # finished: its metrics.json
+    # Resumed past the finish and stopped: the checkpoint is newer than the old metrics.json.
+    save_training_checkpoint(run, 200, {"history": [{"step": 100}, {"step": 200}], "evals": []}, {}, keep=1)
+    state = run_state(run)
+    assert [record["step"] for record in state.history] == [100, 200] and state.until is None
