@@ -2,9 +2,9 @@
 
 The emulator is deterministic without sticky actions, so an action sequence is a saved state. The
 search keeps an archive of cells (Mario's x in 32-pixel columns, his height in 16-pixel rows), each
-with the shortest sequence that reached it; it picks a cell (the less often picked and the nearer
-the furthest x, the likelier), replays its sequence and explores from there with random held
-actions, and adds every new cell.
+with the shortest sequence that reached it and the emulator's snapshot at its end; it picks a cell
+(the less often picked and the nearer the furthest x, the likelier), loads its snapshot and explores
+from there with random held actions, and adds every new cell.
 Height in the cell is what finds 1-3's high route: the progress reward alone leads to the low tree
 tops and a tree that cannot be climbed from them (``benchmarks/mario_jump_probe.py``).
 
@@ -40,6 +40,9 @@ FRONT = 256  # cells this close to the furthest x are picked four times as often
 class Cell(NamedTuple):
     actions: list[int]
     x: int
+    # nes-py's snapshot of the emulator after ``actions``: a try starts from it instead of replaying
+    # the sequence from the stage's start, which took most of a try's time once routes grew long.
+    snapshot: Any
 
 
 def cell_key(info: dict[str, Any]) -> tuple[int, int]:
@@ -54,9 +57,10 @@ def make_search_env(preset: str) -> Any:
 def search(preset: str, iterations: int, seed: int) -> tuple[list[int], int, bool]:
     """Returns the best route found (to the flag, else to the furthest cell), its furthest x, cleared?"""
     env, rng = make_search_env(preset), random.Random(seed)
+    emulator = env.unwrapped
     env.reset(seed=seed)
     _, _, _, _, info = env.step(0)
-    archive = {cell_key(info): Cell([0], int(info["x_pos"]))}
+    archive = {cell_key(info): Cell([0], int(info["x_pos"]), emulator.dump_state())}
     picked: dict[tuple[int, int], int] = {}
     progress = tqdm(range(iterations), desc=f"route search on {preset}", unit="try", file=sys.stderr)
     for _ in progress:
@@ -66,9 +70,8 @@ def search(preset: str, iterations: int, seed: int) -> tuple[list[int], int, boo
         key = rng.choices(keys, weights)[0]
         picked[key] = picked.get(key, 0) + 1
         actions = list(archive[key].actions)
-        env.reset(seed=seed)
-        for action in actions:
-            env.step(action)
+        env.reset(seed=seed)  # the wrappers' state; the emulator's comes from the snapshot
+        emulator.load_state(archive[key].snapshot)
         ended = False
         for _ in range(rng.randint(1, MAX_MOVES)):
             action = rng.choice(EXPLORE_ACTIONS)
@@ -85,7 +88,7 @@ def search(preset: str, iterations: int, seed: int) -> tuple[list[int], int, boo
                 break
             new = cell_key(info)
             if new not in archive or len(actions) < len(archive[new].actions):
-                archive[new] = Cell(list(actions), int(info["x_pos"]))
+                archive[new] = Cell(list(actions), int(info["x_pos"]), emulator.dump_state())
         progress.set_postfix(cells=len(archive), furthest_x=max(cell.x for cell in archive.values()))
     env.close()
     furthest = max(archive.values(), key=lambda cell: cell.x)

@@ -225,8 +225,10 @@ def test_the_route_search_writes_a_route_that_replays_to_where_it_says(tmp_path)
     from benchmarks import mario_route_search
     from envs.mario import load_routes
 
-    route, furthest_x, cleared = mario_route_search.search("mario-1-1", iterations=4, seed=0)
-    assert furthest_x > 40 and not cleared
+    # 40 tries start from snapshots of cells several explorations deep; a snapshot that did not
+    # restore the emulator exactly would end the replay below somewhere else.
+    route, furthest_x, cleared = mario_route_search.search("mario-1-1", iterations=40, seed=0)
+    assert furthest_x > 400 and not cleared
     env = mario_route_search.make_search_env("mario-1-1")
     env.reset(seed=123)  # any seed: the emulator is deterministic
     for action in route:
