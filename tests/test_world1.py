@@ -267,16 +267,17 @@ def test_route_start_episodes_say_so_and_stay_out_of_the_clear_rates():
     assert episodes.route_start_scalars(restored) == episodes.route_start_scalars(tracker)
 
 
-def test_the_shipped_1_3_route_reaches_the_flag():
-    route = load_routes(str(ROOT / "envs" / "routes" / "1-3.json"))["1-3"]
-    env = envs.make("mario-1-3")
+@pytest.mark.parametrize(("stage", "flag_x"), [("1-1", 3100), ("1-3", 2400)])
+def test_the_shipped_routes_reach_the_flag(stage, flag_x):
+    route = load_routes(str(ROOT / "envs" / "routes" / f"{stage}.json"))[stage]
+    env = envs.make(f"mario-{stage}")
     try:
         env.reset(seed=0)
         for action in route:
             _, _, terminated, truncated, info = env.step(action)
             if terminated or truncated:
                 break
-        assert info["flag_get"] and info["x_pos"] > 2400
+        assert info["flag_get"] and info["x_pos"] > flag_x
     finally:
         env.close()
 
