@@ -96,7 +96,7 @@ def load_training_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, A
 SLIM_KEYS = (
     "model", "global_step", "update", "episodes", "recent_episodes", "recent_by_stage", "history",
     "route_start_episodes", "recent_route_starts", "route_frontiers",  # a route-start curriculum goes on
-    "seconds", "evals",
+    "seconds", "evals", "config_changes",
 )  # fmt: skip
 
 
@@ -470,6 +470,13 @@ class TrainingRun:
         #: ``eval/`` scalars without their prefix (return_mean, clear_rate, stages/1-1/clear_rate...).
         self.evals: list[dict[str, Any]] = list(self.saved.get("evals", []))
         self.skipped_updates = int(self.saved.get("skipped_updates", 0))
+        #: ``--set`` changes made on resume, ``{"step", "changes": {key: [was, now]}}`` each, so a run's
+        #: history says from which step it trained with what (the config.json holds only the last).
+        self.config_changes: list[dict[str, Any]] = list(self.saved.get("config_changes", []))
+        if loaded is not None:
+            changes = config_changes(loaded[1].get("config", {}), jsonable(dataclasses.asdict(config)))
+            if changes:
+                self.config_changes.append({"step": self.global_step, "changes": changes})
         # route_start_schedule=backward: {stage: the first action of its route-start window}.
         self.route_lengths: dict[str, int] = {}
         self.route_frontiers: dict[str, int] = {}
@@ -685,6 +692,7 @@ class TrainingRun:
             "worker_counts": self.worker_counts(),
             "route_frontiers": self.route_frontiers,
             "seconds": self.seconds,
+            "config_changes": self.config_changes,
         }
         save_training_checkpoint(self.run_dir, step, full, self.meta, self.config.keep_checkpoints)
 
@@ -774,7 +782,12 @@ class TrainingRun:
             summary["until"] = {"metric": metric, "target": target, "reached_at_step": step,
                                 "reached_after_seconds": None if seconds is None else round(seconds, 1)}  # fmt: skip
         summary.update(extra or {})
-        metrics = {**summary, "history": self.history, "evals": self.evals}
+        metrics = {
+            **summary,
+            "history": self.history,
+            "evals": self.evals,
+            "config_changes": self.config_changes,
+        }
         atomic_write_json(self.run_dir / "metrics.json", jsonable(metrics))
         if self.history:
             plot_learning_curve(
@@ -784,6 +797,12 @@ class TrainingRun:
                 self.evals,
             )
         return summary
+
+
+def config_changes(was: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
+    """``{key: [was, now]}`` for every config field whose value differs (a field new since ``was``
+    was written is not a change: the run trained with its default)."""
+    return {key: [was[key], value] for key, value in now.items() if key in was and was[key] != value}
 
 
 def try_to_save(save: Callable[[], None]) -> str:

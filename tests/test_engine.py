@@ -128,6 +128,28 @@ def test_the_seconds_of_a_run_add_up_across_resumes(algo, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("algo", ALGO_NAMES)
+def test_a_resume_that_changes_the_config_says_so_in_the_runs_records(algo, tmp_path, capsys):
+    run_dir, second = tmp_path / "run", TINY[algo][2]
+    code, _, err = run_main(train_argv(algo, run_dir, second), capsys)
+    assert code == 0, err
+    learning_rate = json.loads((run_dir / "config.json").read_text())["config"]["learning_rate"]
+    resume = ["train", "--resume", run_dir, "--no-progress"]
+    code, _, err = run_main([*resume, "--steps", 2 * second, "--set", "learning_rate=0.0123"], capsys)
+    assert code == 0, err
+    code, _, err = run_main([*resume, "--steps", 3 * second], capsys)  # no change but the budget
+    assert code == 0, err
+    changes = json.loads((run_dir / "metrics.json").read_text())["config_changes"]
+    assert changes == [
+        {
+            "step": second,
+            "changes": {"total_steps": [second, 2 * second], "learning_rate": [learning_rate, 0.0123]},
+        },
+        {"step": 2 * second, "changes": {"total_steps": [2 * second, 3 * second]}},
+    ]
+    assert engine.load_training_checkpoint(run_dir)[0]["config_changes"] == changes
+
+
+@pytest.mark.parametrize("algo", ALGO_NAMES)
 def test_greedy_evals_are_recorded_in_metrics_and_kept_across_resumes(algo, tmp_path, capsys):
     run_dir, (_, first, second) = tmp_path / "run", TINY[algo]
     every = ["--set", f"eval_every={first}"]
