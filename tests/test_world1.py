@@ -267,7 +267,7 @@ def test_route_start_episodes_say_so_and_stay_out_of_the_clear_rates():
     assert episodes.route_start_scalars(restored) == episodes.route_start_scalars(tracker)
 
 
-@pytest.mark.parametrize(("stage", "flag_x"), [("1-1", 3100), ("1-3", 2400)])
+@pytest.mark.parametrize(("stage", "flag_x"), [("1-1", 3100), ("1-2", 3100), ("1-3", 2400), ("1-4", 2200)])
 def test_the_shipped_routes_reach_the_flag(stage, flag_x):
     route = load_routes(str(ROOT / "envs" / "routes" / f"{stage}.json"))[stage]
     env = envs.make(f"mario-{stage}")
