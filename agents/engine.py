@@ -157,8 +157,9 @@ class AgentConfig:
     noop_max: int = option(0, "Mario: start each training episode with 0..noop_max random no-ops (the eval protocol uses 30)", min=0, max=1000)  # fmt: skip
     route_starts: str | None = option(
         None,
-        'Mario: a route file {"actions": "simple", "routes": {"1-3": [action, ...]}}: start route_start_prob '
-        "of the training episodes part-way along it (a start-state curriculum; evals start as usual)",
+        'Mario: a route file {"actions": "simple", "routes": {"1-3": [action, ...]}}, or several separated by '
+        "commas: start route_start_prob of the training episodes part-way along a route (a start-state "
+        "curriculum; evals start as usual)",
     )
     route_start_prob: float = option(0.5, "Mario: the share of training episodes that start along a route", min=0.0, max=1.0)  # fmt: skip
     route_start_schedule: Literal["uniform", "backward"] = option(

@@ -484,13 +484,26 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return base if hasattr(base, "dump_state") and hasattr(base, "load_state") else None
 
 
-def load_routes(path: str, action_set: str = "simple") -> dict[str, list[int]]:
-    """Reads a route file for :class:`RouteStarts`: ``{"actions": "simple", "routes": {"1-3": [...]}}``.
+def load_routes(paths: str, action_set: str = "simple") -> dict[str, list[int]]:
+    """Reads route files for :class:`RouteStarts`, one or several separated by commas (a multi-stage
+    preset takes one per stage, e.g. ``envs/routes/1-2.json,envs/routes/1-3.json``), each
+    ``{"actions": "simple", "routes": {"1-3": [...]}}``.
 
     Raises:
         ValueError: one line naming what is wrong (no such file, not JSON, another action set, a
-            stage that does not exist, an action outside the set).
+            stage that does not exist, an action outside the set, a stage in two files).
     """
+    routes: dict[str, list[int]] = {}
+    for path in (part.strip() for part in paths.split(",")):
+        for label, route in load_route_file(path, action_set).items():
+            if label in routes:
+                raise ValueError(f"route_starts={paths!r} gives two routes of {label}; give each stage one")
+            routes[label] = route
+    return routes
+
+
+def load_route_file(path: str, action_set: str) -> dict[str, list[int]]:
+    """One route file of :func:`load_routes`."""
     try:
         with open(path, encoding="utf-8") as file:
             content = json.load(file)

@@ -222,6 +222,15 @@ def test_route_starts_reach_the_training_envs_only(tmp_path):
     assert engine.eval_env_overrides(config) == {"noop_max": 30, "stall_patience": 200}
 
 
+def test_route_starts_take_one_file_per_stage():
+    both = ",".join(str(ROOT / "envs" / "routes" / f"{stage}.json") for stage in ("1-2", "1-3"))
+    routes = load_routes(both)
+    assert sorted(routes) == ["1-2", "1-3"]
+    assert routes["1-3"] == load_routes(str(ROOT / "envs" / "routes" / "1-3.json"))["1-3"]
+    with pytest.raises(ValueError, match="two routes of 1-3"):
+        load_routes(f"{both},{ROOT / 'envs' / 'routes' / '1-3.json'}")
+
+
 @pytest.mark.parametrize(
     ("env", "content", "needles"),
     [
