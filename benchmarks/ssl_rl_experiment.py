@@ -11,11 +11,15 @@ The arms (``--arms``), each ``lab train mario-1-1`` with the preset's hyperparam
 the preset's 2M-step learning-rate schedule (``--horizon``) and stopped at the budget (``--steps``),
 as the shipped run's first steps were:
 
-==========  =====================================================================================
-baseline    the preset as it is
-augment     ``--set augment=shift``: pad-4 random shifts with DrAC's regulariser
-pretrained  ``--set init_encoder=RUN``: the Nature CNN starts from the ATC encoder of ``pretrain``
-==========  =====================================================================================
+=================  ==============================================================================
+baseline           the preset as it is
+augment            ``--set augment=shift``: pad-4 random shifts with DrAC's regulariser
+pretrained         ``--set init_encoder=RUN``: the Nature CNN starts from the ATC encoder of
+                   ``pretrain``, whose frames include the shipped agent's play
+pretrained-random  the same with an ATC encoder pre-trained on random play alone (``pretrain``
+                   builds it when the arm is asked for; not in the default ``--arms``): no expert
+                   anywhere, so it says whether the encoder's help needs the expert's frames
+=================  ==============================================================================
 
 Every run lives in ``ROOT/<arm>-s<seed>``; ``train`` skips the runs that reached the budget, resumes
 the ones with a checkpoint (``lab train --resume``) and starts the rest, each as a child process at
@@ -63,6 +67,7 @@ SHIPPED = Path("runs/mario-1-1")
 ROOT = Path("runs/ssl-rl")
 FRAMES = Path("runs/ssl-mario-frames.npz")
 ENCODER = Path("runs/ssl-mario-atc")
+RANDOM_ENCODER = Path("runs/ssl-mario-atc-random")
 STAGES = ("1-1", "1-2", "1-3")
 # Per-env share of random actions while gathering: the agent's play, noisier and noisier, and pure
 # random play; never 0, or the deterministic emulator would replay one episode again and again.
@@ -71,7 +76,9 @@ ARMS = {
     "baseline": [],
     "augment": ["augment=shift"],
     "pretrained": ["init_encoder={encoder}"],
+    "pretrained-random": ["init_encoder={random_encoder}"],
 }
+DEFAULT_ARMS = ("baseline", "augment", "pretrained")
 # Settings of every arm: no periodic greedy evals (the curves are the training episodes'), frequent
 # checkpoints so that a stopped run loses little.
 COMMON_SETS = ["eval_every=0", "checkpoint_every=20480", "keep_checkpoints=1"]
@@ -112,22 +119,23 @@ def gather(args: argparse.Namespace) -> Path:
     return args.frames
 
 
-def pretrain(args: argparse.Namespace) -> Path:
-    """``lab fit ssl`` with ATC on the frames: the encoder the ``pretrained`` arm starts from."""
-    if (args.encoder / "metrics.json").exists():
-        print(f"{args.encoder} is pre-trained already", flush=True)
-        return args.encoder
-    resume = (args.encoder / "checkpoints").is_dir()
+def pretrain(args: argparse.Namespace, encoder: Path, frames: list[str]) -> Path:
+    """``lab fit ssl`` with ATC: the encoder a ``pretrained`` arm starts from. ``frames``: the
+    ``--set`` items that say which frames (a frames file, or random play gathered by the run)."""
+    if (encoder / "metrics.json").exists():
+        print(f"{encoder} is pre-trained already", flush=True)
+        return encoder
+    resume = (encoder / "checkpoints").is_dir()
     command = (
-        ["fit", "--resume", str(args.encoder)]
+        ["fit", "--resume", str(encoder)]
         if resume
-        else ["fit", "ssl", "--run-dir", str(args.encoder), "--epochs", str(args.ssl_epochs),
-              "--seed", str(args.seed), "--set", "data=mario", "--set", f"frames={args.frames}",
+        else ["fit", "ssl", "--run-dir", str(encoder), "--epochs", str(args.ssl_epochs),
+              "--seed", str(args.seed), "--set", "data=mario", *(part for item in frames for part in ("--set", item)),
               # The recorded run's temperature (ATC's learnt bilinear product sets its own scale).
               "--set", "temperature=0.2"]
     )  # fmt: skip
     run_lab(command + ["--no-progress", "--json"], args.nice)
-    return args.encoder
+    return encoder
 
 
 def train(args: argparse.Namespace) -> None:
@@ -162,7 +170,8 @@ def train(args: argparse.Namespace) -> None:
                 command = ["train", "--resume", str(run_dir), "--steps", str(horizon)]
             else:
                 (run_dir / "config.json").unlink(missing_ok=True)  # a start that saved nothing
-                sets = [item.format(encoder=args.encoder) for item in [*ARMS[arm], *COMMON_SETS]]
+                encoders = {"encoder": args.encoder, "random_encoder": args.random_encoder}
+                sets = [item.format(**encoders) for item in [*ARMS[arm], *COMMON_SETS]]
                 command = [
                     "train",
                     ENV,
@@ -364,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--records", type=Path, default=RECORDS, help=f"finished runs' records, committed (default {RECORDS})"
     )
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
+    parser.add_argument(
+        "--arms",
+        default=",".join(DEFAULT_ARMS),
+        help=f"comma-separated subset of {','.join(ARMS)} (default {','.join(DEFAULT_ARMS)})",
+    )
     parser.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     parser.add_argument("--steps", type=int, default=500_000, help="agent steps per run (default 500000)")
     parser.add_argument(
@@ -383,6 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--stages", default=",".join(STAGES), help="stages played for frames")
     parser.add_argument("--frame-steps", type=int, default=500, help="vector steps of 8 envs per stage")
     parser.add_argument("--encoder", type=Path, default=ENCODER, help=f"the ATC run (default {ENCODER})")
+    parser.add_argument(
+        "--random-encoder",
+        type=Path,
+        default=RANDOM_ENCODER,
+        help=f"the ATC run on random play alone, of the pretrained-random arm (default {RANDOM_ENCODER})",
+    )
     parser.add_argument("--ssl-epochs", type=int, default=20, help="ATC epochs over the training frames")
     parser.add_argument("--seed", type=int, default=0, help="seed of the frames and of pre-training")
     parser.add_argument(
@@ -412,7 +431,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 f"{args.frames} does not exist; gather it first: python -m benchmarks.ssl_rl_experiment frames"
             )
-        pretrain(args)
+        pretrain(args, args.encoder, [f"frames={args.frames}"])
+    if args.step in ("pretrain", "train", "all") and "pretrained-random" in args.arms:
+        # As many stacks of the same stages as the frames file holds, from random play alone.
+        stages = ",".join(args.stages)
+        pretrain(args, args.random_encoder, [f"random_steps={args.frame_steps}", f"stages={stages}"])
     if args.step in ("train", "all"):
         train(args)
     if args.step in ("report", "all"):
