@@ -418,7 +418,11 @@ def test_a_sweep_killed_with_sigkill_resumes_without_training_a_finished_trial_t
     for name in ("results.csv", "trials.csv", "results.json", "sweep.png"):
         assert (sweep_dir / name).is_file()
     # every trial is a lab run: eval loads the best one; compare takes the whole sweep
-    best = [d for d in summary["best"]["run_dirs"] if after[Path(d).name] == FINISHED][0]
+    finished = [d for d in summary["best"]["run_dirs"] if after[Path(d).name] == FINISHED]
+    # ASHA can stop every trial of the best configuration (its score is then their last reports);
+    # any finished trial is a lab run as well.
+    any_finished = next(name for name, status in after.items() if status == FINISHED)
+    best = finished[0] if finished else str(sweep_dir / "trials" / any_finished)
     assert lab("eval", best, "--episodes", "2").returncode == 0
     compared = lab(
         "compare", str(sweep_dir), "--out", str(tmp_path / "compare.png"), "--json", "--reps", "200"
