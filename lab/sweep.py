@@ -204,9 +204,10 @@ def _run(sweep_dir: Path, spec: Any, address: str, resume: bool, quiet: bool) ->
         summary["best"] = {"key": best.key, "params": best.params, "mean": best.mean, "std": best.std,
                            "seeds": list(best.seeds), "finals": list(best.finals), "run_dirs": run_dirs}  # fmt: skip
         finals_text = ", ".join(f"{f:.4g}" for f in finals) or "none finished"
+        finished_dirs = [t.run_dir for t in trials if t.key == best.key and t.status == FINISHED]
         print(
             f"best: {best.label}: {spec.metric} {best.mean:.4g} ± {best.std or 0.0:.3g} over seeds "
-            f"{', '.join(map(str, best.seeds))} (final greedy evals: {finals_text}); try: lab eval {run_dirs[0]}"
+            f"{', '.join(map(str, best.seeds))} (final greedy evals: {finals_text}); try: lab eval {(finished_dirs or run_dirs)[0]}"
         )
     print(f"results -> {', '.join(str(p) for p in paths)}; plot -> {plot}")
     unfinished = tally.get(RUNNING, 0) + tally.get(PENDING, 0)

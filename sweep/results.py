@@ -2,7 +2,9 @@
 
 A trial's score is its final greedy evaluation when it finished, else its last periodic one (a
 trial that ASHA stopped early was stopped because that number was poor). A configuration's score
-is the mean of its seeds' scores, with their standard deviation as the spread across seeds.
+is the mean of its seeds' scores, with their standard deviation as the spread across seeds. The
+configurations with a finished seed rank above those without one: a score from a lower rung is not
+comparable with one at the full budget, and the best configuration is one that went the distance.
 
 Written into the sweep directory:
 
@@ -130,7 +132,10 @@ def collect(sweep_dir: Path, spec: SweepSpec, tune_status: dict[str, str] | None
 
 
 def rank(spec: SweepSpec, trials: list[TrialRow]) -> list[ConfigRow]:
-    """The configurations, best mean score first (ties: more seeds finished first)."""
+    """The configurations, best mean score first among those with a finished seed, then the others.
+
+    Ties: more seeds finished first.
+    """
     rows = []
     for configuration in spec.configurations:
         mine = sorted((t for t in trials if t.key == configuration.key), key=lambda t: t.seed)
@@ -145,7 +150,7 @@ def rank(spec: SweepSpec, trials: list[TrialRow]) -> list[ConfigRow]:
                 finished=sum(t.status == FINISHED for t in mine), seeds=tuple(t.seed for t in mine),
             )
         )  # fmt: skip
-    rows.sort(key=lambda row: (row.mean is None, -(row.mean or 0.0), -row.finished))
+    rows.sort(key=lambda row: (row.mean is None, row.finished == 0, -(row.mean or 0.0), -row.finished))
     return [ConfigRow(**{**asdict(row), "rank": index + 1}) for index, row in enumerate(rows)]
 
 

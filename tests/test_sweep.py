@@ -310,6 +310,21 @@ def test_results_rank_configurations_by_their_seeds_mean(tmp_path):
     assert plot_sweep(plan, trials, configs, tmp_path / "sweep.png").stat().st_size > 10_000
 
 
+def test_a_configuration_asha_stopped_in_every_seed_ranks_below_a_finished_one(tmp_path):
+    # A stopped trial's score is its last report at a lower rung; a high early number there is not
+    # the full budget's, so it must not make the configuration "best".
+    plan = small_plan(params=["learning_rate=grid:1e-3,3e-4,1e-4"])
+    write_sweep(tmp_path, plan)
+    finished, stopped, unstarted = plan.configurations
+    fake_trial(tmp_path, finished.key, 1, finished.params, FINISHED, [(100, 50.0), (1024, 90.0)], final=100.0)
+    fake_trial(tmp_path, finished.key, 2, finished.params, STOPPED, [(100, 20.0), (200, 30.0)])
+    fake_trial(tmp_path, stopped.key, 1, stopped.params, STOPPED, [(100, 200.0), (200, 300.0)])
+    fake_trial(tmp_path, stopped.key, 2, stopped.params, STOPPED, [(100, 250.0)])
+    configs = rank(plan, collect(tmp_path, plan))
+    assert [c.key for c in configs] == [finished.key, stopped.key, unstarted.key]
+    assert configs[0].mean == 65.0 and configs[1].mean == 275.0 and configs[1].finished == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # The command line: bad input is one line and exit 2, before Ray starts or anything is written
 # ---------------------------------------------------------------------------------------------
@@ -418,11 +433,8 @@ def test_a_sweep_killed_with_sigkill_resumes_without_training_a_finished_trial_t
     for name in ("results.csv", "trials.csv", "results.json", "sweep.png"):
         assert (sweep_dir / name).is_file()
     # every trial is a lab run: eval loads the best one; compare takes the whole sweep
-    finished = [d for d in summary["best"]["run_dirs"] if after[Path(d).name] == FINISHED]
-    # ASHA can stop every trial of the best configuration (its score is then their last reports);
-    # any finished trial is a lab run as well.
-    any_finished = next(name for name, status in after.items() if status == FINISHED)
-    best = finished[0] if finished else str(sweep_dir / "trials" / any_finished)
+    # the best configuration is one with a finished seed, though ASHA may have stopped the others
+    best = next(d for d in summary["best"]["run_dirs"] if after[Path(d).name] == FINISHED)
     assert lab("eval", best, "--episodes", "2").returncode == 0
     compared = lab(
         "compare", str(sweep_dir), "--out", str(tmp_path / "compare.png"), "--json", "--reps", "200"
