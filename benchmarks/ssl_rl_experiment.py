@@ -421,12 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not args.arms:
         parser.error(f"unknown arm {unknown[0] if unknown else ''!r}; valid arms: {', '.join(ARMS)}")
     args.stages = tuple(stage for stage in args.stages.split(",") if stage)
-    if args.step in ("frames", "all"):
+    # The expert's frames and their encoder serve the ``pretrained`` arm alone.
+    expert_frames = "pretrained" in args.arms
+    if args.step == "frames" or (args.step == "all" and expert_frames):
         if args.frames.exists():
             print(f"{args.frames} exists; delete it to gather again", flush=True)
         else:
             gather(args)
-    if args.step in ("pretrain", "all") or (args.step == "train" and "pretrained" in args.arms):
+    if args.step in ("pretrain", "train", "all") and expert_frames:
         if not args.frames.exists():
             parser.error(
                 f"{args.frames} does not exist; gather it first: python -m benchmarks.ssl_rl_experiment frames"
