@@ -86,7 +86,8 @@ def build_parser() -> Parser:
         "--until",
         default=None,
         metavar="METRIC=VALUE",
-        help="stop once a periodic greedy eval reaches it, e.g. clear_rate=0.9 (sets eval_every if unset)",
+        help="stop once a periodic greedy eval reaches it, e.g. clear_rate=0.9, and a second eval of as many "
+        "episodes confirms it (their mean; sets eval_every if unset)",
     )
     add_repeatable(
         train, "--set", "override any config field (repeatable); see `lab train ENV --help-config`"

@@ -323,6 +323,34 @@ def test_until_stops_at_the_first_eval_that_reaches_the_target(algo, tmp_path, c
     assert summary["steps"] < 20000 and until["reached_after_seconds"] >= 0
 
 
+def test_until_stops_only_when_a_second_eval_of_the_same_weights_confirms_the_target(
+    tmp_path, capsys, monkeypatch
+):
+    # Scripted returns: eval at 256 meets the target (100 >= 60) but its confirmation (0) pools to 50;
+    # eval at 512 meets it again and its confirmation (40) pools to 70: the run stops there.
+    scripted = iter([100.0, 0.0, 100.0, 40.0])
+    seeds = []
+    real = engine.evaluate_preset
+
+    def fake(policy, env, episodes, seed, overrides):
+        summary = real(policy, env, episodes, seed, overrides)
+        seeds.append(seed)
+        return {**summary, "return_mean": next(scripted, 0.0)}
+
+    monkeypatch.setattr(engine, "evaluate_preset", fake)
+    argv = ["train", "cartpole", *TINY_PPO, "--steps", "20000", "--run-dir", tmp_path / "run", "--json"]
+    code, out, err = run_main([*argv, "--set", "eval_every=256", "--until", "return_mean=60"], capsys)
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["until"]["reached_at_step"] == 512 and summary["steps"] < 1024
+    periodic = [
+        e for e in json.loads((tmp_path / "run" / "metrics.json").read_text())["evals"] if not e["final"]
+    ]
+    assert [(e["step"], e["until_return_mean"]) for e in periodic] == [(256, 50.0), (512, 70.0)]
+    # the confirmations play other episodes than the evals they confirm
+    assert len(set(seeds)) == len(seeds) == 5
+
+
 def test_until_that_is_never_reached_trains_to_the_budget_and_says_so(tmp_path, capsys):
     run_dir = tmp_path / "run"
     argv = ["train", "cartpole", *TINY_PPO, "--steps", "512", "--run-dir", run_dir]
