@@ -669,12 +669,11 @@ class TrainingRun:
         assert self.logger is not None
         scalars = eval_scalars(summary)
         final = seed == config.seed + 10_000
-        confirmed = None
         if self.until is not None and not final and self.reached is None:
             metric, target = self.until
             if summary.get(metric, -math.inf) >= target:
                 # A target met on eval_episodes alone is often luck (an agent that clears 70% draws 10 of
-                # 10 once in 36 evals), so as many fresh episodes with the same weights follow, and the
+                # 10 about once in 35 evals), so as many fresh episodes with the same weights follow, and the
                 # stop is judged on the mean of both (equal episode counts: the pooled mean).
                 again = evaluate_preset(
                     policy, config.env, episodes, seed + UNTIL_CONFIRM_SEED_OFFSET, eval_env_overrides(config)
