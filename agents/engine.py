@@ -665,7 +665,8 @@ class TrainingRun:
         # A multi-stage preset plays its stages in turn, eval_episodes spread over them (rounded up).
         stages = max(1, len(preset_stages(config.env)))
         episodes = -(-config.eval_episodes // stages)
-        summary = evaluate_preset(policy, config.env, episodes, seed, eval_env_overrides(config))
+        overrides = eval_env_overrides(config)
+        summary = evaluate_preset(policy, config.env, episodes, seed, overrides)
         assert self.logger is not None
         scalars = eval_scalars(summary)
         final = seed == config.seed + 10_000
@@ -676,7 +677,7 @@ class TrainingRun:
                 # 10 about once in 35 evals), so as many fresh episodes with the same weights follow, and the
                 # stop is judged on the mean of both (equal episode counts: the pooled mean).
                 again = evaluate_preset(
-                    policy, config.env, episodes, seed + UNTIL_CONFIRM_SEED_OFFSET, eval_env_overrides(config)
+                    policy, config.env, episodes, seed + UNTIL_CONFIRM_SEED_OFFSET, overrides
                 )
                 confirmed = (summary[metric] + again.get(metric, -math.inf)) / 2
                 scalars[f"eval/until_{metric}"] = confirmed
