@@ -63,7 +63,7 @@ from core.errors import TrainingStopped
 from core.files import atomic_write_json, is_storage_error, jsonable
 from core.plots import Panel, plot_history
 from core.runs import CHECKPOINTS, tensorboard_writer
-from envs.mario import load_routes, stage_of
+from envs.mario import ACTION_SETS, load_routes, stage_of
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoints of a training run
@@ -155,6 +155,14 @@ class AgentConfig:
     )
     sticky: float = option(0.0, "Mario: repeat the previous action on each frame with this probability", min=0.0, max=0.99)  # fmt: skip
     noop_max: int = option(0, "Mario: start each training episode with 0..noop_max random no-ops (the eval protocol uses 30)", min=0, max=1000)  # fmt: skip
+    # The action sets are prefixes of one another (right_only, the first 5 of simple's 7, the first 7 of
+    # complex's 12: the same buttons at the same indices), so an agent trained on a smaller set plays
+    # in the preset's own env unchanged, and lab eval, watch, explain and compress need not know.
+    actions: Literal["right_only", "simple", "complex"] | None = option(
+        None,
+        "Mario: train on this action set instead of the preset's (simple, 7 actions); right_only (5: no "
+        "left, no standing jump) is easier to explore, and its agent plays in the preset's env as it is",
+    )
     route_starts: str | None = option(
         None,
         'Mario: a route file {"actions": "simple", "routes": {"1-3": [action, ...]}}, or several separated by '
@@ -202,8 +210,8 @@ class AgentConfig:
     def check(self) -> None:
         """Checks the shared fields against each other and the env (the algorithms' ``check`` calls
         it first, before anything is written): raises ValueError for a bad ``until`` or one without
-        periodic evals (``eval_every``), when ``sticky``, ``noop_max`` or ``route_starts`` is set for
-        an env that is not Mario, for a route file that is unreadable or names a stage the preset
+        periodic evals (``eval_every``), when ``sticky``, ``noop_max``, ``route_starts`` or ``actions``
+        is set for an env that is not Mario, for an action set larger than the preset's, for a route file that is unreadable or names a stage the preset
         never plays, for a backward route-start schedule without routes, when ``init_weights`` and
         ``init_encoder`` are both given, or when
         ``stage_sampling=adaptive`` has no stages to sample."""
@@ -211,13 +219,21 @@ class AgentConfig:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
         mario_only = [
             f"{name}={getattr(self, name)}"
-            for name in ("sticky", "noop_max", "route_starts")
+            for name in ("sticky", "noop_max", "route_starts", "actions")
             if getattr(self, name)
         ]
         preset = envs.resolve(self.env)
         if mario_only and preset.kind != "mario":
             raise ValueError(
                 f"{' and '.join(mario_only)}: Mario presets only; this run trains {self.env!r} (leave them unset)"
+            )
+        preset_actions = preset.env_kwargs.get("actions", "simple")
+        if self.actions and len(ACTION_SETS[self.actions]) > len(ACTION_SETS[preset_actions]):
+            fits = len(ACTION_SETS[preset_actions])
+            smaller = [name for name, buttons in ACTION_SETS.items() if len(buttons) <= fits]
+            raise ValueError(
+                f"actions={self.actions} has more actions than {self.env!r}'s own set ({preset_actions}), so its "
+                f"agent could not play the preset's env; choose from: {', '.join(smaller)}"
             )
         if self.route_starts:
             routes = config_routes(self)
@@ -243,9 +259,9 @@ class AgentConfig:
 
 
 def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
-    """``envs.make_vec`` options that a training config sets: sticky actions and random no-op starts
-    (Mario presets only)."""
-    overrides = {}
+    """``envs.make_vec`` options that a training config sets: the action set, sticky actions, random
+    no-op starts and route starts (Mario presets only)."""
+    overrides: dict[str, Any] = {"actions": config.actions} if config.actions else {}
     if config.sticky:
         overrides["sticky_prob"] = config.sticky
     if config.noop_max:
@@ -257,9 +273,10 @@ def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
 
 
 def config_routes(config: AgentConfig) -> dict[str, list[int]]:
-    """The routes of ``config.route_starts``, checked against the preset's action set (ValueError)."""
+    """The routes of ``config.route_starts``, checked against the training's action set (ValueError)."""
     assert config.route_starts
-    return load_routes(config.route_starts, envs.resolve(config.env).env_kwargs.get("actions", "simple"))
+    action_set = config.actions or envs.resolve(config.env).env_kwargs.get("actions", "simple")
+    return load_routes(config.route_starts, action_set)
 
 
 def eval_env_overrides(config: AgentConfig) -> dict[str, Any]:

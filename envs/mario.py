@@ -518,7 +518,7 @@ def load_route_file(path: str, action_set: str) -> dict[str, list[int]]:
         )
     if content.get("actions", "simple") != action_set:
         raise ValueError(
-            f"route_starts={path!r} is for the {content.get('actions')!r} action set; this preset uses {action_set!r}"
+            f"route_starts={path!r} is for the {content.get('actions')!r} action set; the run trains on {action_set!r}"
         )
     parse_stages(list(routes))
     num_actions = len(ACTION_SETS[action_set])

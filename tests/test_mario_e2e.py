@@ -53,3 +53,19 @@ def test_mario_train_resume_eval_watch(tmp_path, capsys, algo):
     assert len(frames) == watched["frames"] > 0
     assert frames[0].shape[1] >= 256  # full-resolution NES frames with the caption bar
     assert watched["fps"] == 15  # 60 NES frames/s with a frame skip of 4
+
+
+@pytest.mark.slow
+def test_an_agent_trained_on_right_only_plays_in_the_presets_env(tmp_path, capsys):
+    from agents import load_agent
+
+    run_dir = tmp_path / "right-only"
+    run_json(
+        capsys,
+        ["train", "mario-1-1", "--steps", "256", "--envs", "2", "--device", "cpu", "--run-dir", str(run_dir),
+         "--no-progress", "--json", "--set", "actions=right_only", "--set", "eval_episodes=1", *SMALL["ppo"]],
+    )  # fmt: skip
+    agent = load_agent(str(run_dir), "cpu", False, 0)
+    assert agent.config.actions == "right_only" and agent.meta["num_actions"] == 5
+    evaluation = run_json(capsys, ["eval", str(run_dir), "--episodes", "1", "--sticky", "0.25", "--json"])
+    assert evaluation["episodes"] == 1 and evaluation["x_pos_mean"] > 0

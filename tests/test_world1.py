@@ -14,7 +14,7 @@ import pytest
 import envs
 from agents import engine, episodes, ppo
 from core.runs import write_run_config
-from envs.mario import load_routes, parse_stages
+from envs.mario import ACTION_SETS, load_routes, parse_stages
 from envs.registry import WORLD_1_STAGES
 from tests.test_cli import assert_usage_error
 
@@ -153,6 +153,42 @@ def test_sticky_and_noop_starts_are_refused_outside_mario(setting, tmp_path, cap
         ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
          "--run-dir", str(tmp_path / "run"), "--set", setting],
         capsys, setting, "Mario presets only", "cartpole",
+    )  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_smaller_action_set_reaches_the_training_envs_only():
+    config = ppo.PPOConfig(env="mario-1-1", actions="right_only", sticky=0.25)
+    assert engine.train_env_overrides(config) == {"actions": "right_only", "sticky_prob": 0.25}
+    # Its agent plays in the preset's own env, which the option's design rests on: each action set
+    # starts with the smaller ones, the same buttons at the same indices.
+    assert "actions" not in engine.eval_env_overrides(config)
+    assert ACTION_SETS["right_only"] == ACTION_SETS["simple"][:5] == ACTION_SETS["complex"][:5]
+    assert ACTION_SETS["simple"] == ACTION_SETS["complex"][:7]
+    env = envs.make_vec("mario-1-1", 1, **engine.train_env_overrides(config))
+    try:
+        assert env.single_action_space.n == 5
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize(
+    ("env", "setting", "needles"),
+    [
+        ("cartpole", "actions=right_only", ["Mario presets only", "cartpole"]),
+        ("mario-1-1", "actions=complex", ["more actions than", "simple", "choose from: right_only, simple"]),
+        (
+            "mario-1-1",
+            "actions=left_only",
+            ["actions='left_only' is not valid", "right_only, simple, complex"],
+        ),
+    ],
+)
+def test_a_bad_action_set_is_one_line_before_the_run_exists(env, setting, needles, tmp_path, capsys):
+    assert_usage_error(
+        ["train", env, "--steps", "256", "--device", "cpu", "--no-progress",
+         "--run-dir", str(tmp_path / "run"), "--set", setting],
+        capsys, *needles,
     )  # fmt: skip
     assert not (tmp_path / "run").exists()
 
