@@ -26,7 +26,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -141,6 +141,14 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+class SeedStyle(NamedTuple):
+    linestyle: str
+    marker: str
+
+
+SEED_STYLES = (SeedStyle("-", "o"), SeedStyle("-.", "s"), SeedStyle(":", "^"))
+
+
 def plot(records: list[dict[str, Any]], shipped: list[dict[str, Any]], path: Path) -> None:
     """Two rows (x: wall-clock minutes, agent steps), two columns (training clear rate, greedy evals)."""
     import matplotlib
@@ -163,14 +171,19 @@ def plot(records: list[dict[str, Any]], shipped: list[dict[str, Any]], path: Pat
             ys = [entry.get("clear_rate", math.nan) for entry in shipped]
             train_axis.plot(xs, ys, color="0.5", linestyle="--", linewidth=1, label="shipped run")
         for record in records:
+            # A colour per configuration, a line style and marker per seed (its place among that
+            # configuration's seeds), so the seeds of one configuration stay apart.
             color = f"C{names.index(record['name'])}"
+            seeds = sorted(other["seed"] for other in records if other["name"] == record["name"])
+            style = SEED_STYLES[seeds.index(record["seed"]) % len(SEED_STYLES)]
             xs = np.array([entry[x_key] for entry in record["history"]], dtype=float) / scale
             train_axis.plot(xs, [entry["clear_rate"] for entry in record["history"]], color=color, alpha=0.8,
-                            label=f"{record['name']} s{record['seed']}")  # fmt: skip
+                            linestyle=style.linestyle, label=f"{record['name']} s{record['seed']}")  # fmt: skip
             evals = [entry for entry in record["evals"] if "clear_rate" in entry]
             eval_axis.plot(
                 [entry[x_key] / scale for entry in evals], [entry["clear_rate"] for entry in evals],
-                color=color, marker="o", markersize=3, label=f"{record['name']} s{record['seed']}",
+                color=color, linestyle=style.linestyle, marker=style.marker, markersize=3,
+                label=f"{record['name']} s{record['seed']}",
             )  # fmt: skip
         for axis, ylabel in (
             (train_axis, "training: flag reached (last 100)"),
@@ -186,6 +199,7 @@ def plot(records: list[dict[str, Any]], shipped: list[dict[str, Any]], path: Pat
             eval_axis.axvline(60, color="tab:red", linestyle=":", linewidth=1)
     axes[0][0].legend(fontsize=7, loc="upper left")
     axes[1][0].legend(fontsize=7, loc="upper left")
+    axes[0][1].legend(fontsize=7, loc="upper left")
     fig.suptitle(
         f"lab train {ENV} --until {UNTIL}: each seed against the clock and against agent steps", fontsize=10
     )
