@@ -211,6 +211,18 @@ def describe(config_class: type) -> list[tuple[str, str, Any, str]]:
     rows = []
     for field in dataclasses.fields(config_class):
         default = field.default if field.default is not dataclasses.MISSING else None
-        type_name = getattr(hints[field.name], "__name__", str(hints[field.name]))
-        rows.append((field.name, type_name, default, field.metadata.get("help", "")))
+        rows.append((field.name, type_label(hints[field.name]), default, field.metadata.get("help", "")))
     return rows
+
+
+def type_label(annotation: Any) -> str:
+    """A field's type as a listing shows it: a ``Literal``'s choices (``sync|async|ray``), ``X | None``
+    for an optional field, else the type's name (``int``, ``tuple[int, ...]``)."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "|".join(map(str, get_args(annotation)))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if arg is type(None) else type_label(arg) for arg in get_args(annotation))
+    if origin is not None:
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", str(annotation))

@@ -181,11 +181,16 @@ def print_config_help(config: Any) -> None:
             ("shared by every agent", [row for row in rows if row[0] in shared]),
             (f"{type(config).__name__}'s own", [row for row in rows if row[0] not in shared]),
         ]
+    # Columns as wide as their longest entry (a Literal's choices can be long), at least the usual 22/14.
+    name_width = max([22] + [len(row[0]) for row in rows])
+    type_width = max([14] + [len(row[1]) for row in rows])
     for title, group in groups:
         if title:
             print(f" {title}:")
         for name, type_name, _default, help_text in group:
-            print(f"  {name:<22} {type_name:<14} {getattr(config, name)!r:<14} {help_text}")
+            print(
+                f"  {name:<{name_width}} {type_name:<{type_width}} {getattr(config, name)!r:<14} {help_text}"
+            )
 
 
 def check_net(name: str, allow_auto: bool = False) -> None:

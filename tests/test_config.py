@@ -5,7 +5,7 @@ from typing import Literal
 
 import pytest
 
-from core.config import ConfigError, apply_overrides, validate
+from core.config import ConfigError, apply_overrides, describe, validate
 
 
 @dataclass
@@ -68,3 +68,11 @@ def test_a_redefaulted_field_keeps_the_base_fields_help_bounds_and_place():
         apply_overrides(DQNConfig(), ["num_envs=0"])  # the base's bound holds
     with pytest.raises(KeyError):
         redefault(AgentConfig, "no_such_field", 1)
+
+
+def test_listings_show_a_literals_choices_and_an_optional_type():
+    types = {name: type_name for name, type_name, _default, _help in describe(Example)}
+    assert types == {
+        "steps": "int", "lr": "float", "flag": "bool", "mode": "a|b", "widths": "tuple[int, ...]",
+        "limit": "float | None", "name": "str",
+    }  # fmt: skip
