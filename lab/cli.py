@@ -50,6 +50,7 @@ from lab.errors import (
     UsageError,
     fail,
     one_line,
+    reader_gone,
     storage_error_in,
     storage_message,
 )
@@ -298,7 +299,8 @@ def env_workers_failed(error: BaseException) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs ``lab``; returns the exit status (0 ok, 1 a run that failed, 2 bad input, 130 interrupted)."""
+    """Runs ``lab``; returns the exit status (0 ok, 1 a run that failed, 2 bad input, 130 interrupted,
+    141 the reader of the output went away)."""
     debug = os.environ.get("LAB_DEBUG") == "1"
     # A path or name the terminal cannot encode must not turn finished work into an error.
     for stream in (sys.stdout, sys.stderr):
@@ -319,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except CheckpointError as error:
         return fail(f"lab: {error}")
+    except BrokenPipeError:
+        return reader_gone()
     except (ValueError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as error:
         if debug:
             raise
@@ -329,10 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if getattr(args, "json", False) and result is not None:
-        from core.files import jsonable
+    from core.files import jsonable
 
-        print(json.dumps(jsonable(result)))
+    try:
+        if getattr(args, "json", False) and result is not None:
+            print(json.dumps(jsonable(result)))
+        sys.stdout.flush()  # a reader gone away shows here, not as an error at the exit's flush
+    except BrokenPipeError:
+        return reader_gone()
     return 0
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from core.files import StorageError, check_writable, is_storage_error
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, as a shell reports a process that SIGPIPE ended
 
 
 class UsageError(Exception):
@@ -35,6 +37,15 @@ def fail(message: str) -> int:
     """Prints ``message`` on one line to stderr; returns the usage exit status."""
     print(one_line(message), file=sys.stderr)
     return EXIT_USAGE
+
+
+def reader_gone() -> int:
+    """The reader of stdout went away (``lab ... | head``): not an error to report. Later writes go to
+    /dev/null, so Python's flush at exit does not raise again (the recipe of Python's signal docs)."""
+    with contextlib.suppress(OSError, ValueError):  # ValueError: a stdout without a file descriptor
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    return EXIT_BROKEN_PIPE
 
 
 def require_writable(*directories: Path) -> None:

@@ -472,6 +472,20 @@ def test_python_m_lab_list():
     assert result.returncode == 0 and "cartpole" in result.stdout
 
 
+def test_a_reader_that_goes_away_is_not_an_error():
+    # `lab list envs | head -1`: the pipe is closed before lab writes, so every write fails (EPIPE).
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lab", "list", "envs"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    process.stderr.close()
+    assert process.wait(timeout=120) == 141 and stderr == ""
+
+
 def test_python_m_lab_bad_input():
     result = subprocess.run(
         [sys.executable, "-m", "lab", "train", "cartpol"],
