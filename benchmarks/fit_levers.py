@@ -199,7 +199,7 @@ def measure(
     if device.type == "cuda":
         result["max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     if where.world > 1:
-        distributed.close()
+        distributed.close(together=True)  # every rank measured: a clean end
     return result
 
 

@@ -496,6 +496,7 @@ def fit(
     last_checkpoint = time.monotonic()
     # Across processes a Ctrl-C or SIGTERM is a request the ranks agree on at a step boundary.
     stops = distributed.stop_requests() if where.world > 1 else contextlib.nullcontext()
+    together = False  # every rank reached this end with the others: a finish, or a stop they agreed on
     try:
         with stops as stop:
             for epoch in range(start_epoch + 1, config.epochs + 1):
@@ -512,6 +513,7 @@ def fit(
                     step += 1
                     bar.update(1)
                     if stop is not None and distributed.any_rank(stop.requested):
+                        together = True
                         raise KeyboardInterrupt
                 if where.world > 1:
                     loss_sum = distributed.sum_over_ranks(loss_sum)
@@ -542,6 +544,7 @@ def fit(
                     save_epoch(epoch)
                     last_checkpoint = time.monotonic()
             model = stepper.trained_model()
+            together = True
     except RuntimeError as error:
         if where.world > 1 and distributed.is_collective_failure(error):
             raise distributed.RankStopped(
@@ -554,7 +557,7 @@ def fit(
         if writer is not None:
             writer.close()
         if where.world > 1:
-            distributed.close()
+            distributed.close(together)
     if not where.main:
         raise SystemExit(0)  # what a task does after fit (plots, samples, metrics) is rank 0's
 

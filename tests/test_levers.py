@@ -250,7 +250,7 @@ for name, fields in (("ddp", {{}}), ("fsdp", {{"shard": True}})):
         save_file(tensors, f"{{sys.argv[1]}}/{{name}}.safetensors")
     out[name] = distributed.local_parameter_count(stepper.model)
 json.dump(out, open(f"{{sys.argv[1]}}/rank{{where.rank}}.json", "w"))
-distributed.close()
+distributed.close(together=True)
 """
 
 
