@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -362,6 +363,8 @@ def launch(argv: list[str], procs: int, module: str = "lab") -> LaunchOutcome:
             + (f": {reason}" if reason else "")
             + "; the other ranks were stopped",
         )
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)  # its one line, if any, is in the outcome
     return LaunchOutcome(0)
 
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -261,8 +262,11 @@ def test_two_processes_take_the_step_of_one_and_shards_hold_half_the_parameters(
 
     (tmp_path / "levers_worker.py").write_text(WORKER.format(root=str(ROOT)))
     monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{ROOT}")
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # where the ranks' logs go
     outcome = distributed.launch([str(tmp_path)], 2, module="levers_worker")
     assert outcome.status == 0, outcome
+    assert not list((tmp_path / "tmp").iterdir())  # the ranks' log folder is removed
     whole = one_step(tiny_config())
     total = sum(p.numel() for p in whole.model.parameters())
     for name in ("ddp", "fsdp"):
