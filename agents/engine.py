@@ -211,9 +211,9 @@ class AgentConfig:
         """Checks the shared fields against each other and the env (the algorithms' ``check`` calls
         it first, before anything is written): raises ValueError for a bad ``until`` or one without
         periodic evals (``eval_every``), when ``sticky``, ``noop_max``, ``route_starts`` or ``actions``
-        is set for an env that is not Mario, for an action set larger than the preset's, for a route file that is unreadable or names a stage the preset
-        never plays, for a backward route-start schedule without routes, when ``init_weights`` and
-        ``init_encoder`` are both given, or when
+        is set for an env that is not Mario, for an action set larger than the preset's, for a route
+        file that is unreadable or names a stage the preset never plays, for a backward route-start
+        schedule without routes, when ``init_weights`` and ``init_encoder`` are both given, or when
         ``stage_sampling=adaptive`` has no stages to sample."""
         if parse_until(self.until) and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")

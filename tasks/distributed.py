@@ -97,9 +97,9 @@ def close(together: bool = False) -> None:
     Args:
         together: wait for every rank first, at an end they all reach (a finish, an agreed stop). A
             gloo rank that leaves and exits while another still holds its connections can abort
-            ("terminate called without an active exception", SIGABRT; one run in five of the
-            two-process test on a loaded machine), and the launcher then stops the others, rank 0
-            amid its plots. Never after a failure: the others may be gone, and a barrier would wait.
+            ("terminate called without an active exception", SIGABRT; seen in the two-process
+            test on a loaded machine), and the launcher then stops the others, rank 0 amid its
+            plots. Never after a failure: the others may be gone, and a barrier would wait.
     """
     if dist.is_available() and dist.is_initialized():
         if together:
