@@ -227,13 +227,11 @@ class AgentConfig:
             raise ValueError(
                 f"{' and '.join(mario_only)}: Mario presets only; this run trains {self.env!r} (leave them unset)"
             )
-        preset_actions = preset.env_kwargs.get("actions", "simple")
-        if self.actions and len(ACTION_SETS[self.actions]) > len(ACTION_SETS[preset_actions]):
-            fits = len(ACTION_SETS[preset_actions])
+        if self.actions and len(ACTION_SETS[self.actions]) > (fits := len(ACTION_SETS[preset.action_set])):
             smaller = [name for name, buttons in ACTION_SETS.items() if len(buttons) <= fits]
             raise ValueError(
-                f"actions={self.actions} has more actions than {self.env!r}'s own set ({preset_actions}), so its "
-                f"agent could not play the preset's env; choose from: {', '.join(smaller)}"
+                f"actions={self.actions} has more actions than {self.env!r}'s own set ({preset.action_set}), so "
+                f"its agent could not play the preset's env; choose from: {', '.join(smaller)}"
             )
         if self.route_starts:
             routes = config_routes(self)
@@ -275,8 +273,7 @@ def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
 def config_routes(config: AgentConfig) -> dict[str, list[int]]:
     """The routes of ``config.route_starts``, checked against the training's action set (ValueError)."""
     assert config.route_starts
-    action_set = config.actions or envs.resolve(config.env).env_kwargs.get("actions", "simple")
-    return load_routes(config.route_starts, action_set)
+    return load_routes(config.route_starts, config.actions or envs.resolve(config.env).action_set)
 
 
 def eval_env_overrides(config: AgentConfig) -> dict[str, Any]:

@@ -113,9 +113,7 @@ def main() -> None:
         )
     route, furthest_x, cleared = search(args.preset, args.iterations, args.seed)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        Path(args.out), {"actions": preset.env_kwargs.get("actions", "simple"), "routes": {stage: route}}
-    )
+    atomic_write_json(Path(args.out), {"actions": preset.action_set, "routes": {stage: route}})
     print(
         f"{stage}: {'cleared' if cleared else 'no clear'}, furthest x {furthest_x}, {len(route)} actions -> {args.out}"
     )

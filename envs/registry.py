@@ -59,6 +59,11 @@ class Preset:
         if self.kind not in KINDS:
             raise ValueError(f"preset {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
 
+    @property
+    def action_set(self) -> str:
+        """The Mario action set its envs use: its ``actions`` option, else ``envs.mario.make``'s simple."""
+        return self.env_kwargs.get("actions", "simple")
+
 
 # ---------------------------------------------------------------------------------------------
 # Hyperparameters

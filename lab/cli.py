@@ -333,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    from core.files import jsonable
-
     try:
         if getattr(args, "json", False) and result is not None:
+            from core.files import jsonable
+
             print(json.dumps(jsonable(result)))
         sys.stdout.flush()  # a reader gone away shows here, not as an error at the exit's flush
     except BrokenPipeError:
