@@ -490,8 +490,9 @@ def load_routes(paths: str, action_set: str = "simple") -> dict[str, list[int]]:
     ``{"actions": "simple", "routes": {"1-3": [...]}}``.
 
     Raises:
-        ValueError: one line naming what is wrong (no such file, not JSON, another action set, a
-            stage that does not exist, an action outside the set, a stage in two files).
+        ValueError: one line naming what is wrong (no such file, not JSON, an unknown action set, a
+            stage that does not exist, an action outside the file's set or missing from the training's
+            set, a stage in two files).
     """
     routes: dict[str, list[int]] = {}
     for path in (part.strip() for part in paths.split(",")):
@@ -516,19 +517,29 @@ def load_route_file(path: str, action_set: str) -> dict[str, list[int]]:
         raise ValueError(
             f'route_starts={path!r} needs {{"actions": ..., "routes": {{"W-S": [action, ...]}}}}'
         )
-    if content.get("actions", "simple") != action_set:
+    written_for = content.get("actions", "simple")
+    if written_for not in ACTION_SETS:
         raise ValueError(
-            f"route_starts={path!r} is for the {content.get('actions')!r} action set; the run trains on {action_set!r}"
+            f"route_starts={path!r} is for the action set {written_for!r}; valid: {', '.join(ACTION_SETS)}"
         )
     parse_stages(list(routes))
-    num_actions = len(ACTION_SETS[action_set])
+    written, training = ACTION_SETS[written_for], ACTION_SETS[action_set]
     for label, route in routes.items():
         if not isinstance(route, list) or not all(
-            isinstance(action, int) and 0 <= action < num_actions for action in route
+            isinstance(action, int) and 0 <= action < len(written) for action in route
         ):
             raise ValueError(
-                f"route_starts={path!r}: the route of {label} must be a list of actions 0..{num_actions - 1}"
+                f"route_starts={path!r}: the route of {label} must be a list of actions 0..{len(written) - 1}"
             )
+        # A route of another set replays the same when each action it uses is the same buttons at the
+        # same index in the training's set (the sets are prefixes of one another, e.g. simple's 0..4
+        # are right_only).
+        for action in route:
+            if action >= len(training) or training[action] != written[action]:
+                raise ValueError(
+                    f"route_starts={path!r}: the route of {label} uses action {action} of the "
+                    f"{written_for!r} set, which the {action_set!r} set the run trains on does not have"
+                )
     return {str(label): list(route) for label, route in routes.items()}
 
 

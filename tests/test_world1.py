@@ -267,13 +267,31 @@ def test_route_starts_take_one_file_per_stage():
         load_routes(f"{both},{ROOT / 'envs' / 'routes' / '1-3.json'}")
 
 
+def test_a_route_of_another_action_set_loads_when_its_actions_mean_the_same(tmp_path):
+    # WALK uses simple's 0 and 3, which right_only and complex have at the same indices.
+    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
+    assert load_routes(path, "right_only") == load_routes(path, "complex") == {"1-1": WALK}
+    jumps = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": [3, 5]}})
+    with pytest.raises(ValueError, match="uses action 5 of the 'simple' set, which the 'right_only' set"):
+        load_routes(jumps, "right_only")
+
+
 @pytest.mark.parametrize(
     ("env", "content", "needles"),
     [
         ("mario-1-1", None, ["No such file"]),
         ("mario-1-1", "{not json", ["is not JSON"]),
         ("mario-1-1", {"routes": []}, ['"routes"']),
-        ("mario-1-1", {"actions": "complex", "routes": {"1-1": [1]}}, ["'complex' action set", "'simple'"]),
+        (
+            "mario-1-1",
+            {"actions": "lefty", "routes": {"1-1": [1]}},
+            ["'lefty'", "right_only, simple, complex"],
+        ),
+        (
+            "mario-1-1",
+            {"actions": "complex", "routes": {"1-1": [1, 9]}},
+            ["action 9 of the 'complex' set", "'simple'"],
+        ),
         ("mario-1-1", {"routes": {"1-9": [1]}}, ["1-9", "does not exist"]),
         ("mario-1-1", {"routes": {"1-1": [1, 7]}}, ["route of 1-1", "actions 0..6"]),
         ("mario-1-1", {"routes": {"1-3": [1]}}, ["routes for 1-3", "never plays (1-1)"]),
