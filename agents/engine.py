@@ -234,13 +234,7 @@ class AgentConfig:
                 f"its agent could not play the preset's env; choose from: {', '.join(smaller)}"
             )
         if self.route_starts:
-            routes = config_routes(self)
-            played = preset_stages(self.env) or tuple(filter(None, [stage_of(preset.env_id)]))
-            if unplayed := sorted(set(routes) - set(played)):
-                raise ValueError(
-                    f"route_starts={self.route_starts!r} has routes for {', '.join(unplayed)}, which "
-                    f"{self.env!r} never plays ({', '.join(played)})"
-                )
+            config_routes(self)
         if self.route_start_schedule != "uniform" and not self.route_starts:
             raise ValueError(
                 f"route_start_schedule={self.route_start_schedule} needs route_starts=FILE (a route file)"
@@ -270,10 +264,20 @@ def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
     return overrides
 
 
-def config_routes(config: AgentConfig) -> dict[str, list[int]]:
-    """The routes of ``config.route_starts``, checked against the training's action set (ValueError)."""
-    assert config.route_starts
-    return load_routes(config.route_starts, config.actions or envs.resolve(config.env).action_set)
+def config_routes(config: AgentConfig, option: str = "route_starts") -> dict[str, list[int]]:
+    """The routes of the route files in the config field ``option``, checked against the training's
+    action set and the stages its preset plays (ValueError naming what is wrong)."""
+    paths = getattr(config, option)
+    assert paths
+    preset = envs.resolve(config.env)
+    routes = load_routes(paths, config.actions or preset.action_set, option)
+    played = preset_stages(config.env) or tuple(filter(None, [stage_of(preset.env_id)]))
+    if unplayed := sorted(set(routes) - set(played)):
+        raise ValueError(
+            f"{option}={paths!r} has routes for {', '.join(unplayed)}, which "
+            f"{config.env!r} never plays ({', '.join(played)})"
+        )
+    return routes
 
 
 def eval_env_overrides(config: AgentConfig) -> dict[str, Any]:

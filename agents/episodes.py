@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -290,6 +290,44 @@ def evaluate_preset(
             seed,
         )
     return evaluate(policy, lambda n: envs.make_vec(env, n, seed=seed, **overrides), episodes, seed)
+
+
+class Demonstrations(NamedTuple):
+    """Observations and the actions a route took on them, for behaviour cloning."""
+
+    obs: np.ndarray  # (D, *obs_shape), the env's own dtype (uint8 frame stacks for Mario)
+    actions: np.ndarray  # (D,) int64
+
+
+def route_demonstrations(env: str, routes: dict[str, list[int]], overrides: dict[str, Any]) -> Demonstrations:
+    """Replays each route from its stage's start in the preset ``env`` with the env options
+    ``overrides`` (the training's action set; no sticky actions or no-ops, so the deterministic
+    emulator plays the route as it was found) and records the observation each action was taken on.
+
+    Raises:
+        ValueError: a route whose episode ends before its last action without the flag (it was
+            found with other env options, or for another stage).
+    """
+    observations, actions = [], []
+    for label, route in routes.items():
+        stage = {"stages": (label,)} if preset_stages(env) else {}
+        environment = envs.make(env, **stage, **overrides)
+        try:
+            obs, _ = environment.reset(seed=0)
+            for index, action in enumerate(route):
+                observations.append(obs)
+                actions.append(action)
+                obs, _, terminated, truncated, info = environment.step(action)
+                if (terminated or truncated) and not info.get("flag_get"):
+                    raise ValueError(
+                        f"the route of {label} loses its episode at action {index + 1} of {len(route)}; "
+                        "it does not replay in this env (found with other env options?)"
+                    )
+                if terminated or truncated:
+                    break
+        finally:
+            environment.close()
+    return Demonstrations(np.stack(observations), np.asarray(actions, dtype=np.int64))
 
 
 def summarize_episodes(results: list[dict[str, float]]) -> dict[str, Any]:

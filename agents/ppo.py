@@ -37,8 +37,10 @@ import torch
 import torch.nn as nn
 from torch.distributions import Categorical, kl_divergence
 
+import envs
 import nets
-from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun
+from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun, config_routes
+from agents.episodes import route_demonstrations
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
 from core.config import config_from_dict as rebuild_config
@@ -88,6 +90,14 @@ class PPOConfig(AgentConfig):
         min=1,
         max=64,
     )
+    imitate: str | None = option(
+        None,
+        "Mario: route files (as route_starts) whose replays the actor imitates before PPO begins "
+        "(behaviour cloning, imitate_epochs passes; not on resume)",
+    )
+    # Fitted to the letter, a found route's detours (random held actions, steps back) become the
+    # policy's; a few passes keep what generalises (RESULTS.md, "Imitating a found route").
+    imitate_epochs: int = option(30, "imitate: passes over the routes' (observation, action) pairs", min=1)
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
@@ -104,6 +114,15 @@ class PPOConfig(AgentConfig):
             raise ValueError(f"num_envs={self.num_envs} must split into env_groups={self.env_groups}")
         if self.env_groups > 1 and self.env_backend == "sync":
             raise ValueError("env_groups > 1 needs env_backend=async or ray (workers to step in turn)")
+        if self.imitate:
+            if envs.resolve(self.env).kind != "mario":
+                raise ValueError(f"imitate={self.imitate}: Mario presets only; this run trains {self.env!r}")
+            if self.memory != "none":
+                raise ValueError(
+                    f"imitate needs memory=none: a route's frames are fitted one at a time, not as sequences "
+                    f"(this run has memory={self.memory})"
+                )
+            config_routes(self, "imitate")
         if self.memory != "none" and not self.shared_encoder:
             # The critic head reads the memory's output; a separate critic encoder would bypass it.
             raise ValueError(
@@ -195,6 +214,48 @@ def copy_tensors(path: str, modules: list[nn.Module], prefix: str, option: str) 
                     f"{tuple(tensor.shape)} here; {hint}"
                 )
         module.load_state_dict({name: source[name] for name in target})
+
+
+IMITATE_BATCH = 64  # (observation, action) pairs per behaviour-cloning step
+
+
+def imitate(agent: ActorCritic, config: PPOConfig, device: torch.device) -> tuple[float, float]:
+    """Behaviour cloning on found routes before PPO begins: replays the routes of ``config.imitate``
+    (:func:`agents.episodes.route_demonstrations`), then runs ``imitate_epochs`` passes over their
+    (observation, action) pairs in minibatches of :data:`IMITATE_BATCH`: the cross-entropy of the
+    actor's logits against the route's actions, Adam at the config's learning rate. The critic is
+    left to PPO's first updates; a frozen encoder stays as it is.
+
+    Returns:
+        ``(loss, accuracy)`` over all pairs after the fit: the mean cross-entropy and the share of
+        route actions the greedy actor takes.
+    """
+    overrides = {"actions": config.actions} if config.actions else {}
+    demos = route_demonstrations(config.env, config_routes(config, "imitate"), overrides)
+    obs = torch.as_tensor(demos.obs, device=device)  # (D, *obs_shape)
+    actions = torch.as_tensor(demos.actions, device=device)  # (D,)
+    parameters = [parameter for parameter in agent.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, eps=1e-5, **adam_kernel(device))
+    generator = torch.Generator().manual_seed(config.seed)
+    no_starts = torch.zeros((1, len(actions)), dtype=torch.bool, device=device)  # feed-forward: unused
+    for _ in range(config.imitate_epochs):
+        for index in torch.randperm(len(actions), generator=generator).split(IMITATE_BATCH):
+            index = index.to(device)
+            logits, _, _ = agent(obs[index].unsqueeze(0), None, no_starts[:, : len(index)])  # (1, M, A)
+            loss = nn.functional.cross_entropy(logits[0].float(), actions[index])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                agent(obs[index].unsqueeze(0), None, no_starts[:, : len(index)])[0][0].float()
+                for index in torch.arange(len(actions), device=device).split(256)
+            ]
+        )  # (D, A)
+        loss = nn.functional.cross_entropy(logits, actions)
+        accuracy = (logits.argmax(dim=-1) == actions).float().mean()
+    return float(loss), float(accuracy)
 
 
 def keep_zero_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -514,6 +575,11 @@ class PPOTrainer:
         if config.keep_zeros:
             keep_zero_weights(self.agent, self.optimizer)
         run.start(obs_shape, num_actions, self.num_updates * config.num_envs * config.num_steps)
+        if config.imitate and "model" not in run.saved:
+            # After run.start, so the run's clock (and a timed --until) counts the replays and the fit.
+            loss, accuracy = imitate(self.agent, config, device)
+            assert run.logger is not None
+            run.logger.scalars({"imitate/loss": loss, "imitate/accuracy": accuracy}, run.global_step)
         self.forward = torch.compile(self.agent) if config.compile else self.agent
         # The collector's network: the learner's own, or with overlap a forward copy that only changes
         # between updates (the learner thread changes `agent` while the collector runs); with bf16 it

@@ -484,10 +484,10 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return base if hasattr(base, "dump_state") and hasattr(base, "load_state") else None
 
 
-def load_routes(paths: str, action_set: str = "simple") -> dict[str, list[int]]:
+def load_routes(paths: str, action_set: str = "simple", option: str = "route_starts") -> dict[str, list[int]]:
     """Reads route files for :class:`RouteStarts`, one or several separated by commas (a multi-stage
     preset takes one per stage, e.g. ``envs/routes/1-2.json,envs/routes/1-3.json``), each
-    ``{"actions": "simple", "routes": {"1-3": [...]}}``.
+    ``{"actions": "simple", "routes": {"1-3": [...]}}``; errors name them as the value of ``option``.
 
     Raises:
         ValueError: one line naming what is wrong (no such file, not JSON, an unknown action set, a
@@ -496,31 +496,29 @@ def load_routes(paths: str, action_set: str = "simple") -> dict[str, list[int]]:
     """
     routes: dict[str, list[int]] = {}
     for path in (part.strip() for part in paths.split(",")):
-        for label, route in load_route_file(path, action_set).items():
+        for label, route in load_route_file(path, action_set, option).items():
             if label in routes:
-                raise ValueError(f"route_starts={paths!r} gives two routes of {label}; give each stage one")
+                raise ValueError(f"{option}={paths!r} gives two routes of {label}; give each stage one")
             routes[label] = route
     return routes
 
 
-def load_route_file(path: str, action_set: str) -> dict[str, list[int]]:
+def load_route_file(path: str, action_set: str, option: str = "route_starts") -> dict[str, list[int]]:
     """One route file of :func:`load_routes`."""
     try:
         with open(path, encoding="utf-8") as file:
             content = json.load(file)
     except OSError as error:
-        raise ValueError(f"route_starts={path!r}: {error.strerror or error}") from None
+        raise ValueError(f"{option}={path!r}: {error.strerror or error}") from None
     except json.JSONDecodeError as error:
-        raise ValueError(f"route_starts={path!r} is not JSON ({error.msg}, line {error.lineno})") from None
+        raise ValueError(f"{option}={path!r} is not JSON ({error.msg}, line {error.lineno})") from None
     routes = content.get("routes") if isinstance(content, dict) else None
     if not isinstance(routes, dict) or not routes:
-        raise ValueError(
-            f'route_starts={path!r} needs {{"actions": ..., "routes": {{"W-S": [action, ...]}}}}'
-        )
+        raise ValueError(f'{option}={path!r} needs {{"actions": ..., "routes": {{"W-S": [action, ...]}}}}')
     written_for = content.get("actions", "simple")
     if written_for not in ACTION_SETS:
         raise ValueError(
-            f"route_starts={path!r} is for the action set {written_for!r}; valid: {', '.join(ACTION_SETS)}"
+            f"{option}={path!r} is for the action set {written_for!r}; valid: {', '.join(ACTION_SETS)}"
         )
     parse_stages(list(routes))
     written, training = ACTION_SETS[written_for], ACTION_SETS[action_set]
@@ -529,7 +527,7 @@ def load_route_file(path: str, action_set: str) -> dict[str, list[int]]:
             isinstance(action, int) and 0 <= action < len(written) for action in route
         ):
             raise ValueError(
-                f"route_starts={path!r}: the route of {label} must be a list of actions 0..{len(written) - 1}"
+                f"{option}={path!r}: the route of {label} must be a list of actions 0..{len(written) - 1}"
             )
         # A route of another set replays the same when each action it uses is the same buttons at the
         # same index in the training's set (the sets are prefixes of one another, e.g. simple's 0..4
@@ -537,7 +535,7 @@ def load_route_file(path: str, action_set: str) -> dict[str, list[int]]:
         for action in route:
             if action >= len(training) or training[action] != written[action]:
                 raise ValueError(
-                    f"route_starts={path!r}: the route of {label} uses action {action} of the "
+                    f"{option}={path!r}: the route of {label} uses action {action} of the "
                     f"{written_for!r} set, which the {action_set!r} set the run trains on does not have"
                 )
     return {str(label): list(route) for label, route in routes.items()}
