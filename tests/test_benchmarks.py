@@ -244,11 +244,25 @@ def test_the_route_search_writes_a_route_that_replays_to_where_it_says(tmp_path)
     assert code == 0 and list(load_routes(str(out))) == ["1-1"]
 
 
+def test_the_imitate_probe_fits_and_plays_each_number_of_passes(tmp_path):
+    route = tmp_path / "walk.json"
+    route.write_text(json.dumps({"actions": "simple", "routes": {"1-1": [3] * 20}}))
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.imitate_probe", "--route", str(route), "--epochs", "1,2", "--episodes", "1"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 2 |")]
+    assert done.returncode == 0 and len(rows) == 2, done.stderr
+    assert all(row.count("%") == 3 for row in rows)  # the accuracy and each protocol's clear rate
+
+
 @pytest.mark.parametrize(
     ("module", "argv", "needle"),
     [
         ("mario_jump_probe", ["runs/no-such-run"], "does not exist"),
         ("mario_route_search", ["cartpole", "--out", "unused.json"], "not a one-stage Mario preset"),
+        ("imitate_probe", ["--route", "no-such-route.json"], "No such file"),
+        ("imitate_probe", ["--epochs", "ten"], "whole numbers"),
     ],
 )
 def test_the_mario_diagnostics_refuse_bad_input_in_one_line(module, argv, needle):
