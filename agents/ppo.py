@@ -95,8 +95,9 @@ class PPOConfig(AgentConfig):
         "Mario: route files (as route_starts) whose replays the actor imitates before PPO begins "
         "(behaviour cloning, imitate_epochs passes; not on resume)",
     )
-    # Fitted to the letter, a found route's detours (random held actions, steps back) become the
-    # policy's; a few passes keep what generalises (RESULTS.md, "Imitating a found route").
+    # 30 passes is what the timed 1-1 candidate used; a found route holds the search's detours (random
+    # held actions, steps back), so no number of passes makes the imitation alone a reliable greedy
+    # policy (RESULTS.md, "Imitating a found route": benchmarks/imitate_probe.py).
     imitate_epochs: int = option(30, "imitate: passes over the routes' (observation, action) pairs", min=1)
 
     def check(self) -> None:

@@ -4,8 +4,8 @@ For each number of passes, fits a fresh PPO network (optionally from a pre-train
 file's replay exactly as ``lab train --set imitate=FILE`` does before its first rollout
 (:func:`agents.ppo.imitate`), then plays greedy episodes under the target's protocol (0-30 no-ops,
 the stall cut-off, with and without sticky actions 0.25) and prints the route accuracy and where the
-episodes ended. Too many passes copy a found route's detours too (its random held actions and steps
-back); the preset's ``imitate_epochs`` comes from this table.
+episodes ended: what PPO starts from. A found route holds the search's detours (random held actions,
+steps back), and the imitation copies them with the rest.
 
     python -m benchmarks.imitate_probe --route envs/routes/1-1.json --epochs 0,10,30,100 \
         --init-encoder runs/ssl-mario-atc-random
