@@ -14,7 +14,7 @@ from tests.test_world1 import ROOT, WALK, write_routes
 ROUTES = ROOT / "envs" / "routes"
 
 
-def test_the_demonstrations_are_the_route_replayed_from_the_stage_start(tmp_path):
+def test_the_demonstrations_are_the_route_replayed_from_the_stage_start():
     demos = episodes.route_demonstrations("mario-1-1", {"1-1": WALK}, {})
     assert demos.obs.shape == (len(WALK), 4, 84, 84) and demos.obs.dtype == np.uint8
     assert demos.actions.tolist() == WALK
@@ -83,17 +83,7 @@ def test_a_run_imitates_once_and_a_resume_does_not_again(tmp_path, monkeypatch):
     ],
 )
 def test_a_bad_imitate_setting_is_one_line_before_the_run_exists(env, settings, needles, tmp_path, capsys):
-    argv = [
-        "train",
-        env,
-        "--steps",
-        "256",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--run-dir",
-        str(tmp_path / "run"),
-    ]
+    argv = ["train", env, "--steps", "256", "--device", "cpu", "--no-progress", "--run-dir", str(tmp_path / "run")]  # fmt: skip
     for setting in settings:
         argv += ["--set", setting]
     assert_usage_error(argv, capsys, *needles)
