@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from tqdm.auto import tqdm
 
@@ -207,21 +207,21 @@ class AgentConfig:
         False, "weights that start at exactly zero stay zero (fine-tuning a pruned agent)"
     )
 
+    #: Fields that only a Mario preset takes (set on another env, ``check`` refuses them in one line);
+    #: an algorithm's config adds its own.
+    MARIO_ONLY: ClassVar[tuple[str, ...]] = ("sticky", "noop_max", "route_starts", "actions")
+
     def check(self) -> None:
         """Checks the shared fields against each other and the env (the algorithms' ``check`` calls
         it first, before anything is written): raises ValueError for a bad ``until`` or one without
-        periodic evals (``eval_every``), when ``sticky``, ``noop_max``, ``route_starts`` or ``actions``
-        is set for an env that is not Mario, for an action set larger than the preset's, for a route
-        file that is unreadable or names a stage the preset never plays, for a backward route-start
-        schedule without routes, when ``init_weights`` and ``init_encoder`` are both given, or when
-        ``stage_sampling=adaptive`` has no stages to sample."""
+        periodic evals (``eval_every``), when a field of :attr:`MARIO_ONLY` is set for an env that is
+        not Mario, for an action set larger than the preset's, for a route file that is unreadable or
+        names a stage the preset never plays, for a backward route-start schedule without routes, when
+        ``init_weights`` and ``init_encoder`` are both given, or when ``stage_sampling=adaptive`` has no
+        stages to sample."""
         if parse_until(self.until) and not self.eval_every:
             raise ValueError("until needs periodic evaluations: set eval_every (agent steps between them)")
-        mario_only = [
-            f"{name}={getattr(self, name)}"
-            for name in ("sticky", "noop_max", "route_starts", "actions")
-            if getattr(self, name)
-        ]
+        mario_only = [f"{name}={getattr(self, name)}" for name in self.MARIO_ONLY if getattr(self, name)]
         preset = envs.resolve(self.env)
         if mario_only and preset.kind != "mario":
             raise ValueError(

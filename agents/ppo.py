@@ -30,14 +30,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.distributions import Categorical, kl_divergence
 
-import envs
 import nets
 from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun, config_routes
 from agents.episodes import route_demonstrations
@@ -54,6 +53,8 @@ ALGO = "ppo"
 @dataclass
 class PPOConfig(AgentConfig):
     """Every field can be set with ``lab train ... --set key=value``."""
+
+    MARIO_ONLY: ClassVar[tuple[str, ...]] = (*AgentConfig.MARIO_ONLY, "imitate")
 
     shared_encoder: bool = option(True, "actor and critic share the encoder")
     memory: Literal["none", "lstm", "gru", "transformer"] = option(
@@ -116,8 +117,6 @@ class PPOConfig(AgentConfig):
         if self.env_groups > 1 and self.env_backend == "sync":
             raise ValueError("env_groups > 1 needs env_backend=async or ray (workers to step in turn)")
         if self.imitate:
-            if envs.resolve(self.env).kind != "mario":
-                raise ValueError(f"imitate={self.imitate}: Mario presets only; this run trains {self.env!r}")
             if self.memory != "none":
                 raise ValueError(
                     f"imitate needs memory=none: a route's frames are fitted one at a time, not as sequences "
