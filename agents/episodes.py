@@ -318,12 +318,12 @@ def route_demonstrations(env: str, routes: dict[str, list[int]], overrides: dict
                 observations.append(obs)
                 actions.append(action)
                 obs, _, terminated, truncated, info = environment.step(action)
-                if (terminated or truncated) and not info.get("flag_get"):
-                    raise ValueError(
-                        f"the route of {label} loses its episode at action {index + 1} of {len(route)}; "
-                        "it does not replay in this env (found with other env options?)"
-                    )
                 if terminated or truncated:
+                    if not info.get("flag_get"):
+                        raise ValueError(
+                            f"the route of {label} loses its episode at action {index + 1} of {len(route)}; "
+                            "it does not replay in this env (found with other env options?)"
+                        )
                     break
         finally:
             environment.close()
