@@ -27,6 +27,7 @@ on the run engine of :mod:`agents.engine`), collection, and the update's math (`
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,7 @@ ALGO = "ppo"
 class PPOConfig(AgentConfig):
     """Every field can be set with ``lab train ... --set key=value``."""
 
-    MARIO_ONLY: ClassVar[tuple[str, ...]] = (*AgentConfig.MARIO_ONLY, "imitate")
+    MARIO_ONLY: ClassVar[tuple[str, ...]] = (*AgentConfig.MARIO_ONLY, "imitate", "imitate_coef")
 
     shared_encoder: bool = option(True, "actor and critic share the encoder")
     memory: Literal["none", "lstm", "gru", "transformer"] = option(
@@ -100,6 +101,13 @@ class PPOConfig(AgentConfig):
     # held actions, steps back), so no number of passes makes the imitation alone a reliable greedy
     # policy (RESULTS.md, "Imitating a found route": benchmarks/imitate_probe.py).
     imitate_epochs: int = option(30, "imitate: passes over the routes' (observation, action) pairs", min=1)
+    imitate_coef: float = option(
+        0.0,
+        "imitate: weight of the routes' cross-entropy added to PPO's loss, decaying linearly to 0 over "
+        "imitate_steps agent steps (DAPG's demonstration term); 0: only the fit before PPO",
+        min=0.0,
+    )
+    imitate_steps: int = option(500_000, "imitate_coef: agent steps over which its weight decays to 0", min=1)
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
@@ -123,6 +131,8 @@ class PPOConfig(AgentConfig):
                     f"(this run has memory={self.memory})"
                 )
             config_routes(self, "imitate")
+        elif self.imitate_coef > 0:
+            raise ValueError(f"imitate_coef={self.imitate_coef} needs routes to imitate (set imitate=ROUTES)")
         if self.memory != "none" and not self.shared_encoder:
             # The critic head reads the memory's output; a separate critic encoder would bypass it.
             raise ValueError(
@@ -219,30 +229,62 @@ def copy_tensors(path: str, modules: list[nn.Module], prefix: str, option: str) 
 IMITATE_BATCH = 64  # (observation, action) pairs per behaviour-cloning step
 
 
-def imitate(agent: ActorCritic, config: PPOConfig, device: torch.device) -> tuple[float, float]:
-    """Behaviour cloning on found routes before PPO begins: replays the routes of ``config.imitate``
-    (:func:`agents.episodes.route_demonstrations`), then runs ``imitate_epochs`` passes over their
-    (observation, action) pairs in minibatches of :data:`IMITATE_BATCH`: the cross-entropy of the
-    actor's logits against the route's actions, Adam at the config's learning rate. The critic is
-    left to PPO's first updates; a frozen encoder stays as it is.
+class DemoTensors(NamedTuple):
+    """The routes' replays on the training's device, for behaviour cloning."""
+
+    obs: torch.Tensor  # (D, *obs_shape)
+    actions: torch.Tensor  # (D,) int64
+
+
+class Imitation(NamedTuple):
+    """The routes' replays and the weight of their cross-entropy in one update's loss."""
+
+    demos: DemoTensors
+    weight: float
+
+
+def demo_tensors(config: PPOConfig, device: torch.device) -> DemoTensors:
+    """Replays the routes of ``config.imitate`` (:func:`agents.episodes.route_demonstrations`) with
+    the training's action set."""
+    overrides = {"actions": config.actions} if config.actions else {}
+    demos = route_demonstrations(config.env, config_routes(config, "imitate"), overrides)
+    return DemoTensors(
+        torch.as_tensor(demos.obs, device=device), torch.as_tensor(demos.actions, device=device)
+    )
+
+
+def imitation_loss(
+    forward: nn.Module, demos: DemoTensors, index: torch.Tensor, autocast: torch.autocast | None = None
+) -> torch.Tensor:
+    """The mean cross-entropy of the actor's logits on the demonstrations ``index`` (M,) against the
+    routes' actions."""
+    no_starts = torch.zeros((1, len(index)), dtype=torch.bool, device=index.device)  # feed-forward: unused
+    with autocast or contextlib.nullcontext():
+        logits, _, _ = forward(demos.obs[index].unsqueeze(0), None, no_starts)  # (1, M, A)
+    return nn.functional.cross_entropy(logits[0].float(), demos.actions[index])
+
+
+def imitate(
+    agent: ActorCritic, config: PPOConfig, device: torch.device, demos: DemoTensors | None = None
+) -> tuple[float, float]:
+    """Behaviour cloning on found routes before PPO begins: ``imitate_epochs`` passes over the
+    routes' (observation, action) pairs (``demos``, else :func:`demo_tensors`) in minibatches of
+    :data:`IMITATE_BATCH`: the cross-entropy of the actor's logits against the route's actions, Adam
+    at the config's learning rate. The critic is left to PPO's first updates; a frozen encoder stays
+    as it is.
 
     Returns:
         ``(loss, accuracy)`` over all pairs after the fit: the mean cross-entropy and the share of
         route actions the greedy actor takes.
     """
-    overrides = {"actions": config.actions} if config.actions else {}
-    demos = route_demonstrations(config.env, config_routes(config, "imitate"), overrides)
-    obs = torch.as_tensor(demos.obs, device=device)  # (D, *obs_shape)
-    actions = torch.as_tensor(demos.actions, device=device)  # (D,)
+    obs, actions = demos = demos if demos is not None else demo_tensors(config, device)
     parameters = [parameter for parameter in agent.parameters() if parameter.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, eps=1e-5, **adam_kernel(device))
     generator = torch.Generator().manual_seed(config.seed)
     no_starts = torch.zeros((1, len(actions)), dtype=torch.bool, device=device)  # feed-forward: unused
     for _ in range(config.imitate_epochs):
         for index in torch.randperm(len(actions), generator=generator).split(IMITATE_BATCH):
-            index = index.to(device)
-            logits, _, _ = agent(obs[index].unsqueeze(0), None, no_starts[:, : len(index)])  # (1, M, A)
-            loss = nn.functional.cross_entropy(logits[0].float(), actions[index])
+            loss = imitation_loss(agent, demos, index.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -489,6 +531,7 @@ class UpdateStats(NamedTuple):
     rollout: Rollout
     learning_rate: float
     drac: torch.Tensor | None = None  # augment=shift: DrAC's regulariser of the last minibatch
+    imitation: torch.Tensor | None = None  # imitate_coef: the routes' cross-entropy of the last minibatch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,9 +618,17 @@ class PPOTrainer:
         if config.keep_zeros:
             keep_zero_weights(self.agent, self.optimizer)
         run.start(obs_shape, num_actions, self.num_updates * config.num_envs * config.num_steps)
-        if config.imitate and "model" not in run.saved:
-            # After run.start, so the run's clock (and a timed --until) counts the replays and the fit.
-            loss, accuracy = imitate(self.agent, config, device)
+        # The routes' replays: for the fit before PPO (not on resume) and, while imitate_coef's weight
+        # lasts, for the imitation term of every update. After run.start, so the run's clock (and a
+        # timed --until) counts them.
+        fit = config.imitate and "model" not in run.saved
+        self.demos = (
+            demo_tensors(config, device)
+            if fit or (config.imitate_coef > 0 and run.global_step < config.imitate_steps)
+            else None
+        )
+        if fit:
+            loss, accuracy = imitate(self.agent, config, device, self.demos)
             assert run.logger is not None
             run.logger.scalars({"imitate/loss": loss, "imitate/accuracy": accuracy}, run.global_step)
         self.forward = torch.compile(self.agent) if config.compile else self.agent
@@ -623,13 +674,15 @@ class PPOTrainer:
             float(1 - (rollout.returns - rollout.values).var() / variance) if variance > 0 else float("nan")
         )
         record = {key: getattr(stats, key).item() for key in ("loss", "policy_loss", "value_loss", "entropy")}
-        drac = {} if stats.drac is None else {"drac": stats.drac.item()}
-        run.log(step, {**record, **drac}, {
+        extra = {
+            key: value.item() for key in ("drac", "imitation") if (value := getattr(stats, key)) is not None
+        }
+        run.log(step, {**record, **extra}, {
             "charts/learning_rate": stats.learning_rate,
             "losses/value_loss": record["value_loss"], "losses/policy_loss": record["policy_loss"],
             "losses/entropy": record["entropy"], "losses/approx_kl": float(stats.approx_kl),
             "losses/clipfrac": float(stats.clipfrac), "losses/explained_variance": explained_variance,
-            **{f"losses/{key}": value for key, value in drac.items()},
+            **{f"losses/{key}": value for key, value in extra.items()},
         })  # fmt: skip
         self.completed_updates, self.completed_steps = update + 1, step
         if not wrap_up:
@@ -786,6 +839,9 @@ def learn(trainer: PPOTrainer, rollout: Rollout, update: int) -> UpdateStats:
         if config.anneal_lr
         else config.learning_rate
     )
+    # DAPG's demonstration weight, decaying linearly to 0 at imitate_steps agent steps.
+    step = update * config.num_envs * config.num_steps
+    imitate_weight = config.imitate_coef * max(0.0, 1.0 - step / config.imitate_steps)
     # autocast keeps its previous state on the context object: one per call, never shared by threads.
     autocast = bf16_autocast(trainer.run.device, config.bf16)
     return ppo_update(
@@ -797,6 +853,9 @@ def learn(trainer: PPOTrainer, rollout: Rollout, update: int) -> UpdateStats:
         learning_rate,
         trainer.run.np_rng,
         autocast,
+        Imitation(trainer.demos, imitate_weight)
+        if imitate_weight > 0 and trainer.demos is not None
+        else None,
     )
 
 
@@ -809,6 +868,7 @@ def ppo_update(
     learning_rate: float,
     np_rng: np.random.Generator,
     autocast: torch.autocast,
+    imitation: Imitation | None = None,
 ) -> UpdateStats:
     """``update_epochs`` passes of minibatch SGD over one rollout on
 
@@ -816,13 +876,17 @@ def ppo_update(
         r_t = pi(a_t | s_t) / pi_old(a_t | s_t),
 
     plus, with ``augment=shift``, DrAC's ``alpha_r * G`` (:func:`minibatch_drac`) on shifted copies
-    of ``drac_share`` of the minibatch's frames; the ratio itself only ever sees the original frames.
+    of ``drac_share`` of the minibatch's frames; the ratio itself only ever sees the original frames;
+    plus, with ``imitation``, its weight times the cross-entropy of the actor on
+    :data:`IMITATE_BATCH` route frames drawn afresh for each minibatch against the route's actions
+    (DAPG, Rajeswaran et al. 2018, with a linear decay in place of its geometric one).
 
     Returns:
         The last minibatch's losses, the approximate KL and the clip fraction.
     """
     optimizer.param_groups[0]["lr"] = learning_rate
     clip_fractions, approx_kl, skipped, drac = [], torch.zeros((), device=rollout.obs.device), 0, None
+    imitation_term = None
     for _epoch in range(config.update_epochs):
         for mb_index in minibatch_indices(config, np_rng):
             mb = slice_minibatch(mb_index, config, rollout)
@@ -858,6 +922,11 @@ def ppo_update(
             if config.augment == "shift":
                 drac = minibatch_drac(forward, mb, rollout, config, new_logits, new_values, np_rng, autocast)
                 loss = loss + config.drac_coef * drac
+            if imitation is not None:
+                count = len(imitation.demos.actions)
+                index = torch.as_tensor(np_rng.integers(0, count, IMITATE_BATCH), device=rollout.obs.device)
+                imitation_term = imitation_loss(forward, imitation.demos, index, autocast)
+                loss = loss + imitation.weight * imitation_term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm or math.inf)
@@ -872,6 +941,7 @@ def ppo_update(
         loss=loss, policy_loss=policy_loss, value_loss=value_loss, entropy=entropy, approx_kl=approx_kl,
         clipfrac=torch.stack(clip_fractions).mean(), skipped=skipped, all_skipped=skipped == len(clip_fractions),
         rollout=rollout, learning_rate=learning_rate, drac=None if drac is None else drac.detach(),
+        imitation=None if imitation_term is None else imitation_term.detach(),
     )  # fmt: skip
 
 

@@ -1,6 +1,10 @@
-"""PPO's behaviour cloning on found routes (``--set imitate=FILE``) before training."""
+"""PPO's behaviour cloning on found routes (``--set imitate=FILE``): the fit before training and
+the demonstration term of every update while ``imitate_coef``'s weight lasts."""
 
 from __future__ import annotations
+
+import copy
+import json
 
 import numpy as np
 import pytest
@@ -80,6 +84,8 @@ def test_a_run_imitates_once_and_a_resume_does_not_again(tmp_path, monkeypatch):
         ("mario-1-1", [f"imitate={ROUTES / '1-1.json'}", "memory=lstm"], ["imitate needs memory=none"]),
         ("mario-1-1", [f"imitate={ROUTES / '1-3.json'}"], ["imitate=", "1-3", "never plays"]),
         ("mario-1-1", ["imitate=no-such-route.json"], ["imitate='no-such-route.json'", "No such file"]),
+        ("mario-1-1", ["imitate_coef=0.5"], ["imitate_coef=0.5 needs routes to imitate", "imitate=ROUTES"]),
+        ("cartpole", ["imitate_coef=0.5"], ["imitate_coef=0.5", "Mario presets only"]),
     ],
 )
 def test_a_bad_imitate_setting_is_one_line_before_the_run_exists(env, settings, needles, tmp_path, capsys):
@@ -88,3 +94,62 @@ def test_a_bad_imitate_setting_is_one_line_before_the_run_exists(env, settings, 
         argv += ["--set", setting]
     assert_usage_error(argv, capsys, *needles)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_imitation_term_alone_moves_the_actor_to_the_route_actions():
+    # Zero advantages, value and entropy weights: PPO's own loss has no gradient, so the actor moves
+    # only when the demonstration term is on.
+    config = ppo.PPOConfig(
+        net="nature", num_envs=4, num_steps=8, num_minibatches=2, update_epochs=10, ent_coef=0.0, vf_coef=0.0
+    )
+    torch.manual_seed(0)
+    agent = ppo.ActorCritic(config, (4, 36, 36), num_actions=5)
+    rollout = ppo.Rollout.empty(
+        config.num_steps, config.num_envs, (4, 36, 36), torch.uint8, torch.device("cpu")
+    )
+    rollout.obs.random_(0, 256)
+    rollout.logprobs.fill_(-np.log(5))
+    demos = ppo.DemoTensors(torch.randint(0, 256, (16, 4, 36, 36), dtype=torch.uint8), torch.full((16,), 2))
+    no_autocast = torch.autocast("cpu", enabled=False)
+
+    def route_probability(model):
+        with torch.no_grad():
+            logits = model(demos.obs.unsqueeze(0), None, torch.zeros((1, 16), dtype=torch.bool))[0]
+        return logits.softmax(-1)[0, :, 2].mean().item()
+
+    before = route_probability(agent)
+    results = {}
+    for weight in (None, 1.0):
+        model = copy.deepcopy(agent)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        imitation = None if weight is None else ppo.Imitation(demos, weight)
+        stats = ppo.ppo_update(
+            model, model, optimizer, rollout, config, 1e-3, np.random.default_rng(0), no_autocast, imitation
+        )
+        results[weight] = (stats, route_probability(model))
+    assert results[None][0].imitation is None and results[None][1] == pytest.approx(before, abs=1e-6)
+    assert results[1.0][0].imitation is not None and results[1.0][1] > before + 0.2
+
+
+def test_the_imitation_term_decays_to_nothing_and_a_resume_within_it_replays_the_routes(
+    tmp_path, monkeypatch
+):
+    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
+    config = ppo.PPOConfig(
+        env="mario-1-1", net="nature", imitate=path, imitate_epochs=1, imitate_coef=0.5, imitate_steps=64,
+        num_envs=2, num_steps=32, num_minibatches=2, update_epochs=1, total_steps=128, device="cpu",
+        env_backend="sync", checkpoint_every=64, eval_episodes=1,
+    )  # fmt: skip
+    replays, fits = [], []
+    real_demo_tensors, real_imitate = ppo.demo_tensors, ppo.imitate
+    monkeypatch.setattr(ppo, "demo_tensors", lambda *args: replays.append(1) or real_demo_tensors(*args))
+    monkeypatch.setattr(ppo, "imitate", lambda *args: fits.append(1) or real_imitate(*args))
+    ppo.train(config, tmp_path / "run", progress=False)
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    # The update at step 0 has weight 0.5; the one at 64 has reached imitate_steps, weight 0.
+    assert ["imitation" in record for record in history] == [True, False]
+    assert (replays, fits) == ([1], [1])
+    config.total_steps, config.imitate_steps = 192, 1_000
+    ppo.train(config, tmp_path / "run", resume=True, progress=False)
+    history = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
+    assert "imitation" in history[-1] and (replays, fits) == ([1, 1], [1])
