@@ -244,6 +244,39 @@ def test_the_route_search_writes_a_route_that_replays_to_where_it_says(tmp_path)
     assert code == 0 and list(load_routes(str(out))) == ["1-1"]
 
 
+def test_shortening_cuts_a_detour_and_the_route_still_gets_as_far(tmp_path):
+    from benchmarks import mario_route_search
+
+    route = [0] + [3] * 10 + [6] * 8 + [3] * 12  # right+B, a step back to the left, right+B again
+    env = mario_route_search.make_search_env("mario-1-1")
+
+    def end_x(actions):
+        env.reset(seed=0)
+        for action in actions:
+            _, _, terminated, truncated, info = env.step(action)
+            assert not (terminated or truncated)
+        return int(info["x_pos"])
+
+    try:
+        short = mario_route_search.shorten("mario-1-1", route)
+        assert len(short) <= len(route) - 8 and short.count(6) < 8
+        assert end_x(short) >= end_x(route)
+    finally:
+        env.close()
+    file = tmp_path / "detour.json"
+    file.write_text(json.dumps({"actions": "simple", "routes": {"1-1": route}}))
+    out = tmp_path / "short.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.mario_route_search", "mario-1-1", "--route", str(file), "--shorten", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (
+        json.loads(out.read_text())["routes"]["1-1"] == short
+        and f"(shortened from {len(route)})" in done.stdout
+    )
+
+
 def test_the_imitate_probe_fits_and_plays_each_number_of_passes(tmp_path):
     route = tmp_path / "walk.json"
     route.write_text(json.dumps({"actions": "simple", "routes": {"1-1": [3] * 20}}))
@@ -261,6 +294,21 @@ def test_the_imitate_probe_fits_and_plays_each_number_of_passes(tmp_path):
     [
         ("mario_jump_probe", ["runs/no-such-run"], "does not exist"),
         ("mario_route_search", ["cartpole", "--out", "unused.json"], "not a one-stage Mario preset"),
+        (
+            "mario_route_search",
+            ["mario-1-1", "--out", "unused.json", "--route", "envs/routes/1-1.json"],
+            "add --shorten",
+        ),
+        (
+            "mario_route_search",
+            ["mario-1-2", "--out", "unused.json", "--route", "envs/routes/1-1.json", "--shorten"],
+            "has no route of 1-2",
+        ),
+        (
+            "mario_route_search",
+            ["mario-1-1", "--out", "unused.json", "--route", "no-such.json", "--shorten"],
+            "No such file",
+        ),
         ("imitate_probe", ["--route", "no-such-route.json"], "No such file"),
         ("imitate_probe", ["--epochs", "ten"], "whole numbers"),
     ],
