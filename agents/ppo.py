@@ -277,7 +277,9 @@ def imitate(
         ``(loss, accuracy)`` over all pairs after the fit: the mean cross-entropy and the share of
         route actions the greedy actor takes.
     """
-    obs, actions = demos = demos if demos is not None else demo_tensors(config, device)
+    if demos is None:
+        demos = demo_tensors(config, device)
+    obs, actions = demos
     parameters = [parameter for parameter in agent.parameters() if parameter.requires_grad]
     optimizer = torch.optim.Adam(parameters, lr=config.learning_rate, eps=1e-5, **adam_kernel(device))
     generator = torch.Generator().manual_seed(config.seed)
@@ -621,7 +623,7 @@ class PPOTrainer:
         # The routes' replays: for the fit before PPO (not on resume) and, while imitate_coef's weight
         # lasts, for the imitation term of every update. After run.start, so the run's clock (and a
         # timed --until) counts them.
-        fit = config.imitate and "model" not in run.saved
+        fit = bool(config.imitate) and "model" not in run.saved
         self.demos = (
             demo_tensors(config, device)
             if fit or (config.imitate_coef > 0 and run.global_step < config.imitate_steps)
