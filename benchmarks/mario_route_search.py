@@ -106,6 +106,29 @@ class Goal(NamedTuple):
     x: int
 
 
+class RouteEnd(NamedTuple):
+    """Where a replayed route ends: after how many of its actions, at which x, with the flag or not."""
+
+    taken: int
+    x: int
+    flag: bool
+    lost: bool  # the episode ended without the flag
+
+
+def play_route(env: Any, snapshot: Any, actions: list[int]) -> RouteEnd:
+    """Plays ``actions`` from the emulator's ``snapshot`` until they run out or the episode ends."""
+    env.reset(seed=0)  # the wrappers' state; the emulator's comes from the snapshot
+    env.unwrapped.load_state(snapshot)
+    x = 0
+    for taken, action in enumerate(actions, start=1):
+        _, _, terminated, truncated, info = env.step(action)
+        x = int(info["x_pos"])
+        if terminated or truncated:
+            flag = bool(info.get("flag_get"))
+            return RouteEnd(taken, x, flag, lost=not flag)
+    return RouteEnd(len(actions), x, flag=False, lost=False)
+
+
 def reached_after(env: Any, snapshot: Any, actions: list[int], goal: Goal) -> int | None:
     """Plays ``actions`` from the emulator's ``snapshot``: how many of them it takes to reach ``goal``,
     or None when they lose the episode or end short of it."""
@@ -134,18 +157,11 @@ def shorten(preset: str, route: list[int]) -> list[int]:
     emulator = env.unwrapped
     env.reset(seed=0)
     start = emulator.dump_state()
-    goal = Goal(flag=True, x=0)
-    if (taken := reached_after(env, start, route, goal)) is not None:
-        route = route[:taken]
-    else:
-        env.reset(seed=0)
-        emulator.load_state(start)
-        for taken, action in enumerate(route, start=1):
-            _, _, terminated, truncated, info = env.step(action)
-            if terminated or truncated:
-                env.close()
-                raise ValueError(f"the route loses its episode at action {taken} of {len(route)}")
-        goal = Goal(flag=False, x=int(info["x_pos"]))
+    end = play_route(env, start, route)
+    if end.lost:
+        env.close()
+        raise ValueError(f"the route loses its episode at action {end.taken} of {len(route)}")
+    route, goal = route[: end.taken], Goal(flag=end.flag, x=end.x)
     progress = tqdm(SHORTEN_WINDOWS, desc=f"shortening a {preset} route", unit="window", file=sys.stderr)
     for window in progress:
         position, snapshot = 0, start
@@ -203,18 +219,15 @@ def main() -> None:
             route = shorten(args.preset, route)
         except ValueError as error:
             parser.exit(2, f"mario_route_search: {args.route or 'the found route'}: {error}\n")
-    env, info = make_search_env(args.preset), {"x_pos": 0}
+    env = make_search_env(args.preset)
     env.reset(seed=0)
-    for action in route:
-        _, _, _, _, info = env.step(action)
+    end = play_route(env, env.unwrapped.dump_state(), route)
     env.close()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(args.out), {"actions": preset.action_set, "routes": {stage: route}})
     shortened = f" (shortened from {found})" if args.shorten else ""
-    outcome = "cleared" if info.get("flag_get") else "no clear"
-    print(
-        f"{stage}: {outcome}, furthest x {int(info['x_pos'])}, {len(route)} actions{shortened} -> {args.out}"
-    )
+    outcome = "cleared" if end.flag else "no clear"
+    print(f"{stage}: {outcome}, furthest x {end.x}, {len(route)} actions{shortened} -> {args.out}")
 
 
 if __name__ == "__main__":
