@@ -6,6 +6,7 @@ The stack, innermost first (per-frame wrappers below the frame skip, per-agent-s
     MapJoypadAction          Discrete(n) index -> NES button byte       (per frame)
     StickyAction             optional, Gymnasium's, ALE-style           (per frame)
     MaxAndSkipNESObservation repeat k frames, max of the last 2, native grayscale screen copy
+    ShowHeldJump             optional: a corner block that says whether A is held
     FilterInfo               keep the info keys training reads (a vector env pays per key)
     RandomStage              optional: one stack above per stage, a stage drawn per episode
     RecordMarioProgress      info["x_pos_max"] furthest x this episode, info["stages_cleared"]
@@ -219,6 +220,42 @@ class MaxAndSkipNESObservation(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return self.env.render()
 
 
+class ShowHeldJump(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+    """Draws whether the jump button (A) is held into the screen's top-left corner.
+
+    Super Mario Bros. jumps on a new press of A only, so an agent that keeps choosing a jump action
+    holds A and does not jump again: stuck against a step, its frames stay the same, and a greedy
+    policy repeats the action until the episode is cut (what most greedy failures on 1-1 are, the
+    stalls at the last staircase; RESULTS.md). The frames alone cannot say whether A is held; this
+    block can, as the button under a player's thumb does: ``size`` x ``size`` pixels at the top-left
+    (the border above the score bar) are 255 when the game read A as held on the last frame, else
+    0. The game's own record of the controller (RAM $06FC, ``SavedJoypad1Bits``, A in bit 7) is
+    read, so sticky actions are accounted for.
+
+    Args:
+        env: the frame-skipped stack (:class:`MaxAndSkipNESObservation`), full-size frames
+            (240, 256) or (240, 256, 3).
+        size: the block's side in screen pixels (12: about 4 pixels once resized to 84x84).
+    """
+
+    JOYPAD_BITS = 0x06FC
+    A_BIT = 0x80
+
+    def __init__(self, env: gym.Env, size: int = 12):
+        gym.utils.RecordConstructorArgs.__init__(self, size=size)
+        gym.ObservationWrapper.__init__(self, env)
+        if not isinstance(env.unwrapped, NESEnv):
+            raise TypeError(f"ShowHeldJump needs an nes-py environment, got {type(env.unwrapped).__name__}")
+        self.size = _require_int("size", size, 1)
+        self._nes: NESEnv = env.unwrapped
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        held = bool(self._nes.ram[self.JOYPAD_BITS] & self.A_BIT)
+        # The frame is a new array every step (MaxAndSkipNESObservation), so drawing in place is safe.
+        observation[: self.size, : self.size] = 255 if held else 0
+        return observation
+
+
 class RecordMarioProgress(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Adds ``info["x_pos_max"]`` (furthest x so far this episode) and ``info["stages_cleared"]``.
 
@@ -358,6 +395,7 @@ def _per_frame_stack(
     grayscale: bool,
     info_keys: Sequence[str] | None,
     render_mode: str | None,
+    show_held_jump: bool,
 ) -> gym.Env:
     """The emulator and the wrappers that act per frame, up to the frame skip and the info filter."""
     env = gym.make(env_id, render_mode=render_mode)
@@ -365,6 +403,8 @@ def _per_frame_stack(
     if sticky_prob > 0:
         env = StickyAction(env, repeat_action_probability=float(sticky_prob))
     env = MaxAndSkipNESObservation(env, skip=frame_skip, grayscale=grayscale)
+    if show_held_jump:
+        env = ShowHeldJump(env)
     if info_keys is not None and isinstance(env.unwrapped, SuperMarioBrosEnv):
         env = FilterInfo(env, keys=tuple(info_keys))
     return env
@@ -638,6 +678,7 @@ def make_mario(
     noop_max: int = 0,
     sticky_prob: float = 0.0,
     stall_patience: int = 0,
+    show_held_jump: bool = False,
     info_keys: Sequence[str] | None = INFO_KEYS,
     render_mode: str | None = None,
     stages: Sequence[str] | None = None,
@@ -670,6 +711,8 @@ def make_mario(
         sticky_prob: per-frame probability of repeating the previous action (ALE v5 uses 0.25).
         stall_patience: cut an episode after this many agent steps without a new furthest x
             (:class:`TruncateWithoutProgress`; evaluation presets use it; 0 = off).
+        show_held_jump: draw whether A is held into the frame's top-left corner
+            (:class:`ShowHeldJump`), so a policy can tell that its held jump will not jump again.
         info_keys: info keys to keep (None keeps gym-super-mario-bros' full info).
         render_mode: None, ``"rgb_array"`` (full-resolution RGB frames for videos) or ``"human"``.
         stages: play a stage drawn at random from this list at every episode, e.g.
@@ -688,12 +731,16 @@ def make_mario(
         raise ValueError(f"make_mario needs a gym-super-mario-bros id, got {env_id!r}")
     if not 0.0 <= float(sticky_prob) < 1.0:
         raise ValueError(f"sticky_prob must be in [0, 1), got {sticky_prob}")
+    if not isinstance(show_held_jump, bool):
+        raise TypeError(f"show_held_jump must be a bool, got {show_held_jump!r}")
     frame_stack = _require_int("frame_stack", frame_stack, 1)
     if max_episode_steps is not None:
         max_episode_steps = _require_int("max_episode_steps", max_episode_steps, 1)
 
     if stages is None:
-        env = _per_frame_stack(env_id, actions, sticky_prob, frame_skip, grayscale, info_keys, render_mode)
+        env = _per_frame_stack(
+            env_id, actions, sticky_prob, frame_skip, grayscale, info_keys, render_mode, show_held_jump
+        )
     else:
         if not env_id.startswith("SuperMarioBros-"):
             raise ValueError(f"stages work with Super Mario Bros. ids only, got {env_id!r}")
@@ -706,6 +753,7 @@ def make_mario(
                 grayscale,
                 info_keys,
                 render_mode,
+                show_held_jump,
             )
             for world, stage in parse_stages(stages)
         ]

@@ -201,6 +201,16 @@ def _build_presets() -> dict[str, Preset]:
                     f"Super Mario Bros. world {world}-{stage}; simple actions, (4, 84, 84) gray stack",
                 )
             )
+    # 1-1 with the held jump button drawn in the corner: greedy 1-1 agents fail mostly by holding A
+    # against a step of the last staircase, where A held cannot jump again (envs.mario.ShowHeldJump).
+    presets.append(
+        _mario(
+            "mario-1-1-hud",
+            "SuperMarioBros-1-1-v0",
+            "world 1-1 with a corner block showing whether the jump button (A) is held",
+            show_held_jump=True,
+        )
+    )
     presets.append(
         _mario(
             "mario-world-1",

@@ -11,12 +11,12 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import envs
-from envs.mario import ACTION_SETS, MapJoypadAction, MaxAndSkipNESObservation, make_mario
+from envs.mario import ACTION_SETS, MapJoypadAction, MaxAndSkipNESObservation, ShowHeldJump, make_mario
 
 RIGHT = 1  # "right" in every action set
 RIGHT_JUMP = 4  # "right A B": run and jump
 ALL_MARIO = [name for name in envs.names() if envs.get_preset(name).kind == "mario"]
-FAST_MARIO = ["mario-1-1", "mario-4-2", "mario-8-4", "mario", "lost-levels-1-1"]
+FAST_MARIO = ["mario-1-1", "mario-1-1-hud", "mario-4-2", "mario-8-4", "mario", "lost-levels-1-1"]
 
 
 def checked(env: gym.Env) -> None:
@@ -268,3 +268,44 @@ def test_make_mario_validates():
         make_mario(sticky_prob=1.0)
     with pytest.raises(ValueError, match="frame_stack"):
         make_mario(frame_stack=0)
+    with pytest.raises(TypeError, match="show_held_jump must be a bool"):
+        make_mario(show_held_jump=1)
+
+
+RIGHT_A = 2  # "right A" in the simple set
+
+
+@pytest.mark.parametrize("sticky_prob", [0.0, 0.25])
+def test_show_held_jump_marks_the_corner_only_while_a_is_held(sticky_prob):
+    """The corner block is 255 after a step that held A, 0 after one that did not (sticky actions
+    included: the game's own record of the controller decides), and nothing else of the frame changes."""
+    shown = make_mario(show_held_jump=True, sticky_prob=sticky_prob, frame_stack=1)
+    plain = make_mario(sticky_prob=sticky_prob, frame_stack=1)
+    assert isinstance(shown.unwrapped, gym.Env)
+    first, _ = shown.reset(seed=3)
+    reference, _ = plain.reset(seed=3)
+    assert (first[:3, :3] == 0).all() and not (reference[:3, :3] == 0).all()
+    for action in [RIGHT_A, RIGHT_A, RIGHT, RIGHT, RIGHT_A, 0, RIGHT]:
+        obs, *_ = shown.step(action)
+        expected, *_ = plain.step(action)
+        held = bool(_wrapper(shown, ShowHeldJump)._nes.ram[ShowHeldJump.JOYPAD_BITS] & ShowHeldJump.A_BIT)
+        assert (obs[:3, :3] == (255 if held else 0)).all()
+        outside = np.ones(obs.shape, dtype=bool)
+        outside[:5, :5] = False  # 12 screen pixels are 4.2 rows and 3.9 columns of 84x84
+        np.testing.assert_array_equal(obs[outside], expected[outside])
+    shown.close()
+    plain.close()
+
+
+def test_show_held_jump_follows_the_action_without_sticky_actions():
+    env = make_mario(show_held_jump=True, frame_stack=1)
+    env.reset(seed=0)
+    corners = [int(env.step(action)[0][1, 1]) for action in [RIGHT_A, RIGHT, RIGHT_A, 0]]
+    assert corners == [255, 0, 255, 0]
+    env.close()
+
+
+def _wrapper(env: gym.Env, kind: type) -> gym.Env:
+    while not isinstance(env, kind):
+        env = env.env
+    return env
