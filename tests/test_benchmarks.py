@@ -10,8 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+import envs
 from benchmarks import train_throughput
 from lab.cli import main
 
@@ -289,6 +291,39 @@ def test_the_imitate_probe_fits_and_plays_each_number_of_passes(tmp_path):
     assert all(row.count("%") == 3 for row in rows)  # the accuracy and each protocol's clear rate
 
 
+def test_greedy_failures_tells_a_flag_from_a_stall_with_a_held():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.greedy_failures", "runs/mario-1-1", "--episodes", "1", "--sticky", "0",
+         "--json"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert (summary["flags"], summary["stalls"]) == (1, 0)  # the shipped agent clears 1-1 greedily
+    assert summary["per_episode"][0]["outcome"] == "flag" and summary["per_episode"][0]["x_pos"] > 3000
+
+
+def test_a_stall_with_a_held_is_reported_as_such():
+    """A policy that always chooses "A" jumps once and then stands holding A: no new press, no jump."""
+    from benchmarks import greedy_failures
+
+    class AlwaysA:
+        class policy:  # noqa: N801  (the attribute the probe calls, as on a loaded agent)
+            @staticmethod
+            def reset(count: int) -> None:
+                pass
+
+            @staticmethod
+            def act(obs: np.ndarray, first: np.ndarray) -> tuple[np.ndarray, None]:
+                return np.array([5]), None  # "A" in the simple set
+
+    env = envs.make("mario-1-1", stall_patience=50)
+    result = greedy_failures.play(AlwaysA, env, seed=0, action_names=env.get_wrapper_attr("action_names"))
+    env.close()
+    assert (result.outcome, result.x_pos, result.steps) == ("stall", 40, 50)
+    assert result.a_held_at_end and result.repeated_action == "A" and result.repeated_share == 1.0
+
+
 @pytest.mark.parametrize(
     ("module", "argv", "needle"),
     [
@@ -311,6 +346,8 @@ def test_the_imitate_probe_fits_and_plays_each_number_of_passes(tmp_path):
         ),
         ("imitate_probe", ["--route", "no-such-route.json"], "No such file"),
         ("imitate_probe", ["--epochs", "ten"], "whole numbers"),
+        ("greedy_failures", ["runs/no-such-run"], "does not exist"),
+        ("greedy_failures", ["runs/mario-1-1", "--sticky", "1"], "--sticky in [0, 1)"),
     ],
 )
 def test_the_mario_diagnostics_refuse_bad_input_in_one_line(module, argv, needle):

@@ -1,0 +1,131 @@
+"""How do an agent's greedy episodes end? The flag, a death, or a stall, and whether A was held.
+
+Plays greedy episodes of a run under the evaluation protocol (its preset's 0-30 no-ops and stall
+cut-off, sticky actions ``--sticky``), one env at a time, and prints for each how it ended and where,
+and for a stall the action it repeated and whether the game read the jump button (A) as held on its
+last frame. Super Mario Bros. jumps on a new press of A only: a policy that stands against a step
+choosing a jump action holds A and never jumps, and with unchanging frames a greedy policy chooses it
+again until the cut-off (the stall that the ``mario-1-1-hud`` preset's corner block is there for).
+
+    python -m benchmarks.greedy_failures runs/mario-world-1-training --stage 1-1 --episodes 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from typing import Any, NamedTuple
+
+import numpy as np
+
+import agents
+import envs
+from core.checkpoint import CheckpointError
+from envs.mario import RandomStage, ShowHeldJump
+
+# The last agent steps whose actions a stall report counts: the stall cut-off's patience (200).
+STALL_WINDOW = 200
+
+
+class Episode(NamedTuple):
+    outcome: str  # "flag", "death" (or the clock), "stall" (cut for making no progress)
+    x_pos: int
+    steps: int
+    repeated_action: str  # the most frequent action of the last STALL_WINDOW steps
+    repeated_share: float
+    a_held_at_end: bool
+
+
+def emulator(env: Any) -> Any:
+    """The nes-py env playing now (a multi-stage env's current stage)."""
+    base = env.unwrapped
+    return base.stacks[base.current].unwrapped if isinstance(base, RandomStage) else base
+
+
+def play(agent: Any, env: Any, seed: int, action_names: list[str]) -> Episode:
+    """One greedy episode from ``env.reset(seed=seed)``."""
+    obs, _ = env.reset(seed=seed)
+    agent.policy.reset(1)
+    first = np.ones(1, dtype=bool)
+    actions: list[int] = []
+    while True:
+        chosen, _ = agent.policy.act(obs[None], first)
+        first[:] = False
+        actions.append(int(chosen[0]))
+        obs, _, terminated, truncated, info = env.step(actions[-1])
+        if terminated or truncated:
+            break
+    outcome = "flag" if info.get("flag_get") else "stall" if info.get("stalled") else "death"
+    action, count = collections.Counter(actions[-STALL_WINDOW:]).most_common(1)[0]
+    held = bool(emulator(env).ram[ShowHeldJump.JOYPAD_BITS] & ShowHeldJump.A_BIT)
+    window = min(len(actions), STALL_WINDOW)
+    return Episode(
+        outcome, int(info.get("x_pos", 0)), len(actions), action_names[action], count / window, held
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="run directory or checkpoint")
+    parser.add_argument("--stage", default=None, help="a multi-stage run's stage to play, e.g. 1-1")
+    parser.add_argument("--episodes", type=int, default=20, help="greedy episodes (default 20)")
+    parser.add_argument("--sticky", type=float, default=0.25, help="sticky-action probability (default 0.25)")
+    parser.add_argument("--seed", type=int, default=1000, help="seed of the first episode (default 1000)")
+    parser.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
+    args = parser.parse_args(argv)
+    if args.episodes < 1 or not 0.0 <= args.sticky < 1.0:
+        parser.exit(
+            2,
+            f"greedy_failures: --episodes must be >= 1 and --sticky in [0, 1), got {args.episodes} and {args.sticky}\n",
+        )
+    try:
+        agent = agents.load_agent(args.run, device="cpu")
+    except (CheckpointError, ValueError) as error:  # no such run, not an agent
+        parser.exit(2, f"greedy_failures: {error}\n")
+    preset = agent.config.env
+    if envs.resolve(preset).kind != "mario":
+        parser.exit(
+            2, f"greedy_failures: {args.run} trained {preset!r}; this probe plays Mario presets only\n"
+        )
+    stages = {"stages": (args.stage,)} if args.stage else {}
+    try:
+        env = envs.make(preset, **{**envs.eval_overrides(preset), "sticky_prob": args.sticky, **stages})
+    except ValueError as error:  # a stage that is not Super Mario Bros.'s
+        parser.exit(2, f"greedy_failures: {error}\n")
+    action_names = list(env.get_wrapper_attr("action_names"))
+    results = []
+    for episode in range(args.episodes):
+        result = play(agent, env, args.seed + episode, action_names)
+        results.append(result)
+        held = (
+            f", A held at the end: {'yes' if result.a_held_at_end else 'no'}"
+            if result.outcome == "stall"
+            else ""
+        )
+        print(
+            f"episode {episode:3d}: {result.outcome:5s} at x {result.x_pos:5d} after {result.steps:4d} steps; "
+            f"last {STALL_WINDOW} steps {result.repeated_share:4.0%} {result.repeated_action!r}{held}",
+            flush=True,
+        )
+    env.close()
+    counts = collections.Counter(result.outcome for result in results)
+    stalls = [result for result in results if result.outcome == "stall"]
+    held_stalls = sum(result.a_held_at_end for result in stalls)
+    print(
+        f"{args.episodes} episodes: {counts['flag']} flags, {counts['death']} deaths or timeouts, "
+        f"{counts['stall']} stalls ({held_stalls} of them with A held)"
+    )
+    if args.json:
+        summary = {
+            "run": args.run, "preset": preset, "stage": args.stage, "sticky": args.sticky, "seed": args.seed,
+            "episodes": args.episodes, "flags": counts["flag"], "deaths": counts["death"],
+            "stalls": counts["stall"], "stalls_with_a_held": held_stalls,
+            "per_episode": [result._asdict() for result in results],
+        }  # fmt: skip
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
