@@ -324,6 +324,34 @@ def test_a_stall_with_a_held_is_reported_as_such():
     assert result.a_held_at_end and result.repeated_action == "A" and result.repeated_share == 1.0
 
 
+def test_the_corner_reading_tells_a_network_that_reads_the_block_from_one_that_does_not():
+    import torch
+
+    from benchmarks import greedy_failures
+
+    names = ["NOOP", "right", "right A", "right B", "right A B", "A", "left"]
+
+    def reads_block(obs, state, starts):  # (1, B, 4, 84, 84): jumps when the block says A is not held
+        not_held = (obs[0, :, -1, 0, 0] == 0).float()
+        logits = torch.zeros(obs.shape[1], len(names))
+        logits[:, 2] = 5 * not_held  # "right A"
+        logits[:, 1] = 2.5  # "right"
+        return logits[None], torch.zeros(1, obs.shape[1]), state
+
+    def ignores_block(obs, state, starts):
+        logits = obs[0, :, -1, 40:44, 40:44].float().mean(dim=(1, 2))[:, None] * torch.arange(len(names))
+        return logits[None], torch.zeros(1, obs.shape[1]), state
+
+    observations = np.random.default_rng(0).integers(0, 256, (6, 4, 84, 84), dtype=np.uint8)
+    reading = greedy_failures.read_corner(reads_block, observations, names)
+    assert reading.steps == 6 and reading.greedy_changed == 1.0
+    e = np.exp  # held: only "right" stands out; not held: "right A" does (3 of the 7 actions press A)
+    assert reading.jump_if_held == pytest.approx(3 / (6 + e(2.5)))
+    assert reading.jump_if_not_held == pytest.approx((e(5) + 2) / (e(5) + e(2.5) + 5))
+    blind = greedy_failures.read_corner(ignores_block, observations, names)
+    assert blind.greedy_changed == 0.0 and blind.jump_if_held == pytest.approx(blind.jump_if_not_held)
+
+
 @pytest.mark.parametrize(
     ("module", "argv", "needle"),
     [
@@ -348,6 +376,7 @@ def test_a_stall_with_a_held_is_reported_as_such():
         ("imitate_probe", ["--epochs", "ten"], "whole numbers"),
         ("greedy_failures", ["runs/no-such-run"], "does not exist"),
         ("greedy_failures", ["runs/mario-1-1", "--sticky", "1"], "--sticky in [0, 1)"),
+        ("greedy_failures", ["runs/mario-1-1", "--corner"], "--corner needs a PPO agent"),
     ],
 )
 def test_the_mario_diagnostics_refuse_bad_input_in_one_line(module, argv, needle):
