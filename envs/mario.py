@@ -225,8 +225,8 @@ class ShowHeldJump(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
 
     Super Mario Bros. jumps on a new press of A only, so an agent that keeps choosing a jump action
     holds A and does not jump again: stuck against a step, its frames stay the same, and a greedy
-    policy repeats the action until the episode is cut (what most greedy failures on 1-1 are, the
-    stalls at the last staircase; RESULTS.md). The frames alone cannot say whether A is held; this
+    policy repeats the action until the episode is cut (about half of the greedy failures of the 1-1
+    agents measured, most of them at the last staircase; RESULTS.md, "How greedy episodes fail"). The frames alone cannot say whether A is held; this
     block can, as the button under a player's thumb does: ``size`` x ``size`` pixels at the top-left
     (the border above the score bar) are 255 when the game read A as held on the last frame, else
     0. The game's own record of the controller (RAM $06FC, ``SavedJoypad1Bits``, A in bit 7) is

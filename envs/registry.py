@@ -201,8 +201,8 @@ def _build_presets() -> dict[str, Preset]:
                     f"Super Mario Bros. world {world}-{stage}; simple actions, (4, 84, 84) gray stack",
                 )
             )
-    # 1-1 with the held jump button drawn in the corner: greedy 1-1 agents fail mostly by holding A
-    # against a step of the last staircase, where A held cannot jump again (envs.mario.ShowHeldJump).
+    # 1-1 with the held jump button drawn in the corner: about half of the greedy 1-1 agents' failures
+    # are stalls holding A against a step, where a held A cannot jump again (envs.mario.ShowHeldJump).
     presets.append(
         _mario(
             "mario-1-1-hud",
