@@ -1,4 +1,4 @@
-"""How do an agent's greedy episodes end? The flag, a death, or a stall, and whether A was held.
+"""How do an agent's greedy episodes end? The flag, a death, a stall (and whether A was held), the clock.
 
 Plays greedy episodes of a run under the evaluation protocol (its preset's 0-30 no-ops and stall
 cut-off, sticky actions ``--sticky``), one env at a time, and prints for each how it ended and where,
@@ -49,7 +49,7 @@ class CornerReading(NamedTuple):
 
 
 class Episode(NamedTuple):
-    outcome: str  # "flag", "death" (or the clock), "stall" (cut for making no progress)
+    outcome: str  # "flag", "death", "stall" (cut for making no progress) or "timeout" (the step limit)
     x_pos: int
     steps: int
     repeated_action: str  # the most frequent action of the last STALL_WINDOW steps
@@ -78,7 +78,12 @@ def play(agent: Any, env: Any, seed: int, action_names: list[str], seen: list | 
         obs, _, terminated, truncated, info = env.step(actions[-1])
         if terminated or truncated:
             break
-    outcome = "flag" if info.get("flag_get") else "stall" if info.get("stalled") else "death"
+    if info.get("flag_get"):
+        outcome = "flag"
+    elif truncated:
+        outcome = "stall" if info.get("stalled") else "timeout"
+    else:
+        outcome = "death"
     action, count = collections.Counter(actions[-STALL_WINDOW:]).most_common(1)[0]
     held = bool(emulator(env).ram[ShowHeldJump.JOYPAD_BITS] & ShowHeldJump.A_BIT)
     window = min(len(actions), STALL_WINDOW)
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             else ""
         )
         print(
-            f"episode {episode:3d}: {result.outcome:5s} at x {result.x_pos:5d} after {result.steps:4d} steps; "
+            f"episode {episode:3d}: {result.outcome:7s} at x {result.x_pos:5d} after {result.steps:4d} steps; "
             f"last {STALL_WINDOW} steps {result.repeated_share:4.0%} {result.repeated_action!r}{held}",
             flush=True,
         )
@@ -167,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     stalls = [result for result in results if result.outcome == "stall"]
     held_stalls = sum(result.a_held_at_end for result in stalls)
     print(
-        f"{args.episodes} episodes: {counts['flag']} flags, {counts['death']} deaths or timeouts, "
-        f"{counts['stall']} stalls ({held_stalls} of them with A held)"
+        f"{args.episodes} episodes: {counts['flag']} flags, {counts['death']} deaths, {counts['timeout']} "
+        f"time-outs, {counts['stall']} stalls ({held_stalls} of them with A held)"
     )
     readings = {}
     if args.corner:
@@ -186,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "run": args.run, "preset": preset, "stage": args.stage, "sticky": args.sticky, "seed": args.seed,
             "episodes": args.episodes, "flags": counts["flag"], "deaths": counts["death"],
-            "stalls": counts["stall"], "stalls_with_a_held": held_stalls,
+            "timeouts": counts["timeout"], "stalls": counts["stall"], "stalls_with_a_held": held_stalls,
             "per_episode": [result._asdict() for result in results],
             "corner": {name: reading._asdict() for name, reading in readings.items()},
         }  # fmt: skip

@@ -299,7 +299,7 @@ def test_greedy_failures_tells_a_flag_from_a_stall_with_a_held():
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.splitlines()[-1])
-    assert (summary["flags"], summary["stalls"]) == (1, 0)  # the shipped agent clears 1-1 greedily
+    assert (summary["flags"], summary["deaths"], summary["timeouts"], summary["stalls"]) == (1, 0, 0, 0)
     assert summary["per_episode"][0]["outcome"] == "flag" and summary["per_episode"][0]["x_pos"] > 3000
 
 
@@ -322,6 +322,11 @@ def test_a_stall_with_a_held_is_reported_as_such():
     env.close()
     assert (result.outcome, result.x_pos, result.steps) == ("stall", 40, 50)
     assert result.a_held_at_end and result.repeated_action == "A" and result.repeated_share == 1.0
+    # Without the stall cut-off the step limit ends it: a time-out, not a death.
+    env = envs.make("mario-1-1", max_episode_steps=30)
+    result = greedy_failures.play(AlwaysA, env, seed=0, action_names=env.get_wrapper_attr("action_names"))
+    env.close()
+    assert (result.outcome, result.steps) == ("timeout", 30)
 
 
 def test_the_corner_reading_tells_a_network_that_reads_the_block_from_one_that_does_not():
