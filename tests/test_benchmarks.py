@@ -291,7 +291,7 @@ def test_the_imitate_probe_fits_and_plays_each_number_of_passes(tmp_path):
     assert all(row.count("%") == 3 for row in rows)  # the accuracy and each protocol's clear rate
 
 
-def test_greedy_failures_tells_a_flag_from_a_stall_with_a_held():
+def test_greedy_failures_reports_the_shipped_agents_greedy_clear():
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.greedy_failures", "runs/mario-1-1", "--episodes", "1", "--sticky", "0",
          "--json"],
