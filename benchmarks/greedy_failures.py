@@ -29,7 +29,7 @@ import agents
 import envs
 from agents.ppo import action_distribution
 from core.checkpoint import CheckpointError
-from envs.mario import RandomStage, ShowHeldJump
+from envs.mario import jump_held, playing_emulator
 
 # The last agent steps whose actions a stall report counts: the stall cut-off's patience (200).
 STALL_WINDOW = 200
@@ -57,12 +57,6 @@ class Episode(NamedTuple):
     a_held_at_end: bool
 
 
-def emulator(env: Any) -> Any:
-    """The nes-py env playing now (a multi-stage env's current stage)."""
-    base = env.unwrapped
-    return base.stacks[base.current].unwrapped if isinstance(base, RandomStage) else base
-
-
 def play(agent: Any, env: Any, seed: int, action_names: list[str], seen: list | None = None) -> Episode:
     """One greedy episode from ``env.reset(seed=seed)``; ``seen`` gets its observations when given."""
     obs, _ = env.reset(seed=seed)
@@ -85,7 +79,7 @@ def play(agent: Any, env: Any, seed: int, action_names: list[str], seen: list | 
     else:
         outcome = "death"
     action, count = collections.Counter(actions[-STALL_WINDOW:]).most_common(1)[0]
-    held = bool(emulator(env).ram[ShowHeldJump.JOYPAD_BITS] & ShowHeldJump.A_BIT)
+    held = jump_held(playing_emulator(env))
     window = min(len(actions), STALL_WINDOW)
     return Episode(
         outcome, int(info.get("x_pos", 0)), len(actions), action_names[action], count / window, held

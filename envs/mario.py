@@ -220,26 +220,34 @@ class MaxAndSkipNESObservation(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return self.env.render()
 
 
+# Where Super Mario Bros. keeps the controller as the game read it on the last frame (SavedJoypad1Bits),
+# and A's bit there (the NES order: A, B, select, start, up, down, left, right from bit 7 down).
+JOYPAD_BITS = 0x06FC
+A_BIT = 0x80
+
+
+def jump_held(emulator: NESEnv) -> bool:
+    """Whether the game read the jump button (A) as held on the emulator's last frame."""
+    return bool(emulator.ram[JOYPAD_BITS] & A_BIT)
+
+
 class ShowHeldJump(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Draws whether the jump button (A) is held into the screen's top-left corner.
 
     Super Mario Bros. jumps on a new press of A only, so an agent that keeps choosing a jump action
     holds A and does not jump again: stuck against a step, its frames stay the same, and a greedy
     policy repeats the action until the episode is cut (about half of the greedy failures of the 1-1
-    agents measured, most of them at the last staircase; RESULTS.md, "How greedy episodes fail"). The frames alone cannot say whether A is held; this
-    block can, as the button under a player's thumb does: ``size`` x ``size`` pixels at the top-left
-    (the border above the score bar) are 255 when the game read A as held on the last frame, else
-    0. The game's own record of the controller (RAM $06FC, ``SavedJoypad1Bits``, A in bit 7) is
-    read, so sticky actions are accounted for.
+    agents measured, most of them at the last staircase; RESULTS.md, "How greedy episodes fail").
+    The frames alone cannot say whether A is held; this block can, as the button under a player's
+    thumb does: ``size`` x ``size`` pixels at the top-left (the border above the score bar) are 255
+    when the game read A as held on the last frame (:func:`jump_held`), else 0. The game's own
+    record of the controller is read, so sticky actions are accounted for.
 
     Args:
         env: the frame-skipped stack (:class:`MaxAndSkipNESObservation`), full-size frames
             (240, 256) or (240, 256, 3).
         size: the block's side in screen pixels (12: about 4 pixels once resized to 84x84).
     """
-
-    JOYPAD_BITS = 0x06FC
-    A_BIT = 0x80
 
     def __init__(self, env: gym.Env, size: int = 12):
         gym.utils.RecordConstructorArgs.__init__(self, size=size)
@@ -250,7 +258,7 @@ class ShowHeldJump(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
         self._nes: NESEnv = env.unwrapped
 
     def observation(self, observation: np.ndarray) -> np.ndarray:
-        held = bool(self._nes.ram[self.JOYPAD_BITS] & self.A_BIT)
+        held = jump_held(self._nes)
         # The frame is a new array every step (MaxAndSkipNESObservation), so drawing in place is safe.
         observation[: self.size, : self.size] = 255 if held else 0
         return observation
@@ -363,6 +371,12 @@ class RandomStage(gym.Env):
     def close(self) -> None:
         for stack in self.stacks:
             stack.close()
+
+
+def playing_emulator(env: gym.Env) -> Any:
+    """The nes-py env under ``env`` that plays now (a multi-stage env's current stage's)."""
+    base = env.unwrapped
+    return base.stacks[base.current].unwrapped if isinstance(base, RandomStage) else base
 
 
 def parse_stages(stages: Sequence[str]) -> list[tuple[int, int]]:
@@ -518,9 +532,7 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def _emulator(self) -> Any:
         """The playing stage's nes-py emulator, None for an env without snapshots."""
-        base = self.env.unwrapped
-        if isinstance(base, RandomStage):
-            base = base.stacks[base.current].unwrapped
+        base = playing_emulator(self.env)
         return base if hasattr(base, "dump_state") and hasattr(base, "load_state") else None
 
 
