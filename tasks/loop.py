@@ -54,7 +54,7 @@ from core.checkpoint import (
 )
 from core.compute import native_bf16, resolve_device, seed_everything
 from core.config import option
-from core.files import atomic_write_json, jsonable, remove_stale_temps
+from core.files import atomic_write_json, jsonable, remove_stale_temps, signals_deferred
 from core.plots import Panel, plot_history
 from core.runs import tensorboard_writer, write_run_config
 from tasks import distributed
@@ -585,13 +585,16 @@ def fit(
     metrics.update(extra_metrics or {})
     metrics["history"] = history
 
-    save_checkpoint(
-        run_dir / "checkpoints" / "final",
-        {"model": model.state_dict(), "epoch": config.epochs, "step": step},
-        meta=meta,
-    )
-    plot_learning_curve(history, metric, run_dir / "learning_curve.png", title=f"{task} / {config.net}")
-    write_metrics(run_dir, metrics)
+    # A Ctrl-C here comes after the last epoch: it waits until the finished run's files are written
+    # (raised inside matplotlib's first import it would surface as an ImportError, not as a stop).
+    with signals_deferred():
+        save_checkpoint(
+            run_dir / "checkpoints" / "final",
+            {"model": model.state_dict(), "epoch": config.epochs, "step": step},
+            meta=meta,
+        )
+        plot_learning_curve(history, metric, run_dir / "learning_curve.png", title=f"{task} / {config.net}")
+        write_metrics(run_dir, metrics)
     return FitResult(model=model, metrics=metrics)
 
 

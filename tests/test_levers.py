@@ -317,14 +317,16 @@ def ranks_of(parent: int) -> dict[int, int]:
     return found
 
 
-LONG_RUN = [*TINY, "epochs=40", "epoch_steps=20", "--procs", "2", "--no-progress", "--device", "cpu"]
+# Far more epochs than run before the first checkpoint (tasks.loop.CHECKPOINT_SECONDS, 5 s), so that
+# the signal comes mid-run: with 40, a fast machine had finished them all when it came.
+LONG_RUN = ["--set=epochs=2000", "--set=epoch_steps=20", "--procs", "2", "--no-progress"]
 
 
 @pytest.mark.slow
 def test_two_processes_stop_together_on_ctrl_c_and_resume(tmp_path, corpus):
     run_dir = tmp_path / "run"
     args = ["lm", "--run-dir", str(run_dir), *[f"--set={item}" for item in TINY], f"--set=corpus={corpus}"]
-    args += ["--set=epochs=40", "--set=epoch_steps=20", "--procs", "2", "--no-progress"]
+    args += LONG_RUN
     process = lab_fit(args)
     wait_for(lambda: list((run_dir / "checkpoints").glob("epoch_*.json")), 180, "the first epoch checkpoint")
     os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
@@ -332,7 +334,7 @@ def test_two_processes_stop_together_on_ctrl_c_and_resume(tmp_path, corpus):
     assert process.returncode == 130, err
     assert f"Resume with: lab fit --resume {run_dir} --procs 2" in err, err
     kept = int(err.split("the checkpoint after epoch ")[1].split()[0])
-    assert 1 <= kept < 40
+    assert 1 <= kept < 2000
 
     resumed = lab_fit(
         ["--resume", str(run_dir), "--procs", "2", "--no-progress", "--json", "--epochs", str(kept + 2)]
@@ -349,7 +351,7 @@ def test_two_processes_stop_together_on_ctrl_c_and_resume(tmp_path, corpus):
 def test_a_killed_rank_stops_the_other_with_a_one_line_reason(tmp_path, corpus):
     run_dir = tmp_path / "run"
     args = ["lm", "--run-dir", str(run_dir), *[f"--set={item}" for item in TINY], f"--set=corpus={corpus}"]
-    args += ["--set=epochs=40", "--set=epoch_steps=20", "--procs", "2", "--no-progress"]
+    args += LONG_RUN
     process = lab_fit(args)
     wait_for(lambda: list((run_dir / "checkpoints").glob("epoch_*.json")), 180, "the first epoch checkpoint")
     os.kill(ranks_of(process.pid)[1], signal.SIGKILL)

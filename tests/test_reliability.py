@@ -14,6 +14,7 @@ import errno
 import itertools
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -238,6 +239,25 @@ def test_fit_resumed_after_an_interrupt_equals_an_uninterrupted_run(tmp_path, mo
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["epochs"] == 4
     assert_same_run(straight, interrupted)
+
+
+def test_ctrl_c_after_the_last_epoch_waits_for_the_finished_runs_files(tmp_path, monkeypatch, capsys):
+    """A Ctrl-C while the learning curve is drawn (matplotlib's first import turns one into an
+    ImportError) stops the run only after its final checkpoint, picture and metrics are written."""
+    real_plot = loop.plot_learning_curve
+
+    def plot_after_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        signal.raise_signal(signal.SIGINT)
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "plot_learning_curve", plot_after_ctrl_c)
+    run_dir = tmp_path / "run"
+    code, _, err = run_main(["fit", "xor", "--run-dir", run_dir, "--epochs", "3", "--no-progress"], capsys)
+    assert code == errors.EXIT_INTERRUPTED, err
+    assert f"after epoch 3 is kept. Resume with: lab fit --resume {run_dir}" in err, err
+    assert (run_dir / "learning_curve.png").stat().st_size > 0
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 3
+    assert load_checkpoint(run_dir / "checkpoints" / "final.json")[0]["epoch"] == 3
 
 
 def test_fit_resume_can_raise_the_epochs(tmp_path, capsys):
