@@ -585,16 +585,13 @@ def fit(
     metrics.update(extra_metrics or {})
     metrics["history"] = history
 
-    # A Ctrl-C here comes after the last epoch: it waits until the finished run's files are written
-    # (raised inside matplotlib's first import it would surface as an ImportError, not as a stop).
-    with signals_deferred():
-        save_checkpoint(
-            run_dir / "checkpoints" / "final",
-            {"model": model.state_dict(), "epoch": config.epochs, "step": step},
-            meta=meta,
-        )
-        plot_learning_curve(history, metric, run_dir / "learning_curve.png", title=f"{task} / {config.net}")
-        write_metrics(run_dir, metrics)
+    write_finished_run(
+        run_dir,
+        {"model": model.state_dict(), "epoch": config.epochs, "step": step},
+        meta,
+        metrics,
+        title=f"{task} / {config.net}",
+    )
     return FitResult(model=model, metrics=metrics)
 
 
@@ -655,6 +652,22 @@ def _lr_lambda(total_steps: int, warmup: float, schedule: str) -> Callable[[int]
         return 1.0
 
     return factor
+
+
+def write_finished_run(
+    run_dir: Path, state: dict[str, Any], meta: dict[str, Any], metrics: dict[str, Any], title: str
+) -> None:
+    """The files of a finished fit: the final checkpoint, ``learning_curve.png`` and ``metrics.json``.
+
+    A Ctrl-C or SIGTERM meanwhile (after the last epoch) waits until all three are written: raised
+    inside matplotlib's first import it would surface as an ImportError rather than as a stop.
+    """
+    with signals_deferred():
+        save_checkpoint(Path(run_dir) / "checkpoints" / "final", state, meta=meta)
+        plot_learning_curve(
+            metrics["history"], metrics["metric"], Path(run_dir) / "learning_curve.png", title
+        )
+        write_metrics(run_dir, metrics)
 
 
 def plot_learning_curve(history: list[dict[str, float]], metric: str, path: Path, title: str = "") -> Path:

@@ -57,7 +57,7 @@ from tasks.loop import (
     TaskError,
     Tensors,
     load_epoch_checkpoint,
-    plot_learning_curve,
+    write_finished_run,
     write_metrics,
 )
 from tasks.models import Classifier
@@ -409,15 +409,13 @@ def fit(
     metrics["report"] = report
     metrics["history"] = history
 
-    save_checkpoint(
-        run_dir / "checkpoints" / "final",
+    write_finished_run(
+        run_dir,
         {"model": snn.to_torch_state_dict(twin, LAYOUT), "epoch": config.epochs, "step": step},
-        meta=meta,
+        meta,
+        metrics,
+        title=f"{task} / {config.net}, scratch engine",
     )
-    plot_learning_curve(
-        history, "accuracy", run_dir / "learning_curve.png", title=f"{task} / {config.net}, scratch engine"
-    )
-    write_metrics(run_dir, metrics)
     return FitResult(model=load_into_torch(twin, model).eval(), metrics=metrics)
 
 
