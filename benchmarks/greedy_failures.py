@@ -29,14 +29,15 @@ import agents
 import envs
 from agents.ppo import action_distribution
 from core.checkpoint import CheckpointError
-from envs.mario import jump_held, playing_emulator
+from envs.mario import HELD_JUMP_BLOCK, jump_held, playing_emulator
 
 # The last agent steps whose actions a stall report counts: the stall cut-off's patience (200).
 STALL_WINDOW = 200
 
 
-# The block's whole pixels once a 12-pixel corner is resized from 240x256 to 84x84 (4.2 rows, 3.9 columns).
-BLOCK_ROWS, BLOCK_COLUMNS = 4, 3
+# The block's whole pixels once the corner is resized from 240x256 to 84x84 (12 pixels: 4.2 rows, 3.9
+# columns, so 4 and 3).
+BLOCK_ROWS, BLOCK_COLUMNS = HELD_JUMP_BLOCK * 84 // 240, HELD_JUMP_BLOCK * 84 // 256
 
 
 class CornerReading(NamedTuple):
@@ -126,13 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError) as error:  # no such run, not an agent
         parser.exit(2, f"greedy_failures: {error}\n")
     preset = agent.config.env
-    if envs.resolve(preset).kind != "mario":
+    spec = envs.resolve(preset)
+    if spec.kind != "mario":
         parser.exit(
             2, f"greedy_failures: {args.run} trained {preset!r}; this probe plays Mario presets only\n"
         )
     if args.corner and not (
-        envs.resolve(preset).env_kwargs.get("show_held_jump")
-        and getattr(agent.config, "memory", None) == "none"
+        spec.env_kwargs.get("show_held_jump") and getattr(agent.config, "memory", None) == "none"
     ):
         parser.exit(
             2, f"greedy_failures: --corner needs a PPO agent without memory on a preset with the held-jump block "

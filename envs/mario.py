@@ -231,6 +231,10 @@ def jump_held(emulator: NESEnv) -> bool:
     return bool(emulator.ram[JOYPAD_BITS] & A_BIT)
 
 
+#: The side of ShowHeldJump's block in screen pixels (240x256): about 4 pixels once resized to 84x84.
+HELD_JUMP_BLOCK = 12
+
+
 class ShowHeldJump(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Draws whether the jump button (A) is held into the screen's top-left corner.
 
@@ -249,7 +253,7 @@ class ShowHeldJump(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
         size: the block's side in screen pixels (12: about 4 pixels once resized to 84x84).
     """
 
-    def __init__(self, env: gym.Env, size: int = 12):
+    def __init__(self, env: gym.Env, size: int = HELD_JUMP_BLOCK):
         gym.utils.RecordConstructorArgs.__init__(self, size=size)
         gym.ObservationWrapper.__init__(self, env)
         if not isinstance(env.unwrapped, NESEnv):
