@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from core.files import save_figure
+from core.files import save_figure, signals_deferred
 
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")
 
@@ -40,6 +41,21 @@ class Panel:
     points_label: str = "greedy eval"
 
 
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg back end (no display needed), for every picture the lab draws.
+
+    The first import initialises matplotlib's C extensions, and a Ctrl-C inside that surfaces as an
+    ImportError rather than a KeyboardInterrupt (a stop would become a crash), so the import holds
+    Ctrl-C and SIGTERM back until it is done.
+    """
+    with signals_deferred():
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    return plt
+
+
 def plot_history(
     history: list[dict[str, float]],
     x_key: str,
@@ -52,11 +68,7 @@ def plot_history(
 
     Missing values (a key a record lacks, NaN) leave gaps. Returns ``path``.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     xs = [record[x_key] for record in history]
     width = 4.4 * len(panels) + (1.6 if len(panels) == 1 else 0)
     fig, axes = plt.subplots(1, len(panels), figsize=(width, 3.6), squeeze=False)

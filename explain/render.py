@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 import torch
 
 from core.files import atomic_write_bytes, save_figure
+from core.plots import pyplot
 from explain.methods import gaussian_blur, to_heatmap
 
 COLORMAPS: dict[str, int] = {"jet": cv2.COLORMAP_JET, "inferno": cv2.COLORMAP_INFERNO}
@@ -150,15 +150,6 @@ def save_png(image: np.ndarray, path: str | Path) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         values = values.detach().float().cpu().numpy()
@@ -184,7 +175,7 @@ def feature_attribution_plot(
         raise ValueError(
             f"attributions of shape {values.shape} do not fit {len(feature_names)} feature names"
         )
-    plt = _pyplot()
+    plt = pyplot()
     fig, (lines, strip) = plt.subplots(
         2,
         1,
@@ -251,7 +242,7 @@ def image_grid_plot(
         raise ValueError(
             f"{count} images, {sorted(sizes)} maps, {len(true_labels)}/{len(pred_labels)} labels"
         )
-    plt = _pyplot()
+    plt = pyplot()
     panels = 1 + len(heats)
     columns = max(1, min(columns, count))
     rows = max(1, -(-count // columns))
@@ -339,7 +330,7 @@ def token_rows_plot(rows: Sequence[TokenRow], path: str | Path, title: str = "",
     Returns:
         ``path``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib import colors
 
     # Monospace layout: a token's width is its length in characters, so lines wrap without measuring text.

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.files import save_figure
+from core.plots import pyplot
 from sweep.spec import SweepSpec, value_text
 
 if TYPE_CHECKING:
@@ -31,22 +32,13 @@ HIGHLIGHT = 3
 PARAM_PANELS = 3
 
 
-def _pyplot():  # noqa: ANN202 - matplotlib's module
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_sweep(spec: SweepSpec, trials: list[TrialRow], configs: list[ConfigRow], path: Path) -> Path:
     """A sweep at a glance: every trial's periodic evaluations over agent steps (the best
     configurations in colour, trials stopped early ending in a cross) and each configuration's
     seed scores with their mean (top row); the score against each swept value (bottom row).
     Filled dots are final greedy evaluations, hollow ones the last evaluation of a trial that did
     not finish."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter
 
     params = list(spec.params)[:PARAM_PANELS]
@@ -138,7 +130,7 @@ def plot_compare(
         metric: what is compared.
         path: the PNG to write.
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import FuncFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2, 1]})

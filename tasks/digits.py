@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import nets
 from core.compute import DEVICES, seed_everything
 from core.config import option
+from core.plots import pyplot
 from tasks import scratch_fit
 from tasks.loop import Tensors, fit
 from tasks.models import Classifier
@@ -149,10 +150,7 @@ def run(config: DigitsConfig, run_dir: Path, progress: bool = True, resume: bool
 
 def plot_confusion(model: torch.nn.Module, test: Tensors, path: Path, accuracy: float) -> Path:
     """Confusion matrix of the held-out split as a PNG (rows: true digit, columns: predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from tasks.loop import predict
 

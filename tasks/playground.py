@@ -20,6 +20,7 @@ import torch
 import nets
 from core.compute import DEVICES, seed_everything
 from core.config import option
+from core.plots import pyplot
 from tasks import scratch_fit
 from tasks.loop import fit, predict
 from tasks.models import Classifier
@@ -161,10 +162,7 @@ def plot_boundary(
     probs: np.ndarray, train: tuple[torch.Tensor, ...], test: tuple[torch.Tensor, ...], path: Path, title: str
 ) -> Path:
     """Decision boundary PNG: P(class 1) as a filled contour, training points filled, test points hollow."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     extent = 1.0
     axis = np.linspace(-extent, extent, probs.shape[0])

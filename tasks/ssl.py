@@ -53,6 +53,7 @@ import nets
 from core.compute import DEVICES, seed_everything, set_learner_threads
 from core.config import option
 from core.files import save_figure
+from core.plots import pyplot
 from nets.augment import SHIFT_PAD, gaussian_noise, random_affine, random_shift
 from nets.layers import image_to_float
 from nets.transformer import Block, init_transformer_weights
@@ -594,10 +595,7 @@ def plot_embeddings(
     legend: str,
 ) -> Path:
     """A 2-D map (t-SNE or PCA) of the encoder's features, one colour per label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
 
