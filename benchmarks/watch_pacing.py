@@ -47,8 +47,12 @@ def virtual_display() -> Iterator[str]:
         raise FileNotFoundError("Xvfb is not installed (apt-get install xvfb)")
     read_end, write_end = os.pipe()
     # -displayfd: Xvfb picks a free number itself and writes it once it accepts connections.
+    # -noreset: by default the server resets whenever its last client leaves, and a client that
+    # connects during the reset is dropped before it is answered (its XOpenDisplay returns NULL:
+    # xorg/xserver#1102). A window test polls the display with short-lived clients, so without it
+    # a child's window sometimes failed to open.
     process = subprocess.Popen(
-        [xvfb, "-displayfd", str(write_end), "-screen", "0", XVFB_SCREEN, "-nolisten", "tcp"],
+        [xvfb, "-displayfd", str(write_end), "-noreset", "-screen", "0", XVFB_SCREEN, "-nolisten", "tcp"],
         pass_fds=(write_end,),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -139,7 +139,9 @@ class Child:
                 if title in name:
                     return window, width, height
             time.sleep(0.05)
-        pytest.fail(f"no window titled {title!r} appeared (exit {self.process.poll()})")
+        status = self.process.poll()
+        stderr = self.process.stderr.read() if status is not None else "(still running)"
+        pytest.fail(f"no window titled {title!r} appeared (exit {status}); stderr: {stderr.strip()!r}")
 
     def finish(self, timeout: float = 120.0) -> tuple[int, list[str], str]:
         """Waits for the end; returns the exit status, all output lines and stderr."""
@@ -328,6 +330,46 @@ def test_a_window_shows_every_step(display, tmp_path, preset, scale, speed, pict
     assert summary["episodes"] == 2 and not summary["closed"]
     assert summary["frames_drawn"] == sum(episode["length"] for episode in summary["per_episode"]) > 2
     assert not any("lab watch" in entry[0] for entry in windows(display).values())  # closed at the end
+
+
+def open_display_while_others_come_and_go(display: str, tries: int) -> int:
+    """How many of ``tries`` XOpenDisplay calls fail while three other clients connect and leave."""
+    library = ctypes.util.find_library("X11")
+    if library is None:
+        pytest.skip("libX11 is not installed")
+    x11 = ctypes.CDLL(library)
+    x11.XOpenDisplay.restype = ctypes.c_void_p
+    x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    done = threading.Event()
+
+    def come_and_go() -> None:
+        while not done.is_set():
+            windows(display)
+
+    others = [threading.Thread(target=come_and_go) for _ in range(3)]
+    for thread in others:
+        thread.start()
+    failed = 0
+    try:
+        for _ in range(tries):
+            connection = x11.XOpenDisplay(display.encode())
+            if connection:
+                x11.XCloseDisplay(connection)
+            else:
+                failed += 1
+    finally:
+        done.set()
+        for thread in others:
+            thread.join()
+    return failed
+
+
+@needs_x
+def test_the_virtual_display_answers_every_client_while_others_leave(display):
+    """Xvfb resets when its last client leaves and drops a client that connects meanwhile
+    (xorg/xserver#1102): about 8% of these connections failed here before ``-noreset``."""
+    assert open_display_while_others_come_and_go(display, tries=600) == 0
 
 
 @needs_x
