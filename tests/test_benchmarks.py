@@ -453,3 +453,32 @@ def test_run_state_reads_the_newest_of_metrics_and_checkpoint(tmp_path):
     save_training_checkpoint(run, 200, {"history": [{"step": 100}, {"step": 200}], "evals": []}, {}, keep=1)
     state = run_state(run)
     assert [record["step"] for record in state.history] == [100, 200] and state.until is None
+
+
+def test_discounted_returns_and_the_routes_turn():
+    from benchmarks.branch_returns import discounted_returns, turn_step
+
+    assert discounted_returns([1.0, 1.0, 1.0], 0.5).tolist() == [1.75, 1.5, 1.0]
+    # Two walks back: 30 -> 25 (5 pixels) and 40 -> 10 (30 pixels); the turn is the deeper one's.
+    assert turn_step([10, 20, 30, 25, 40, 10, 50]) == (4, 30)
+    assert turn_step([10, 20, 30]) == (0, 0)
+
+
+def test_branch_returns_on_1_3_favour_the_dead_end_under_gamma_0_9_and_the_route_under_0_99(tmp_path):
+    """The World-1 agent's low route against the high route that reaches 1-3's flag (RESULTS.md)."""
+    out = tmp_path / "returns.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.branch_returns", "runs/mario-world-1-training", "--preset", "mario-1-3",
+         "--route", "envs/routes/1-3.json", "--gammas", "0.9,0.99", "--json", str(out)],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    record = json.loads(out.read_text())
+    assert record["route_cleared"] and not record["agent_cleared"] and record["turn_back_pixels"] >= 64
+    (low, high) = record["returns"]
+    assert low["route_return"] < low["agent_return"] and high["route_return"] > high["agent_return"]
+    bad = subprocess.run(
+        [sys.executable, "-m", "benchmarks.branch_returns", "runs/mario-world-1-training", "--gammas", "0.9,x"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--gammas" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,0 +1,160 @@
+"""Which way does the discount point at a branch? Discounted returns along a found route and along a
+greedy agent's own route, for several ``gamma``.
+
+On 1-3 the agents run along the low tree tops into a dead end (x about 770), while the route that
+reaches the flag turns back at x about 740 and climbs to the high ones (``envs/routes/1-3.json``).
+This replays the route and one greedy episode of the agent (no sticky actions, no no-ops: the
+emulator is then deterministic), with the preset's rewards as training sees them, and prints the
+return ``G_t = sum_k gamma^k r_{t+k}`` of each at the route's turn (the step before its deepest walk
+back) and of the agent where its x is nearest the route's there. If the agent's return is the larger
+under the training's gamma, PPO has no reason to take the turn, whatever its exploration.
+
+    python -m benchmarks.branch_returns runs/mario-world-1-training --preset mario-1-3 \\
+        --route envs/routes/1-3.json --gammas 0.9,0.95,0.99 --json benchmarks/results/branch_returns.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+import agents
+from benchmarks.mario_jump_probe import deterministic_env
+from core.checkpoint import CheckpointError
+from core.files import atomic_write_json
+from envs.mario import load_routes
+
+
+class Trajectory(NamedTuple):
+    rewards: list[float]  # the preset's (scaled) reward of each step
+    xs: list[int]  # x_pos after each step
+    cleared: bool
+
+
+def discounted_returns(rewards: list[float], gamma: float) -> np.ndarray:
+    """``G_t = r_t + gamma * G_{t+1}`` for every step, the episode's end counting as 0 after it."""
+    returns = np.zeros(len(rewards))
+    following = 0.0
+    for t in range(len(rewards) - 1, -1, -1):
+        following = rewards[t] + gamma * following
+        returns[t] = following
+    return returns
+
+
+def replay(preset: str, actions: list[int]) -> Trajectory:
+    """The route's actions from the stage's start, deterministically."""
+    env = deterministic_env(preset)
+    env.reset(seed=1)
+    rewards, xs, cleared = [], [], False
+    for action in actions:
+        _, reward, terminated, truncated, info = env.step(action)
+        rewards.append(float(reward))
+        xs.append(int(info["x_pos"]))
+        cleared = bool(info.get("flag_get"))
+        if terminated or truncated:
+            break
+    env.close()
+    return Trajectory(rewards, xs, cleared)
+
+
+def greedy_episode(run: str, preset: str, max_steps: int) -> Trajectory:
+    """One greedy episode of the run's agent, deterministically."""
+    agent = agents.load_agent(run)
+    env = deterministic_env(preset)
+    obs, _ = env.reset(seed=1)
+    agent.policy.reset(1)
+    starts = np.array([True])
+    rewards, xs, cleared = [], [], False
+    for _ in range(max_steps):
+        action, _ = agent.policy.act(obs[None], starts)
+        starts[:] = False
+        obs, reward, terminated, truncated, info = env.step(int(action[0]))
+        rewards.append(float(reward))
+        xs.append(int(info["x_pos"]))
+        cleared = bool(info.get("flag_get"))
+        if terminated or truncated:
+            break
+    env.close()
+    return Trajectory(rewards, xs, cleared)
+
+
+def turn_step(xs: list[int]) -> tuple[int, int]:
+    """The route's turn: the step that reached the furthest x before its deepest walk back, and how
+    many pixels back that walk goes."""
+    furthest, furthest_step = -1, 0
+    turn, deepest = 0, 0
+    for step, x in enumerate(xs):
+        if x > furthest:
+            furthest, furthest_step = x, step
+        elif furthest - x > deepest:
+            turn, deepest = furthest_step, furthest - x
+    return turn, deepest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", help="a run directory (or checkpoint) of the agent")
+    parser.add_argument("--preset", default="mario-1-3", help="the stage's preset (default mario-1-3)")
+    parser.add_argument("--route", default="envs/routes/1-3.json", help="a route file that reaches the flag")
+    parser.add_argument("--gammas", default="0.9,0.95,0.99", help="discounts to compare, separated by commas")
+    parser.add_argument("--max-steps", type=int, default=3000, help="the greedy episode's step limit")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+    try:
+        gammas = [float(part) for part in args.gammas.split(",")]
+    except ValueError:
+        print(f"--gammas must be numbers separated by commas, got {args.gammas!r}", file=sys.stderr)
+        return 2
+    if not all(0 < gamma <= 1 for gamma in gammas):
+        print(f"--gammas must lie in (0, 1], got {args.gammas!r}", file=sys.stderr)
+        return 2
+    stage = args.preset.removeprefix("mario-")
+    try:
+        routes = load_routes(args.route)
+        if stage not in routes:
+            print(f"{args.route} holds no route for {stage} (it has {', '.join(routes)})", file=sys.stderr)
+            return 2
+        greedy = greedy_episode(args.run, args.preset, args.max_steps)
+    except (ValueError, CheckpointError) as error:
+        print(error, file=sys.stderr)
+        return 2
+    route = replay(args.preset, routes[stage])
+    turn, back = turn_step(route.xs)
+    if back == 0:
+        print("the route never walks back; nothing to compare", file=sys.stderr)
+        return 2
+    near = int(np.argmin([abs(x - route.xs[turn]) for x in greedy.xs]))
+    rows = []
+    for gamma in gammas:
+        along_route, along_agent = (
+            discounted_returns(route.rewards, gamma),
+            discounted_returns(greedy.rewards, gamma),
+        )
+        rows.append({"gamma": gamma, "route_return": round(float(along_route[turn]), 2),
+                     "agent_return": round(float(along_agent[near]), 2)})  # fmt: skip
+    record = {
+        "run": args.run, "preset": args.preset, "route": args.route,
+        "route_steps": len(route.xs), "route_cleared": route.cleared, "turn_step": turn, "turn_x": route.xs[turn], "turn_back_pixels": back,
+        "agent_steps": len(greedy.xs), "agent_cleared": greedy.cleared, "agent_furthest_x": max(greedy.xs),
+        "agent_step_compared": near, "agent_x_compared": greedy.xs[near], "returns": rows,
+    }  # fmt: skip
+    print(
+        f"route: {record['route_steps']} steps, cleared {route.cleared}, turns back at step {turn} (x {route.xs[turn]})"
+    )
+    print(f"agent: {record['agent_steps']} steps, cleared {greedy.cleared}, furthest x {record['agent_furthest_x']}; "
+          f"compared at step {near} (x {greedy.xs[near]})")  # fmt: skip
+    print(f"{'gamma':>6} {'route G':>9} {'agent G':>9}  the larger")
+    for row in rows:
+        larger = "route" if row["route_return"] > row["agent_return"] else "agent"
+        print(f"{row['gamma']:>6} {row['route_return']:>9.2f} {row['agent_return']:>9.2f}  {larger}")
+    if args.json:
+        atomic_write_json(args.json, record)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
