@@ -151,12 +151,10 @@ SEED_STYLES = (SeedStyle("-", "o"), SeedStyle("-.", "s"), SeedStyle(":", "^"))
 
 def plot(records: list[dict[str, Any]], shipped: list[dict[str, Any]], path: Path) -> None:
     """Two rows (x: wall-clock minutes, agent steps), two columns (training clear rate, greedy evals)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from core.files import save_figure
+    from core.plots import pyplot
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100, squeeze=False)
     names = sorted({record["name"] for record in records})

@@ -300,12 +300,10 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
 def plot(
     grid: np.ndarray, bands: dict[str, Any], shipped: dict[str, np.ndarray], args: argparse.Namespace
 ) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from core.files import save_figure
+    from core.plots import pyplot
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
     panels = (("x_pos_max_mean", "furthest x (last 100 episodes)"), ("clear_rate", "flag reached (last 100)"))
