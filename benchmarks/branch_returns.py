@@ -18,21 +18,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-import agents
-from benchmarks.mario_jump_probe import deterministic_env
+from benchmarks.mario_jump_probe import AgentEpisode, agent_route, deterministic_env, play
 from core.checkpoint import CheckpointError
 from core.files import atomic_write_json
 from envs.mario import load_routes
-
-
-class Trajectory(NamedTuple):
-    rewards: list[float]  # the preset's (scaled) reward of each step
-    xs: list[int]  # x_pos after each step
-    cleared: bool
 
 
 def discounted_returns(rewards: list[float], gamma: float) -> np.ndarray:
@@ -45,41 +37,9 @@ def discounted_returns(rewards: list[float], gamma: float) -> np.ndarray:
     return returns
 
 
-def replay(preset: str, actions: list[int]) -> Trajectory:
+def replay(preset: str, actions: list[int]) -> AgentEpisode:
     """The route's actions from the stage's start, deterministically."""
-    env = deterministic_env(preset)
-    env.reset(seed=1)
-    rewards, xs, cleared = [], [], False
-    for action in actions:
-        _, reward, terminated, truncated, info = env.step(action)
-        rewards.append(float(reward))
-        xs.append(int(info["x_pos"]))
-        cleared = bool(info.get("flag_get"))
-        if terminated or truncated:
-            break
-    env.close()
-    return Trajectory(rewards, xs, cleared)
-
-
-def greedy_episode(run: str, preset: str, max_steps: int) -> Trajectory:
-    """One greedy episode of the run's agent, deterministically."""
-    agent = agents.load_agent(run)
-    env = deterministic_env(preset)
-    obs, _ = env.reset(seed=1)
-    agent.policy.reset(1)
-    starts = np.array([True])
-    rewards, xs, cleared = [], [], False
-    for _ in range(max_steps):
-        action, _ = agent.policy.act(obs[None], starts)
-        starts[:] = False
-        obs, reward, terminated, truncated, info = env.step(int(action[0]))
-        rewards.append(float(reward))
-        xs.append(int(info["x_pos"]))
-        cleared = bool(info.get("flag_get"))
-        if terminated or truncated:
-            break
-    env.close()
-    return Trajectory(rewards, xs, cleared)
+    return play(deterministic_env(preset), lambda obs, step: actions[step], len(actions))
 
 
 def turn_step(xs: list[int]) -> tuple[int, int]:
@@ -118,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if stage not in routes:
             print(f"{args.route} holds no route for {stage} (it has {', '.join(routes)})", file=sys.stderr)
             return 2
-        greedy = greedy_episode(args.run, args.preset, args.max_steps)
+        greedy = agent_route(args.run, args.preset, args.max_steps)
     except (ValueError, CheckpointError) as error:
         print(error, file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -43,25 +44,41 @@ def deterministic_env(preset: str, **overrides: Any) -> Any:
     )
 
 
-def agent_route(run: str, preset: str, max_steps: int) -> tuple[list[int], list[int], bool]:
-    """The greedy agent's actions and x positions in one deterministic episode, and whether it cleared."""
-    agent = agents.load_agent(run)
-    env = deterministic_env(preset)
+class AgentEpisode(NamedTuple):
+    actions: list[int]
+    rewards: list[float]  # the preset's (scaled) reward of each step, as training sees it
+    xs: list[int]  # x_pos after each step
+    cleared: bool
+
+
+def play(env: Any, choose: Callable[[np.ndarray, int], int], max_steps: int) -> AgentEpisode:
+    """One episode from ``env``'s reset (seed 1), ``choose(observation, step)`` giving each action;
+    closes ``env``."""
     obs, _ = env.reset(seed=1)
-    agent.policy.reset(1)
-    starts = np.array([True])
-    actions, xs, cleared = [], [], False
-    for _ in range(max_steps):
-        action, _ = agent.policy.act(obs[None], starts)
-        starts[:] = False
-        obs, _, terminated, truncated, info = env.step(int(action[0]))
-        actions.append(int(action[0]))
-        xs.append(int(info["x_pos"]))
-        cleared = bool(info.get("flag_get"))
+    episode = AgentEpisode([], [], [], False)
+    for step in range(max_steps):
+        action = choose(obs, step)
+        obs, reward, terminated, truncated, info = env.step(action)
+        episode.actions.append(action)
+        episode.rewards.append(float(reward))
+        episode.xs.append(int(info["x_pos"]))
         if terminated or truncated:
+            episode = episode._replace(cleared=bool(info.get("flag_get")))
             break
     env.close()
-    return actions, xs, cleared
+    return episode
+
+
+def agent_route(run: str, preset: str, max_steps: int) -> AgentEpisode:
+    """The greedy agent's actions, rewards and x positions in one deterministic episode."""
+    policy = agents.load_agent(run).policy
+    policy.reset(1)
+
+    def greedy(obs: np.ndarray, step: int) -> int:
+        action, _ = policy.act(obs[None], np.array([step == 0]))
+        return int(action[0])
+
+    return play(deterministic_env(preset), greedy, max_steps)
 
 
 def try_jumps(
@@ -97,7 +114,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=3000, help="cut the agent's episode here")
     args = parser.parse_args()
     try:
-        actions, xs, cleared = agent_route(args.run, args.preset, args.max_steps)
+        actions, _, xs, cleared = agent_route(args.run, args.preset, args.max_steps)
     except (CheckpointError, ValueError) as error:  # no such run, not an agent, unknown preset
         parser.exit(2, f"mario_jump_probe: {error}\n")
     print(f"agent: {len(actions)} steps, furthest x {max(xs)}, {'cleared' if cleared else 'died or stopped'}")

@@ -168,18 +168,25 @@ def watch_from_outside(child: Child, title: str, timeout: float = 180.0) -> set[
     return seen
 
 
-def close_window(display: str, window: str) -> None:
-    """Asks a window to close as a window manager's close button does: a WM_DELETE_WINDOW message."""
+def xlib() -> ctypes.CDLL:
+    """libX11 with the argument types of XOpenDisplay and XCloseDisplay declared; skips without it."""
     library = ctypes.util.find_library("X11")
     if library is None:
         pytest.skip("libX11 is not installed")
     x11 = ctypes.CDLL(library)
     x11.XOpenDisplay.restype = ctypes.c_void_p
     x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
+    x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    return x11
+
+
+def close_window(display: str, window: str) -> None:
+    """Asks a window to close as a window manager's close button does: a WM_DELETE_WINDOW message."""
+    x11 = xlib()
     x11.XInternAtom.restype = ctypes.c_ulong
     x11.XInternAtom.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
     x11.XSendEvent.argtypes = [ctypes.c_void_p, ctypes.c_ulong, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-    x11.XFlush.argtypes = x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    x11.XFlush.argtypes = [ctypes.c_void_p]
 
     class ClientMessage(ctypes.Structure):
         _fields_ = [("type", ctypes.c_int), ("serial", ctypes.c_ulong), ("send_event", ctypes.c_int),
@@ -334,13 +341,7 @@ def test_a_window_shows_every_step(display, tmp_path, preset, scale, speed, pict
 
 def open_display_while_others_come_and_go(display: str, tries: int) -> int:
     """How many of ``tries`` XOpenDisplay calls fail while three other clients connect and leave."""
-    library = ctypes.util.find_library("X11")
-    if library is None:
-        pytest.skip("libX11 is not installed")
-    x11 = ctypes.CDLL(library)
-    x11.XOpenDisplay.restype = ctypes.c_void_p
-    x11.XOpenDisplay.argtypes = [ctypes.c_char_p]
-    x11.XCloseDisplay.argtypes = [ctypes.c_void_p]
+    x11 = xlib()
     done = threading.Event()
 
     def come_and_go() -> None:
