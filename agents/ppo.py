@@ -108,6 +108,12 @@ class PPOConfig(AgentConfig):
         min=0.0,
     )
     imitate_steps: int = option(500_000, "imitate_coef: agent steps over which its weight decays to 0", min=1)
+    critic_only_until: int = option(
+        0,
+        "agent step until which only the critic's head (and a separate critic encoder) learns, from the "
+        "value loss alone: a warm-up for the critic when gamma or reward_scale changes on resume",
+        min=0,
+    )
 
     def check(self) -> None:
         """Checks the fields against each other; ``lab train`` runs this before it creates the run."""
@@ -844,6 +850,7 @@ def learn(trainer: PPOTrainer, rollout: Rollout, update: int) -> UpdateStats:
     # DAPG's demonstration weight, decaying linearly to 0 at imitate_steps agent steps.
     step = update * config.num_envs * config.num_steps
     imitate_weight = config.imitate_coef * max(0.0, 1.0 - step / config.imitate_steps)
+    critic_only = step < config.critic_only_until
     # autocast keeps its previous state on the context object: one per call, never shared by threads.
     autocast = bf16_autocast(trainer.run.device, config.bf16)
     return ppo_update(
@@ -856,8 +863,9 @@ def learn(trainer: PPOTrainer, rollout: Rollout, update: int) -> UpdateStats:
         trainer.run.np_rng,
         autocast,
         Imitation(trainer.demos, imitate_weight)
-        if imitate_weight > 0 and trainer.demos is not None
+        if imitate_weight > 0 and trainer.demos is not None and not critic_only
         else None,
+        critic_only,
     )
 
 
@@ -871,6 +879,7 @@ def ppo_update(
     np_rng: np.random.Generator,
     autocast: torch.autocast,
     imitation: Imitation | None = None,
+    critic_only: bool = False,
 ) -> UpdateStats:
     """``update_epochs`` passes of minibatch SGD over one rollout on
 
@@ -883,11 +892,18 @@ def ppo_update(
     :data:`IMITATE_BATCH` route frames drawn afresh for each minibatch against the route's actions
     (DAPG, Rajeswaran et al. 2018, with a linear decay in place of its geometric one).
 
+    With ``critic_only`` the loss is ``c_v * L_value`` and only the critic's own parameters
+    (:func:`critic_parameters`) step: a critic fitted to another gamma or reward scale would
+    otherwise send its large value errors through the shared encoder and move the policy with them.
+
     Returns:
         The last minibatch's losses, the approximate KL and the clip fraction.
     """
     optimizer.param_groups[0]["lr"] = learning_rate
     clip_fractions, approx_kl, skipped, drac = [], torch.zeros((), device=rollout.obs.device), 0, None
+    stepping = critic_parameters(agent) if critic_only else list(agent.parameters())
+    kept = {id(parameter) for parameter in stepping}
+    frozen = [parameter for parameter in agent.parameters() if id(parameter) not in kept]
     imitation_term = None
     for _epoch in range(config.update_epochs):
         for mb_index in minibatch_indices(config, np_rng):
@@ -920,8 +936,11 @@ def ppo_update(
             else:
                 value_loss = 0.5 * ((new_values - mb.returns) ** 2).mean()
 
-            loss = policy_loss - config.ent_coef * entropy + config.vf_coef * value_loss
-            if config.augment == "shift":
+            if critic_only:
+                loss = config.vf_coef * value_loss
+            else:
+                loss = policy_loss - config.ent_coef * entropy + config.vf_coef * value_loss
+            if config.augment == "shift" and not critic_only:
                 drac = minibatch_drac(forward, mb, rollout, config, new_logits, new_values, np_rng, autocast)
                 loss = loss + config.drac_coef * drac
             if imitation is not None:
@@ -931,7 +950,9 @@ def ppo_update(
                 loss = loss + imitation.weight * imitation_term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = nn.utils.clip_grad_norm_(agent.parameters(), config.max_grad_norm or math.inf)
+            for parameter in frozen:  # Adam leaves a parameter without a gradient as it is, moments included
+                parameter.grad = None
+            grad_norm = nn.utils.clip_grad_norm_(stepping, config.max_grad_norm or math.inf)
             # A non-finite loss or gradient skips this step instead of poisoning the weights.
             if torch.isfinite(loss) and torch.isfinite(grad_norm):
                 optimizer.step()
@@ -945,6 +966,14 @@ def ppo_update(
         rollout=rollout, learning_rate=learning_rate, drac=None if drac is None else drac.detach(),
         imitation=None if imitation_term is None else imitation_term.detach(),
     )  # fmt: skip
+
+
+def critic_parameters(agent: nn.Module) -> list[nn.Parameter]:
+    """The parameters that only the value serves: the critic's head and a separate critic encoder."""
+    own = [*agent.head.critic.parameters()]
+    if agent.critic_encoder is not None:
+        own += [*agent.critic_encoder.parameters()]
+    return own
 
 
 def minibatch_drac(

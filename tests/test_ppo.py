@@ -1,6 +1,7 @@
 """PPO: GAE against a naive reference, smoke runs (feed-forward and memory), determinism, resume,
 no autoreset transition, and a slow CartPole learning run."""
 
+import copy
 import json
 from pathlib import Path
 
@@ -445,3 +446,58 @@ def test_max_grad_norm_0_means_no_clipping_not_zero_gradients(tmp_path):
 
     tiny, unclipped = moved(runs_by_norm[1e-12]), moved(runs_by_norm[0.0])
     assert tiny < unclipped / 100 and unclipped > 1e-3, (tiny, unclipped)
+
+
+def critic_only_update(critic_only: bool) -> tuple[ppo.ActorCritic, ppo.ActorCritic, list[float]]:
+    """The agent before and after 3 updates on a rollout whose returns are 10 (values start near 0)."""
+    config = ppo.PPOConfig(
+        net="nature", num_envs=4, num_steps=8, num_minibatches=2, update_epochs=4, clip_vloss=False
+    )
+    torch.manual_seed(0)
+    before = ppo.ActorCritic(config, (4, 36, 36), num_actions=5)
+    agent = copy.deepcopy(before)
+    rollout = ppo.Rollout.empty(
+        config.num_steps, config.num_envs, (4, 36, 36), torch.uint8, torch.device("cpu")
+    )
+    rollout.obs.random_(0, 256)
+    rollout.logprobs.fill_(-np.log(5))
+    rollout.advantages.normal_()
+    rollout.returns.fill_(10.0)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=1e-3)
+    no_autocast = torch.autocast("cpu", enabled=False)
+    losses = []
+    for update in range(3):
+        stats = ppo.ppo_update(
+            agent, agent, optimizer, rollout, config, 1e-3, np.random.default_rng(update), no_autocast,
+            critic_only=critic_only,
+        )  # fmt: skip
+        losses.append(float(stats.value_loss.detach()))
+    return before, agent, losses
+
+
+def test_critic_only_updates_move_the_critics_head_alone():
+    before, after, losses = critic_only_update(critic_only=True)
+    critic = {name for name, _ in after.named_parameters() if name.startswith("head.critic.")}
+    assert critic
+    for (name, old), new in zip(before.named_parameters(), after.parameters(), strict=True):
+        assert torch.equal(old, new) == (name not in critic), name
+    assert losses[-1] < losses[0]
+    # Without it the same updates move the encoder and the actor too.
+    before, after, _ = critic_only_update(critic_only=False)
+    for part in ("encoder", "head.actor"):
+        old, new = before.get_submodule(part), after.get_submodule(part)
+        assert not all(torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters(), strict=True)), (
+            part
+        )
+
+
+def test_critic_only_until_holds_for_the_updates_before_that_agent_step(monkeypatch, tmp_path):
+    config = ppo.PPOConfig(
+        env="cartpole", num_envs=2, num_steps=32, total_steps=256, critic_only_until=128, device="cpu",
+        env_backend="sync", eval_episodes=1,
+    )  # fmt: skip
+    flags = []
+    real = ppo.ppo_update
+    monkeypatch.setattr(ppo, "ppo_update", lambda *args: flags.append(args[-1]) or real(*args))
+    ppo.train(config, tmp_path / "run", progress=False)
+    assert flags == [True, True, False, False]  # updates at agent steps 0, 64, 128, 192
