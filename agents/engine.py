@@ -178,6 +178,14 @@ class AgentConfig:
     # A wide window mixes starts before and after a hard spot (1-3's moving lift): those after it
     # clear, and the window moves on before the spot itself is learnt.
     route_start_step: int = option(10, "route_start_schedule=backward: the window's width and step, in actions", min=1)  # fmt: skip
+    # A dead end early in a stage (1-3's turn back at route action 87) is far from the flag: a window
+    # that walks back from the flag takes a million steps to get there, so it can begin nearer.
+    route_start_from: int = option(
+        0,
+        "route_start_schedule=backward: the action where the window begins (or the window of a resumed "
+        "run, if that is earlier); 0: just before the flag",
+        min=0,
+    )
     stage_sampling: Literal["uniform", "adaptive"] = option(
         "uniform",
         "multi-stage presets: draw stages uniformly, or the less often cleared ones more often (adaptive)",
@@ -238,6 +246,11 @@ class AgentConfig:
         if self.route_start_schedule != "uniform" and not self.route_starts:
             raise ValueError(
                 f"route_start_schedule={self.route_start_schedule} needs route_starts=FILE (a route file)"
+            )
+        if self.route_start_from and self.route_start_schedule != "backward":
+            raise ValueError(
+                f"route_start_from={self.route_start_from} places the backward schedule's window; "
+                "set route_start_schedule=backward too"
             )
         if self.init_weights and self.init_encoder:
             raise ValueError(
@@ -505,7 +518,9 @@ class TrainingRun:
         self.route_frontiers: dict[str, int] = {}
         if config.route_start_schedule == "backward":
             self.route_lengths = {label: len(route) for label, route in config_routes(config).items()}
-            first = first_route_frontiers(self.route_lengths, config.route_start_step)
+            first = first_route_frontiers(
+                self.route_lengths, config.route_start_step, config.route_start_from
+            )
             saved = self.saved.get("route_frontiers", {})
             self.route_frontiers = {label: min(int(saved.get(label, k)), k) for label, k in first.items()}
         self.bad_in_a_row = 0  # updates (PPO) or gradient steps (DQN) in a row with non-finite numbers

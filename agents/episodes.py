@@ -147,9 +147,14 @@ FRONTIER_EPISODES = 50
 FRONTIER_CLEAR_RATE = 0.2
 
 
-def first_route_frontiers(lengths: dict[str, int], step: int) -> dict[str, int]:
-    """Where the backward schedule starts: ``step`` actions before each route's end (0 at least)."""
-    return {label: max(0, length - step) for label, length in lengths.items() if length > 0}
+def first_route_frontiers(lengths: dict[str, int], step: int, start_from: int = 0) -> dict[str, int]:
+    """Where the backward schedule starts: ``step`` actions before each route's end (0 at least), or
+    at action ``start_from`` when that is earlier (0: not given)."""
+    return {
+        label: max(0, min(length - step, start_from) if start_from else length - step)
+        for label, length in lengths.items()
+        if length > 0
+    }
 
 
 def route_windows(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -399,6 +400,43 @@ def test_the_backward_schedule_moves_back_after_a_fifth_of_its_window_clears():
     for _ in range(episodes.FRONTIER_EPISODES):
         tracker.add(route_episode(12, cleared=True))
     assert episodes.advance_route_frontiers({"1-3": 10}, tracker, 20)["1-3"] == 0  # not below the start
+
+
+def test_the_backward_window_can_begin_part_way_along_the_route(tmp_path):
+    lengths = {"1-3": 300, "1-4": 10}
+    # Action 135 on 1-3; on 1-4 the window just before the flag (0) is already earlier.
+    assert episodes.first_route_frontiers(lengths, step=10, start_from=135) == {"1-3": 135, "1-4": 0}
+    assert episodes.first_route_frontiers(lengths, step=10, start_from=400) == {"1-3": 290, "1-4": 0}
+    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
+    config = ppo.PPOConfig(
+        env="mario-1-1", route_starts=path, route_start_prob=1.0, route_start_schedule="backward",
+        route_start_step=5, route_start_from=12, device="cpu",
+    )  # fmt: skip
+    run = engine.TrainingRun("ppo", config, tmp_path / "run", resume=False, progress=False)
+    try:
+        assert run.route_windows() == {"1-1": (12, 17)}
+        run.save(512, {"global_step": 512})
+    finally:
+        run.close()
+    # A resume keeps the earlier of the saved window and route_start_from.
+    later = dataclasses.replace(config, route_start_from=16)
+    assert engine.TrainingRun(
+        "ppo", later, tmp_path / "run", resume=True, progress=False
+    ).route_frontiers == {"1-1": 12}
+    earlier = dataclasses.replace(config, route_start_from=4)
+    assert engine.TrainingRun(
+        "ppo", earlier, tmp_path / "run", resume=True, progress=False
+    ).route_frontiers == {"1-1": 4}
+
+
+def test_route_start_from_needs_the_backward_schedule(tmp_path, capsys):
+    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
+    assert_usage_error(
+        ["train", "mario-1-1", "--steps", "256", "--device", "cpu", "--no-progress",
+         "--run-dir", str(tmp_path / "run"), "--set", f"route_starts={path}", "--set", "route_start_from=12"],
+        capsys, "route_start_from=12", "route_start_schedule=backward",
+    )  # fmt: skip
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_backward_schedule_needs_routes(tmp_path, capsys):
