@@ -61,6 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="mario-1-3", help="the stage's preset (default mario-1-3)")
     parser.add_argument("--route", default="envs/routes/1-3.json", help="a route file that reaches the flag")
     parser.add_argument("--gammas", default="0.9,0.95,0.99", help="discounts to compare, separated by commas")
+    parser.add_argument(
+        "--at",
+        type=int,
+        default=None,
+        help="compare at this route step instead of the turn (e.g. a jump before it)",
+    )
     parser.add_argument("--max-steps", type=int, default=3000, help="the greedy episode's step limit")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = parser.parse_args(argv)
@@ -87,23 +93,29 @@ def main(argv: list[str] | None = None) -> int:
     if back == 0:
         print("the route never walks back; nothing to compare", file=sys.stderr)
         return 2
-    near = int(np.argmin([abs(x - route.xs[turn]) for x in greedy.xs]))
+    at = turn if args.at is None else args.at
+    if not 0 <= at < len(route.xs):
+        print(f"--at must be a step of the route, 0 to {len(route.xs) - 1}; got {args.at}", file=sys.stderr)
+        return 2
+    near = int(np.argmin([abs(x - route.xs[at]) for x in greedy.xs]))
     rows = []
     for gamma in gammas:
         along_route, along_agent = (
             discounted_returns(route.rewards, gamma),
             discounted_returns(greedy.rewards, gamma),
         )
-        rows.append({"gamma": gamma, "route_return": round(float(along_route[turn]), 2),
+        rows.append({"gamma": gamma, "route_return": round(float(along_route[at]), 2),
                      "agent_return": round(float(along_agent[near]), 2)})  # fmt: skip
     record = {
         "run": args.run, "preset": args.preset, "route": args.route,
         "route_steps": len(route.xs), "route_cleared": route.cleared, "turn_step": turn, "turn_x": route.xs[turn], "turn_back_pixels": back,
+        "route_step_compared": at, "route_x_compared": route.xs[at],
         "agent_steps": len(greedy.xs), "agent_cleared": greedy.cleared, "agent_furthest_x": max(greedy.xs),
         "agent_step_compared": near, "agent_x_compared": greedy.xs[near], "returns": rows,
     }  # fmt: skip
     print(
-        f"route: {record['route_steps']} steps, cleared {route.cleared}, turns back at step {turn} (x {route.xs[turn]})"
+        f"route: {record['route_steps']} steps, cleared {route.cleared}, turns back at step {turn} (x {route.xs[turn]}); "
+        f"compared at step {at} (x {route.xs[at]})"
     )
     print(f"agent: {record['agent_steps']} steps, cleared {greedy.cleared}, furthest x {record['agent_furthest_x']}; "
           f"compared at step {near} (x {greedy.xs[near]})")  # fmt: skip

@@ -482,3 +482,8 @@ def test_branch_returns_on_1_3_favour_the_dead_end_under_gamma_0_9_and_the_route
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert bad.returncode == 2 and "--gammas" in bad.stderr and "Traceback" not in bad.stderr
+    outside = subprocess.run(
+        [sys.executable, "-m", "benchmarks.branch_returns", "runs/mario-world-1-training", "--at", "300"],
+        capture_output=True, text=True, cwd=ROOT,
+    )  # fmt: skip
+    assert outside.returncode == 2 and "--at must be a step of the route, 0 to 299" in outside.stderr
