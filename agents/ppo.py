@@ -111,7 +111,8 @@ class PPOConfig(AgentConfig):
     critic_only_until: int = option(
         0,
         "agent step until which only the critic's head (and a separate critic encoder) learns, from the "
-        "value loss alone: a warm-up for the critic when gamma or reward_scale changes on resume",
+        "value loss alone: a warm-up for the critic when gamma or reward_scale changes on resume (with "
+        "clip_vloss=false, or the critic moves at most clip_coef per update)",
         min=0,
     )
 
