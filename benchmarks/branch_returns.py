@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from agents.ppo import compute_gae
 from benchmarks.mario_jump_probe import AgentEpisode, agent_route, deterministic_env, play
 from core.checkpoint import CheckpointError
 from core.files import atomic_write_json
@@ -28,13 +30,11 @@ from envs.mario import load_routes
 
 
 def discounted_returns(rewards: list[float], gamma: float) -> np.ndarray:
-    """``G_t = r_t + gamma * G_{t+1}`` for every step, the episode's end counting as 0 after it."""
-    returns = np.zeros(len(rewards))
-    following = 0.0
-    for t in range(len(rewards) - 1, -1, -1):
-        following = rewards[t] + gamma * following
-        returns[t] = following
-    return returns
+    """``G_t = r_t + gamma * G_{t+1}`` for every step, the episode's end counting as 0 after it: PPO's
+    GAE with lambda 1 and every value 0 (one episode as a (T, 1) batch)."""
+    column = torch.tensor(rewards, dtype=torch.float64).unsqueeze(1)
+    zeros = torch.zeros_like(column)
+    return compute_gae(column, zeros, zeros, torch.zeros(1, dtype=torch.float64), gamma, 1.0)[:, 0].numpy()
 
 
 def replay(preset: str, actions: list[int]) -> AgentEpisode:
