@@ -487,3 +487,32 @@ def test_branch_returns_on_1_3_favour_the_dead_end_under_gamma_0_9_and_the_route
         capture_output=True, text=True, cwd=ROOT,
     )  # fmt: skip
     assert outside.returncode == 2 and "--at must be a step of the route, 0 to 299" in outside.stderr
+
+
+def test_route_start_probe_replays_the_route_and_lets_the_agent_take_over(tmp_path, capsys):
+    """From route step 80 of 1-3 the route's own actions pass the low route's dead end (x 783), with
+    sticky actions too; a horizon too short to get there passes nothing; an agent takes over."""
+    from benchmarks.route_start_probe import main
+
+    out = tmp_path / "starts.json"
+    assert main(["--route-actions", "--at", "75,80", "--past", "790", "--episodes", "3", "--horizon", "85",
+                 "--json", str(out)]) == 0  # fmt: skip
+    record = json.loads(out.read_text())
+    assert [start["route_step"] for start in record["starts"]] == [75, 80]
+    assert all(start["passed"] == start["episodes"] == 3 for start in record["starts"])
+    assert record["starts"][0]["route_x"] < record["starts"][1]["route_x"] < 790
+    assert main(["--route-actions", "--at", "80", "--past", "790", "--episodes", "2", "--horizon", "5",
+                 "--sticky", "0", "--json", str(out)]) == 0  # fmt: skip
+    (start,) = json.loads(out.read_text())["starts"]
+    assert start["passed"] == 0 and max(start["furthest_xs"]) < 790
+    assert main(["runs/mario-1-3-backward-training", "--at", "200", "--episodes", "2", "--horizon", "20",
+                 "--greedy", "--json", str(out)]) == 0  # fmt: skip
+    (start,) = json.loads(out.read_text())["starts"]
+    assert start["episodes"] == 2 and start["furthest_xs"] == sorted(start["furthest_xs"])
+    assert min(start["furthest_xs"]) >= start["route_x"]
+    capsys.readouterr()
+    assert main([]) == 2 and "--route-actions" in capsys.readouterr().err
+    assert main(["--route-actions", "--at", "300"]) == 2
+    assert "--at must be route steps 0 to 299" in capsys.readouterr().err
+    assert main(["--route-actions", "--at", "7x"]) == 2 and "--at" in capsys.readouterr().err
+    assert main(["runs/no-such-run"]) == 2 and "Traceback" not in capsys.readouterr().err
