@@ -420,13 +420,18 @@ def test_the_backward_window_can_begin_part_way_along_the_route(tmp_path):
         run.close()
     # A resume keeps the earlier of the saved window and route_start_from.
     later = dataclasses.replace(config, route_start_from=16)
-    assert engine.TrainingRun(
-        "ppo", later, tmp_path / "run", resume=True, progress=False
-    ).route_frontiers == {"1-1": 12}
+    assert resumed_frontiers(later, tmp_path / "run") == {"1-1": 12}
     earlier = dataclasses.replace(config, route_start_from=4)
-    assert engine.TrainingRun(
-        "ppo", earlier, tmp_path / "run", resume=True, progress=False
-    ).route_frontiers == {"1-1": 4}
+    assert resumed_frontiers(earlier, tmp_path / "run") == {"1-1": 4}
+
+
+def resumed_frontiers(config: Any, run_dir: Path) -> dict[str, int]:
+    """The route-start frontiers a resume of ``run_dir`` under ``config`` begins with (the run is closed)."""
+    run = engine.TrainingRun("ppo", config, run_dir, resume=True, progress=False)
+    try:
+        return run.route_frontiers
+    finally:
+        run.close()
 
 
 def test_route_start_from_needs_the_backward_schedule(tmp_path, capsys):
@@ -469,13 +474,20 @@ def test_the_backward_schedule_hands_its_windows_to_the_envs_and_a_resumed_run_k
     finally:
         run.close()
     resumed = engine.TrainingRun("ppo", config, tmp_path / "run", resume=True, progress=False)
-    assert resumed.route_frontiers == {"1-1": 15} and resumed.route_windows() == {"1-1": (15, 20)}
+    try:
+        assert resumed.route_frontiers == {"1-1": 15} and resumed.route_windows() == {"1-1": (15, 20)}
+    finally:
+        resumed.close()
     write_run_config(tmp_path / "run", "algo", "ppo", config)
     engine.export_slim_checkpoint(tmp_path / "run", tmp_path / "slim")  # what a session commits
     slim = engine.TrainingRun("ppo", config, tmp_path / "slim", resume=True, progress=False)
-    assert (
-        slim.route_frontiers == {"1-1": 15} and slim.episodes.route_start_count == episodes.FRONTIER_EPISODES
-    )
+    try:
+        assert (
+            slim.route_frontiers == {"1-1": 15}
+            and slim.episodes.route_start_count == episodes.FRONTIER_EPISODES
+        )
+    finally:
+        slim.close()
 
 
 @pytest.mark.parametrize("preset", ["mario-1-1", "mario-world-1"])
