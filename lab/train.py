@@ -28,7 +28,7 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
         if args.help_config:
             print_config_help(config)
             raise SystemExit(0)
-        run_dir = new_run_dir(args, config, module.ALGO)
+        run_dir = new_run_dir(args)
     config = apply_overrides(config, args.overrides)
     if args.until is not None:
         # A target needs periodic evals; 50k agent steps apart unless the preset or --set chose.
@@ -36,8 +36,14 @@ def cmd_train(args: argparse.Namespace) -> dict[str, Any]:
     validate(config)
     check_net(config.net, allow_auto=True)
     check_device(config.device)
+    # A new run's directory is made only now, after every check of the settings: a refused command
+    # leaves nothing behind.
+    if run_dir is None:
+        run_dir = default_run_dir(config, module.ALGO)
+        made_dir = True
+    else:
+        made_dir = not run_dir.exists()
     # A resumed run also proves its checkpoints/ writable; a new one has none yet.
-    made_dir = not run_dir.exists()
     require_writable(*([run_dir, run_dir / "checkpoints"] if args.resume else [run_dir]))
     write_run_config(run_dir, "algo", module.ALGO, config)
     try:
@@ -83,17 +89,22 @@ def new_config(args: argparse.Namespace) -> tuple[Any, Any]:
     return module, config
 
 
-def new_run_dir(args: argparse.Namespace, config: Any, algo: str) -> Path:
-    """``--run-dir`` if given (and not a run already), else ``runs/<env>-<algo>-<time>``."""
-    from core.runs import new_run_dir as make_dir
-    from core.runs import slug
-
+def new_run_dir(args: argparse.Namespace) -> Path | None:
+    """``--run-dir`` if given (and not a run already); None for the default (:func:`default_run_dir`)."""
     if not args.run_dir:
-        return make_dir("runs", f"{slug(config.env)}-{algo}")
+        return None
     run_dir = Path(args.run_dir)
     if (run_dir / "config.json").exists():
         raise UsageError(f"{run_dir} already holds a run; resume it with --resume {run_dir}")
     return run_dir
+
+
+def default_run_dir(config: Any, algo: str) -> Path:
+    """``runs/<env>-<algo>-<time>``, created empty."""
+    from core.runs import new_run_dir as make_dir
+    from core.runs import slug
+
+    return make_dir("runs", f"{slug(config.env)}-{algo}")
 
 
 def config_to_resume(args: argparse.Namespace) -> tuple[Any, Any, Path]:

@@ -258,6 +258,14 @@ def test_fields_that_disagree_are_refused_before_the_run_dir_exists(override, ne
     assert not run_dir.exists()  # nothing that `--run-dir` would later call "already holds a run"
 
 
+@pytest.mark.parametrize("override", ["gamma=7", "env_groups=2"])
+def test_a_refused_run_leaves_no_default_run_dir(override, tmp_path, monkeypatch, capsys):
+    """Without --run-dir the run's directory would be runs/<env>-<algo>-<time>: not made when refused."""
+    monkeypatch.chdir(tmp_path)
+    assert_usage_error(["train", "cartpole", "--set", override], capsys, override.split("=")[0])
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
 def test_unknown_preset_suggests_the_close_match(fakes, capsys):
     line = assert_usage_error(["train", "cartpol"], capsys)
     assert "did you mean 'cartpole'" in line
