@@ -282,15 +282,19 @@ def config_routes(config: AgentConfig, option: str = "route_starts") -> dict[str
     action set and the stages its preset plays (ValueError naming what is wrong)."""
     paths = getattr(config, option)
     assert paths
-    preset = envs.resolve(config.env)
-    routes = load_routes(paths, config.actions or preset.action_set, option)
-    played = preset_stages(config.env) or tuple(filter(None, [stage_of(preset.env_id)]))
+    routes = load_routes(paths, config.actions or envs.resolve(config.env).action_set, option)
+    played = played_stages(config.env)
     if unplayed := sorted(set(routes) - set(played)):
         raise ValueError(
             f"{option}={paths!r} has routes for {', '.join(unplayed)}, which "
             f"{config.env!r} never plays ({', '.join(played)})"
         )
     return routes
+
+
+def played_stages(env: str) -> tuple[str, ...]:
+    """The Mario stages a preset plays (``("1-1", ..., "1-4")``, ``("1-3",)``); () for other envs."""
+    return preset_stages(env) or tuple(filter(None, [stage_of(envs.resolve(env).env_id)]))
 
 
 def eval_env_overrides(config: AgentConfig) -> dict[str, Any]:

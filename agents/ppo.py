@@ -39,7 +39,7 @@ import torch.nn as nn
 from torch.distributions import Categorical, kl_divergence
 
 import nets
-from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun, config_routes
+from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun, config_routes, played_stages
 from agents.episodes import route_demonstrations
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
@@ -55,7 +55,12 @@ ALGO = "ppo"
 class PPOConfig(AgentConfig):
     """Every field can be set with ``lab train ... --set key=value``."""
 
-    MARIO_ONLY: ClassVar[tuple[str, ...]] = (*AgentConfig.MARIO_ONLY, "imitate", "imitate_coef")
+    MARIO_ONLY: ClassVar[tuple[str, ...]] = (
+        *AgentConfig.MARIO_ONLY,
+        "imitate",
+        "imitate_coef",
+        "stage_gamma",
+    )
 
     shared_encoder: bool = option(True, "actor and critic share the encoder")
     memory: Literal["none", "lstm", "gru", "transformer"] = option(
@@ -108,6 +113,13 @@ class PPOConfig(AgentConfig):
         min=0.0,
     )
     imitate_steps: int = option(500_000, "imitate_coef: agent steps over which its weight decays to 0", min=1)
+    # A branch that pays only after a long detour needs a longer horizon than the stages the agent
+    # already plays: under gamma 0.9 1-3's high route is worth less than its dead end, and a gamma of
+    # 0.99 for all of World 1 cost the other stages (RESULTS.md, "Why 1-3's branch does not move").
+    stage_gamma: str | None = option(
+        None,
+        "Mario: discounts of single stages, e.g. 1-3:0.99 or 1-2:0.95,1-3:0.99; the other stages keep gamma",
+    )
     critic_only_until: int = option(
         0,
         "agent step until which only the critic's head (and a separate critic encoder) learns, from the "
@@ -140,6 +152,7 @@ class PPOConfig(AgentConfig):
             config_routes(self, "imitate")
         elif self.imitate_coef > 0:
             raise ValueError(f"imitate_coef={self.imitate_coef} needs routes to imitate (set imitate=ROUTES)")
+        stage_gammas(self)
         if self.memory != "none" and not self.shared_encoder:
             # The critic head reads the memory's output; a separate critic encoder would bypass it.
             raise ValueError(
@@ -148,6 +161,51 @@ class PPOConfig(AgentConfig):
 
 
 CONFIG = PPOConfig
+
+
+def stage_gammas(config: PPOConfig) -> dict[str, float]:
+    """``stage_gamma`` as ``{"1-3": 0.99}`` ({} when unset).
+
+    Raises:
+        ValueError: one line naming an entry that is not ``W-S:gamma`` with gamma in (0, 1], or a
+            stage the preset never plays.
+    """
+    if not config.stage_gamma:
+        return {}
+    played = played_stages(config.env)
+    gammas: dict[str, float] = {}
+    for entry in config.stage_gamma.split(","):
+        stage, _, value = entry.strip().partition(":")
+        try:
+            gamma = float(value)
+        except ValueError:
+            gamma = math.nan
+        if not 0.0 < gamma <= 1.0:
+            raise ValueError(
+                f"stage_gamma={config.stage_gamma!r}: {entry.strip()!r} is not STAGE:GAMMA with GAMMA in (0, 1], "
+                "e.g. 1-3:0.99"
+            )
+        if stage not in played:
+            raise ValueError(
+                f"stage_gamma={config.stage_gamma!r}: {config.env!r} never plays {stage!r}; "
+                f"its stages: {', '.join(played)}"
+            )
+        gammas[stage] = gamma
+    return gammas
+
+
+def episode_gammas(infos: dict[str, Any], count: int, gammas: dict[str, float], default: float) -> np.ndarray:
+    """The discount of each of ``count`` envs' episodes in progress, from the stage in a vector
+    step's (or reset's) ``infos`` (after a same-step autoreset: the new episode's): ``gammas`` for
+    the stages named there, ``default`` for the others. Returns (count,) float32."""
+    out = np.full(count, default, dtype=np.float32)
+    if not gammas or "world" not in infos or "stage" not in infos:
+        return out
+    for index in range(count):
+        label = f"{int(infos['world'][index])}-{int(infos['stage'][index])}"
+        out[index] = gammas.get(label, default)
+    return out
+
 
 # ---------------------------------------------------------------------------------------------
 # The network: encoder -> (memory) -> actor-critic head
@@ -490,6 +548,7 @@ class Rollout:
     rewards: torch.Tensor  # (T, N)
     ends: torch.Tensor  # (T, N) 1.0 where transition t ended its episode
     values: torch.Tensor  # (T, N) V_old(s_t)
+    gammas: torch.Tensor  # (T, N) the discount of transition t's episode (stage_gamma: per stage)
     advantages: torch.Tensor  # (T, N), GAE
     returns: torch.Tensor  # (T, N), advantages + values
     start_state: Any = None  # memory state before step 0 (recurrent minibatches start from it)
@@ -508,8 +567,8 @@ class Rollout:
 
         return cls(
             obs=zeros(obs_dtype, *obs_shape), starts=zeros(torch.bool), actions=zeros(torch.long),
-            logprobs=zeros(), rewards=zeros(), ends=zeros(), values=zeros(), advantages=zeros(),
-            returns=zeros(),
+            logprobs=zeros(), rewards=zeros(), ends=zeros(), values=zeros(), gammas=zeros(),
+            advantages=zeros(), returns=zeros(),
         )  # fmt: skip
 
 
@@ -656,12 +715,19 @@ class PPOTrainer:
             Rollout.empty(config.num_steps, config.num_envs, obs_shape, obs_dtype, device)
             for _ in range(2 if config.overlap else 1)
         ]
-        # The observation each env acts on next, (N, *obs_shape), and whether it starts an episode.
-        self.next_obs = torch.cat([
-            torch.as_tensor(vec_env.reset(seed=config.seed + run.global_step + part.start)[0], device=device)
+        # The observation each env acts on next, (N, *obs_shape), whether it starts an episode, and
+        # the discount of the episode it plays (N,).
+        resets = [
+            vec_env.reset(seed=config.seed + run.global_step + part.start)
             for vec_env, part in zip(self.vec_envs, self.groups, strict=True)
-        ])  # fmt: skip
+        ]
+        self.next_obs = torch.cat([torch.as_tensor(obs, device=device) for obs, _ in resets])
         self.next_starts = torch.ones(config.num_envs, dtype=torch.bool, device=device)
+        self.stage_gammas = stage_gammas(config)
+        self.env_gammas = torch.cat([
+            torch.as_tensor(episode_gammas(infos, group_size, self.stage_gammas, config.gamma), device=device)
+            for _, infos in resets
+        ])  # fmt: skip
         self.memory_states = [self.agent.initial_state(group_size, device) for _ in self.groups]
         self.learner: AsyncLearner[UpdateStats] = AsyncLearner(config.overlap, "ppo-learner")
 
@@ -752,8 +818,11 @@ def collect_rollout(trainer: PPOTrainer, rollout: Rollout) -> None:
         _, next_value, _ = trainer.actor_forward(
             trainer.next_obs[None], concat_states(trainer.memory_states), trainer.next_starts[None]
         )
+    # One discount for all stays a Python float: gamma * lambda is then rounded once, as before
+    # stage_gamma, and runs without it reproduce bit for bit.
+    gamma = rollout.gammas if trainer.stage_gammas else config.gamma
     advantages = compute_gae(
-        rollout.rewards, rollout.values, rollout.ends, next_value[0].float(), config.gamma, config.gae_lambda
+        rollout.rewards, rollout.values, rollout.ends, next_value[0].float(), gamma, config.gae_lambda
     )
     rollout.advantages = advantages
     rollout.returns = advantages + rollout.values
@@ -781,6 +850,8 @@ def observe(trainer: PPOTrainer, rollout: Rollout, step: int, group: int, result
     config, device, part = trainer.config, trainer.run.device, trainer.groups[group]
     next_obs, reward, terminations, truncations, infos = results
     reward = reward * config.reward_scale
+    gammas = trainer.env_gammas[part]  # (n,) the discount of the episodes this step belongs to
+    rollout.gammas[step, part] = gammas
     # A time-limit truncation is not a real end: bootstrap it, r += gamma * V(final_obs).
     truncated_only = np.flatnonzero(truncations & ~terminations)
     if truncated_only.size:
@@ -793,13 +864,18 @@ def observe(trainer: PPOTrainer, rollout: Rollout, step: int, group: int, result
                 torch.zeros((1, truncated_only.size), dtype=torch.bool, device=device),
             )
         reward = reward.astype(np.float32)
-        reward[truncated_only] += config.gamma * final_value[0].float().cpu().numpy()
+        discount = gammas[index] if trainer.stage_gammas else config.gamma
+        reward[truncated_only] += (discount * final_value[0].float()).cpu().numpy()
     rollout.rewards[step, part] = torch.as_tensor(reward, device=device, dtype=torch.float32)
     done = np.logical_or(terminations, truncations)
     rollout.ends[step, part] = torch.as_tensor(done, device=device, dtype=torch.float32)
     # Same-step autoreset: the next observation of a finished env already starts its next episode.
     trainer.next_obs[part] = torch.as_tensor(next_obs, device=device)
     trainer.next_starts[part] = torch.as_tensor(done, device=device)
+    if trainer.stage_gammas:  # a finished env's infos are its next episode's (same-step autoreset)
+        trainer.env_gammas[part] = torch.as_tensor(
+            episode_gammas(infos, len(done), trainer.stage_gammas, config.gamma), device=device
+        )
     trainer.run.add_episodes(infos)
 
 
@@ -808,7 +884,7 @@ def compute_gae(
     values: torch.Tensor,
     ends: torch.Tensor,
     next_value: torch.Tensor,
-    gamma: float,
+    gamma: float | torch.Tensor,
     gae_lambda: float,
 ) -> torch.Tensor:
     """Generalized Advantage Estimation (Schulman et al. 2016), backwards over time.
@@ -816,6 +892,7 @@ def compute_gae(
     Args:
         rewards, values, ends: (T, N); ends[t] = 1 where transition t ended its episode.
         next_value: (N,) value of the observation after the last step.
+        gamma: the discount, one for all or (T, N): transition t's (its episode's stage's, stage_gamma).
 
     Returns:
         advantages (T, N).
@@ -825,10 +902,11 @@ def compute_gae(
     for t in reversed(range(rewards.shape[0])):
         value_after = next_value if t == rewards.shape[0] - 1 else values[t + 1]
         not_end = 1.0 - ends[t]
-        # delta_t = r_t + gamma * V(s_{t+1}) * (1 - end_t) - V(s_t)
-        delta = rewards[t] + gamma * value_after * not_end - values[t]
-        # A_t = delta_t + gamma * lambda * (1 - end_t) * A_{t+1}
-        last_gae = delta + gamma * gae_lambda * not_end * last_gae
+        discount = gamma[t] if isinstance(gamma, torch.Tensor) else gamma
+        # delta_t = r_t + gamma_t * V(s_{t+1}) * (1 - end_t) - V(s_t)
+        delta = rewards[t] + discount * value_after * not_end - values[t]
+        # A_t = delta_t + gamma_t * lambda * (1 - end_t) * A_{t+1}
+        last_gae = delta + discount * gae_lambda * not_end * last_gae
         advantages[t] = last_gae
     return advantages
 

@@ -501,3 +501,18 @@ def test_critic_only_until_holds_for_the_updates_before_that_agent_step(monkeypa
     monkeypatch.setattr(ppo, "ppo_update", lambda *args: flags.append(args[-1]) or real(*args))
     ppo.train(config, tmp_path / "run", progress=False)
     assert flags == [True, True, False, False]  # updates at agent steps 0, 64, 128, 192
+
+
+def test_gae_takes_a_discount_per_transition():
+    """A (T, N) gamma: each column as if computed alone with its own discount."""
+    rng = np.random.default_rng(1)
+    rewards, values = rng.normal(size=(9, 3)), rng.normal(size=(9, 3))
+    ends = (rng.random((9, 3)) < 0.25).astype(np.float64)
+    next_value = rng.normal(size=3)
+    column_gammas = np.array([0.9, 0.99, 0.5])
+    gammas = torch.tensor(np.broadcast_to(column_gammas, (9, 3)).copy())
+    fast = ppo.compute_gae(*(torch.tensor(x) for x in (rewards, values, ends, next_value)), gammas, 0.9)
+    for env, gamma in enumerate(column_gammas):
+        alone = naive_gae(rewards[:, env : env + 1], values[:, env : env + 1], ends[:, env : env + 1],
+                          next_value[env : env + 1], gamma, 0.9)  # fmt: skip
+        np.testing.assert_allclose(fast.numpy()[:, env], alone[:, 0], atol=1e-10)

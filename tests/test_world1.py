@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -563,3 +564,53 @@ def test_the_learning_curve_draws_the_greedy_evals_as_dots(tmp_path, monkeypatch
     assert clears.points == ((4096, 0.0), (8192, 1.0))
     engine.plot_learning_curve(history, tmp_path / "curve.png")
     assert all(panel.points == () for panel in drawn["panels"])
+
+
+@pytest.mark.parametrize(
+    ("env", "setting", "problem"),
+    [
+        ("mario-world-1", "1-3:1.5", "'1-3:1.5' is not STAGE:GAMMA with GAMMA in (0, 1]"),
+        ("mario-world-1", "1-3", "'1-3' is not STAGE:GAMMA"),
+        ("mario-world-1", "1-3:x", "'1-3:x' is not STAGE:GAMMA"),
+        ("mario-world-1", "1-3:0.99,2-1:0.95", "never plays '2-1'; its stages: 1-1, 1-2, 1-3, 1-4"),
+        ("mario-1-1", "1-3:0.99", "never plays '1-3'; its stages: 1-1"),
+        ("cartpole", "1-3:0.99", "Mario presets only"),
+    ],
+)
+def test_stage_gamma_names_a_played_stage_and_a_discount(env, setting, problem):
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        ppo.PPOConfig(env=env, stage_gamma=setting).check()
+
+
+def test_stage_gamma_parses_and_maps_each_envs_stage():
+    config = ppo.PPOConfig(env="mario-world-1", stage_gamma="1-2:0.95, 1-3:0.99")
+    config.check()
+    gammas = ppo.stage_gammas(config)
+    assert gammas == {"1-2": 0.95, "1-3": 0.99}
+    assert ppo.stage_gammas(ppo.PPOConfig(env="mario-world-1")) == {}
+    infos = {"world": np.array([1, 1, 1, 1]), "stage": np.array([1, 2, 3, 4])}
+    np.testing.assert_allclose(ppo.episode_gammas(infos, 4, gammas, 0.9), [0.9, 0.95, 0.99, 0.9], rtol=1e-6)
+    assert ppo.episode_gammas({}, 2, gammas, 0.9).tolist() == pytest.approx([0.9, 0.9])
+
+
+def test_stage_gamma_discounts_the_named_stages_transitions(tmp_path):
+    """A rollout on World 1 with 1-3's discount set apart: each env's transitions carry its stage's."""
+    config = ppo.PPOConfig(
+        env="mario-world-1", stage_gamma="1-3:0.5", num_envs=6, num_steps=8, total_steps=48,
+        device="cpu", env_backend="sync", seed=3,
+    )  # fmt: skip
+    run = engine.TrainingRun("ppo", config, tmp_path / "run", resume=False, progress=False)
+    trainer = ppo.PPOTrainer(config, run)
+    seen: list[dict[str, Any]] = []
+    booked = run.add_episodes
+    run.add_episodes = lambda infos: seen.append(infos) or booked(infos)  # type: ignore[method-assign]
+    try:
+        rollout = trainer.rollouts[0]
+        ppo.collect_rollout(trainer, rollout)
+    finally:
+        run.close(trainer)
+    assert rollout.ends.sum() == 0  # every env stays in its first episode, on one stage
+    stages = seen[0]["stage"]
+    expected = np.where(stages == 3, 0.5, config.gamma).astype(np.float32)
+    assert 3 in stages and set(stages.tolist()) != {3}  # this seed draws 1-3 and other stages
+    np.testing.assert_array_equal(rollout.gammas.numpy(), np.broadcast_to(expected, (8, 6)))
