@@ -26,7 +26,7 @@ from agents.ppo import compute_gae
 from benchmarks.mario_jump_probe import AgentEpisode, agent_route, deterministic_env, play
 from core.checkpoint import CheckpointError
 from core.files import atomic_write_json
-from envs.mario import load_routes
+from envs.mario import load_stage_route
 
 
 def discounted_returns(rewards: list[float], gamma: float) -> np.ndarray:
@@ -78,17 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     if not all(0 < gamma <= 1 for gamma in gammas):
         print(f"--gammas must lie in (0, 1], got {args.gammas!r}", file=sys.stderr)
         return 2
-    stage = args.preset.removeprefix("mario-")
     try:
-        routes = load_routes(args.route)
-        if stage not in routes:
-            print(f"{args.route} holds no route for {stage} (it has {', '.join(routes)})", file=sys.stderr)
-            return 2
+        _, actions = load_stage_route(args.route, args.preset)
         greedy = agent_route(args.run, args.preset, args.max_steps)
     except (ValueError, CheckpointError) as error:
         print(error, file=sys.stderr)
         return 2
-    route = replay(args.preset, routes[stage])
+    route = replay(args.preset, actions)
     turn, back = turn_step(route.xs)
     if back == 0:
         print("the route never walks back; nothing to compare", file=sys.stderr)

@@ -29,7 +29,7 @@ import envs
 from agents.episodes import Policy
 from core.checkpoint import CheckpointError
 from core.files import atomic_write_json
-from envs.mario import load_routes
+from envs.mario import load_stage_route
 
 
 class StartResult(NamedTuple):
@@ -40,16 +40,14 @@ class StartResult(NamedTuple):
     furthest_xs: list[int]  # each episode's furthest x, sorted
 
 
-def route_start_env(
-    preset: str, routes: dict[str, list[int]], stage: str, step: int, sticky: float
-) -> object:
+def route_start_env(preset: str, stage: str, route: list[int], step: int, sticky: float) -> object:
     """The preset's env whose every episode starts after exactly ``step`` actions of the route (the
     training's :class:`envs.mario.RouteStarts`, window ``[step, step + 1)``), no no-op starts."""
     return envs.make(
         preset,
         sticky_prob=sticky,
         noop_max=0,
-        route_starts={stage: routes[stage]},
+        route_starts={stage: route},
         route_start_prob=1.0,
         route_start_windows={stage: (step, step + 1)},
     )
@@ -124,24 +122,18 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    stage = args.preset.removeprefix("mario-")
     try:
-        routes = load_routes(args.route)
-        if stage not in routes:
-            print(f"{args.route} holds no route for {stage} (it has {', '.join(routes)})", file=sys.stderr)
-            return 2
-        if not all(0 <= step < len(routes[stage]) for step in steps):
-            print(f"--at must be route steps 0 to {len(routes[stage]) - 1}, got {args.at!r}", file=sys.stderr)
+        stage, route = load_stage_route(args.route, args.preset)
+        if not all(0 <= step < len(route) for step in steps):
+            print(f"--at must be route steps 0 to {len(route) - 1}, got {args.at!r}", file=sys.stderr)
             return 2
         policy = None
         if args.run is not None:
             policy = agents.load_agent(args.run, stochastic=not args.greedy, seed=args.seed).policy
         results = []
         for step in steps:
-            env = route_start_env(args.preset, routes, stage, step, args.sticky)
-            results.append(
-                probe_start(env, routes[stage], step, args.episodes, args.horizon, args.past, policy)
-            )
+            env = route_start_env(args.preset, stage, route, step, args.sticky)
+            results.append(probe_start(env, route, step, args.episodes, args.horizon, args.past, policy))
             env.close()
     except (ValueError, CheckpointError) as error:
         print(error, file=sys.stderr)

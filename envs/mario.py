@@ -540,6 +540,16 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return base if hasattr(base, "dump_state") and hasattr(base, "load_state") else None
 
 
+def load_stage_route(path: str, preset: str) -> tuple[str, list[int]]:
+    """The stage of a single-stage preset (``"mario-1-3"`` -> ``"1-3"``) and its route in the file
+    ``path`` (:func:`load_routes`); ValueError naming the stages the file has when it lacks that one."""
+    stage = preset.removeprefix("mario-")
+    routes = load_routes(path)
+    if stage not in routes:
+        raise ValueError(f"{path} holds no route for {stage} (it has {', '.join(routes)})")
+    return stage, routes[stage]
+
+
 def load_routes(paths: str, action_set: str = "simple", option: str = "route_starts") -> dict[str, list[int]]:
     """Reads route files for :class:`RouteStarts`, one or several separated by commas (a multi-stage
     preset takes one per stage, e.g. ``envs/routes/1-2.json,envs/routes/1-3.json``), each
