@@ -11,7 +11,14 @@ from agents import load_agent
 from compress.prune import end_layers, prunable_weights
 
 RUNS = Path(__file__).resolve().parents[1] / "runs"
-SHIPPED = ["mario-1-1", "mario-1-1-distilled", "mario-1-1-int8", "mario-1-1-pruned", "mario-world-1-training"]
+SHIPPED = [
+    "mario-1-1",
+    "mario-1-1-distilled",
+    "mario-1-1-int8",
+    "mario-1-1-pruned",
+    "mario-1-3-training",
+    "mario-world-1-training",
+]
 
 
 def weights_bytes(run: str) -> int:
