@@ -40,7 +40,7 @@ from torch.distributions import Categorical, kl_divergence
 
 import nets
 from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun, config_routes, played_stages
-from agents.episodes import route_demonstrations
+from agents.episodes import route_demonstrations, stage_label
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
 from core.config import config_from_dict as rebuild_config
@@ -202,7 +202,7 @@ def episode_gammas(infos: dict[str, Any], count: int, gammas: dict[str, float], 
     if not gammas or "world" not in infos or "stage" not in infos:
         return out
     for index in range(count):
-        label = f"{int(infos['world'][index])}-{int(infos['stage'][index])}"
+        label = stage_label({"world": infos["world"][index], "stage": infos["stage"][index]})
         out[index] = gammas.get(label, default)
     return out
 
