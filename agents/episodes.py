@@ -28,6 +28,14 @@ def stage_label(stats: dict[str, float]) -> str | None:
     return f"{int(stats['world'])}-{int(stats['stage'])}"
 
 
+def env_stages(infos: dict[str, Any], count: int) -> list[str | None]:
+    """The stage of each of ``count`` envs' episodes in progress, from a vector step's (or reset's)
+    ``infos`` (after a same-step autoreset: the new episode's); None where the env reports none."""
+    if "world" not in infos or "stage" not in infos:
+        return [None] * count
+    return [stage_label({"world": infos["world"][i], "stage": infos["stage"][i]}) for i in range(count)]
+
+
 def finished_episodes(infos: dict[str, Any]) -> Iterator[tuple[int, dict[str, float]]]:
     """Yields ``(env_index, stats)`` for every episode that ended at this vector step.
 

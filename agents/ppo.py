@@ -40,7 +40,7 @@ from torch.distributions import Categorical, kl_divergence
 
 import nets
 from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun, config_routes, played_stages
-from agents.episodes import route_demonstrations, stage_label
+from agents.episodes import env_stages, route_demonstrations
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
 from core.config import config_from_dict as rebuild_config
@@ -199,11 +199,10 @@ def episode_gammas(infos: dict[str, Any], count: int, gammas: dict[str, float], 
     step's (or reset's) ``infos`` (after a same-step autoreset: the new episode's): ``gammas`` for
     the stages named there, ``default`` for the others. Returns (count,) float32."""
     out = np.full(count, default, dtype=np.float32)
-    if not gammas or "world" not in infos or "stage" not in infos:
+    if not gammas:
         return out
-    for index in range(count):
-        label = stage_label({"world": infos["world"][index], "stage": infos["stage"][index]})
-        out[index] = gammas.get(label, default)
+    for index, label in enumerate(env_stages(infos, count)):
+        out[index] = gammas.get(label, default) if label is not None else default
     return out
 
 

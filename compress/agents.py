@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+import envs
 from agents import ALGOS, LoadedAgent, load_agent
 from agents.engine import save_training_checkpoint
 from core.checkpoint import CheckpointError
@@ -95,6 +96,15 @@ class Teacher(NamedTuple):
         if self.algo == "dqn":
             return torch.log_softmax(logits.float() / DQN_TEMPERATURE, dim=-1), None
         return logits.float(), values.float()
+
+
+def action_set(teacher: Teacher) -> str | None:
+    """The Mario action set a teacher plays with (its config's ``actions``, else its preset's); None
+    for other envs."""
+    preset = envs.resolve(teacher.agent.config.env)
+    if preset.kind != "mario":
+        return None
+    return getattr(teacher.agent.config, "actions", None) or preset.action_set
 
 
 def agent_network(agent: LoadedAgent) -> nn.Module:

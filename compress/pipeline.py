@@ -41,16 +41,18 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import envs
-from agents.engine import load_training_checkpoint
-from agents.episodes import finished_episodes
+from agents.engine import load_training_checkpoint, played_stages
+from agents.episodes import env_stages, finished_episodes, stage_label
 from agents.ppo import copy_tensors
 from compress import METHODS, get_method
 from compress.agents import (
     PolicyNet,
     Teacher,
+    action_set,
     as_batch,
     build_network,
     compressed_meta,
+    load_teacher,
     model_state,
     save_compressed,
     student_config,
@@ -94,6 +96,11 @@ class CompressConfig:
         None,
         "distil, structured prune: start the student from this run's weights (the same net), e.g. to go "
         "on distilling a shipped student with other settings",
+    )
+    stage_teachers: str = option(
+        "",
+        "distil, prune: teachers of their own for named stages of a multi-stage Mario teacher, "
+        "STAGE:RUN[,STAGE:RUN...], e.g. 1-3:runs/mario-1-3-training; the teacher labels the other stages",
     )
     structured: bool = option(False, "prune: remove whole channels and units down to the student's widths")
     sparsity: float = option(0.9, "prune: fraction of the Conv2d/Linear weights set to zero, in (0, 1)")
@@ -181,6 +188,7 @@ def check(teacher: Teacher, config: CompressConfig, student_overrides: list[str]
     validate(config)
     if config.method != "quantize":
         make_student(teacher, config, student_overrides or [])
+    load_stage_teachers(teacher, config)
     if config.method == "prune" and not config.structured:
         prune_schedule(teacher, config)
 
@@ -243,6 +251,83 @@ def _record(teacher: Teacher, config: CompressConfig, **values: Any) -> dict[str
         "settings": dataclasses.asdict(config),
         **values,
     }
+
+
+def stage_teacher_runs(config: CompressConfig, env: str) -> dict[str, str]:
+    """``stage_teachers`` as ``{"1-3": "runs/mario-1-3-training"}`` ({} when unset).
+
+    Raises:
+        ValueError: one line naming an entry that is not ``STAGE:RUN``, a stage named twice or one that
+            the teacher's preset never plays, or the quantize method (it trains nothing to label).
+    """
+    if not config.stage_teachers:
+        return {}
+    if config.method == "quantize":
+        raise ValueError("stage_teachers applies to distil and prune; quantize labels nothing")
+    played = played_stages(env)
+    runs: dict[str, str] = {}
+    for entry in config.stage_teachers.split(","):
+        stage, _, run = (part.strip() for part in entry.partition(":"))
+        if not stage or not run:
+            raise ValueError(
+                f"stage_teachers={config.stage_teachers!r}: {entry.strip()!r} is not STAGE:RUN, "
+                "e.g. 1-3:runs/mario-1-3-training"
+            )
+        if stage not in played:
+            raise ValueError(
+                f"stage_teachers={config.stage_teachers!r}: the teacher's {env!r} never plays {stage!r}; "
+                f"its stages: {', '.join(played) or 'none (not a Mario preset)'}"
+            )
+        if stage in runs:
+            raise ValueError(f"stage_teachers={config.stage_teachers!r} names {stage} twice")
+        runs[stage] = run
+    return runs
+
+
+def load_stage_teachers(teacher: Teacher, config: CompressConfig) -> dict[str, Teacher]:
+    """The teachers of ``stage_teachers`` by stage, each checked to label the teacher's envs.
+
+    Raises:
+        ValueError: a bad ``stage_teachers`` (``stage_teacher_runs``), or a stage teacher whose
+            algorithm, observations or action set differ from the teacher's.
+        CheckpointError: nothing loadable at a named run.
+    """
+    loaded: dict[str, Teacher] = {}
+    for stage, run in stage_teacher_runs(config, teacher.agent.config.env).items():
+        other = load_teacher(run)
+        for what, own, theirs in (
+            ("algorithm", teacher.algo, other.algo),
+            ("observation shape", teacher.obs_shape, other.obs_shape),
+            ("action set", action_set(teacher), action_set(other)),
+        ):
+            if own != theirs:
+                raise ValueError(
+                    f"stage_teachers: {run} cannot label {stage} for {teacher.agent.run_dir}: "
+                    f"its {what} is {theirs}, the teacher's {own}"
+                )
+        loaded[stage] = other
+    return loaded
+
+
+@torch.no_grad()
+def label_by_stage(
+    teacher: Teacher, stage_teachers: dict[str, Teacher], obs: torch.Tensor, stages: list[str | None]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Targets on obs (B, *obs_shape) as ``Teacher.label`` gives them, each row labelled by the teacher
+    of its env's stage (``stages``, (B,) labels) where ``stage_teachers`` names one, else by ``teacher``.
+    Returns (logits (B, A) fp32, values (B,) fp32 or None)."""
+    if not stage_teachers:
+        return teacher.label(obs)
+    owners = [stage if stage in stage_teachers else None for stage in stages]
+    logits = torch.empty(len(obs), teacher.num_actions)
+    values: torch.Tensor | None = torch.empty(len(obs)) if teacher.algo == "ppo" else None
+    for owner in set(owners):
+        rows = torch.tensor([index for index, label in enumerate(owners) if label == owner])
+        owner_logits, owner_values = (teacher if owner is None else stage_teachers[owner]).label(obs[rows])
+        logits[rows] = owner_logits
+        if values is not None and owner_values is not None:
+            values[rows] = owner_values
+    return logits, values
 
 
 def collection_env(env_name: str, config: CompressConfig, seed: int) -> Any:
@@ -468,7 +553,20 @@ def _train(
 
     # The pruned net acts from the start; a fresh or channel-cut student first follows the teacher.
     dagger = not unstructured
-    run_loop(teacher, student, optimizer, config, state, total, dagger, before_round, save, progress)
+    stage_teachers = load_stage_teachers(teacher, config)
+    run_loop(
+        teacher,
+        stage_teachers,
+        student,
+        optimizer,
+        config,
+        state,
+        total,
+        dagger,
+        before_round,
+        save,
+        progress,
+    )
     if unstructured and state.pruned_stage < len(schedule) - 1:  # too few rounds to reach every stage
         prune_global(student, schedule[-1], keep_dense)
         state.pruned_stage = len(schedule) - 1
@@ -486,6 +584,7 @@ def _train(
 
 def run_loop(
     teacher: Teacher,
+    stage_teachers: dict[str, Teacher],
     student: PolicyNet,
     optimizer: torch.optim.Optimizer,
     config: CompressConfig,
@@ -500,7 +599,8 @@ def run_loop(
 
     One round: ``rollout`` steps of ``num_envs`` envs; with ``dagger`` the teacher acts with
     probability ``beta(round)`` per env and step, the student greedily otherwise; the teacher labels
-    every observation into the replay; then ``replay * frames / batch_size`` gradient steps on it.
+    every observation into the replay (the teacher of its stage where ``stage_teachers`` names one, and
+    that teacher is the one that acts); then ``replay * frames / batch_size`` gradient steps on it.
     """
     env = collection_env(teacher.agent.config.env, config, config.seed + state.frames)
     obs_dtype = torch.uint8 if env.single_observation_space.dtype == np.uint8 else torch.float32
@@ -515,14 +615,15 @@ def run_loop(
     last_log, last_save, started = state.frames, state.frames, time.time() - state.seconds
     value_coef = config.value_coef if teacher.algo == "ppo" else 0.0
     try:
-        obs, _ = env.reset(seed=config.seed + state.frames)
+        obs, infos = env.reset(seed=config.seed + state.frames)
         while state.frames < total:
             before_round()
             teacher_share = beta(state.rounds, config.beta_decay, config.beta_rounds) if dagger else 0.0
             student.eval()
             for _ in range(config.rollout):
                 batch = as_batch(obs)
-                teacher_logits, teacher_values = teacher.label(batch)
+                stages = env_stages(infos, config.num_envs)
+                teacher_logits, teacher_values = label_by_stage(teacher, stage_teachers, batch, stages)
                 with torch.no_grad():
                     student_actions = student(batch)[0].argmax(dim=-1).numpy()
                 use_teacher = rng.random(config.num_envs) < teacher_share
@@ -593,6 +694,12 @@ def _history_record(
     if episodes and "flag_get" in episodes[0]:
         record["clear_rate"] = float(np.mean([e.get("flag_get", 0.0) for e in episodes]))
         record["x_pos_max_mean"] = float(np.mean([e.get("x_pos_max", 0.0) for e in episodes]))
+        by_stage: dict[str, list[float]] = {}
+        for stats in episodes:
+            by_stage.setdefault(stage_label(stats) or "", []).append(stats.get("flag_get", 0.0))
+        if len(by_stage) > 1:  # a multi-stage teacher: how the student does on each stage
+            for label, flags in sorted(by_stage.items()):
+                record[f"clear_rate/{label}"] = float(np.mean(flags))
     return record
 
 
@@ -604,6 +711,9 @@ def _describe(record: dict[str, float]) -> str:
     )
     if "clear_rate" in record:
         text += f", clears {record['clear_rate']:.0%}"
+        stages = [key.removeprefix("clear_rate/") for key in record if key.startswith("clear_rate/")]
+        if stages:
+            text += " (" + ", ".join(f"{label} {record['clear_rate/' + label]:.0%}" for label in stages) + ")"
     return text
 
 

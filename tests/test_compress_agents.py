@@ -7,6 +7,7 @@ import dataclasses
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import agents
 import envs
 import nets
 from agents.engine import save_training_checkpoint
-from agents.episodes import rate_interval
+from agents.episodes import env_stages, rate_interval
 from compress import pipeline
 from compress.agents import PolicyNet, build_network, load_teacher
 from compress.compare import (
@@ -451,6 +452,14 @@ def make_task_run(run_dir: Path) -> Path:
         (["--method", "quantize", "--structured"], ["--structured applies to --method prune"]),
         (["--method", "prune", "--student", "nature-half"], ["prune --structured"]),
         (["--method", "distil", "--student-set", "hiden=3"], ["unknown config key 'hiden'"]),
+        (
+            ["--method", "distil", "--set", "stage_teachers=1-3:elsewhere"],
+            ["'cartpole' never plays '1-3'", "not a Mario preset"],
+        ),
+        (
+            ["--method", "quantize", "--set", "stage_teachers=1-3:elsewhere"],
+            ["stage_teachers applies to distil and prune"],
+        ),
     ],
 )
 def test_bad_settings_exit_2_with_one_line(extra, needles, teachers, tmp_path, capsys):
@@ -484,3 +493,104 @@ def test_registry_students_are_small_nature_cnns():
     custom = nets.build("nature-tiny", in_shape=(1, 8, 8), channels=(4, 4, 4), out_dim=8)
     assert custom(torch.rand(2, 1, 8, 8)).shape == (2, 8)
     assert np.prod(nets.build("nature-half", in_shape=(4, 84, 84))(torch.zeros(1, 4, 84, 84)).shape) == 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Teachers per stage (a multi-stage Mario teacher with other teachers for named stages)
+# ---------------------------------------------------------------------------------------------
+
+SHIPPED = Path(__file__).resolve().parents[1] / "runs"
+
+
+class ConstantPolicy(nn.Module):
+    """Every observation gets the same logits and value: which teacher labelled a row is visible."""
+
+    def __init__(self, logits: list[float], value: float) -> None:
+        super().__init__()
+        self.logits, self.value = torch.tensor(logits), value
+
+    def forward(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.logits.expand(len(obs), -1), torch.full((len(obs),), self.value)
+
+
+def constant_teacher(logits: list[float], value: float) -> pipeline.Teacher:
+    agent = SimpleNamespace(meta={"algo": "ppo", "obs_shape": [2], "num_actions": len(logits)})
+    return pipeline.Teacher(agent, ConstantPolicy(logits, value))  # type: ignore[arg-type]
+
+
+def test_each_row_is_labelled_by_the_teacher_of_its_stage():
+    teacher = constant_teacher([0.0, 1.0, 2.0], 1.0)
+    for_1_3 = constant_teacher([5.0, 0.0, 0.0], 30.0)
+    obs = torch.zeros(5, 2)
+    stages = ["1-1", "1-3", None, "1-3", "1-4"]
+    logits, values = pipeline.label_by_stage(teacher, {"1-3": for_1_3}, obs, stages)
+    assert values is not None
+    assert values.tolist() == [1.0, 30.0, 1.0, 30.0, 1.0]
+    assert logits.argmax(-1).tolist() == [2, 0, 2, 0, 2]
+    alone, alone_values = pipeline.label_by_stage(teacher, {}, obs, stages)
+    assert alone.argmax(-1).tolist() == [2] * 5 and alone_values.tolist() == [1.0] * 5
+
+
+def test_env_stages_reads_each_envs_stage_from_the_infos():
+    infos = {"world": np.array([1, 1, 1]), "stage": np.array([3, 1, 4])}
+    assert env_stages(infos, 3) == ["1-3", "1-1", "1-4"]
+    assert env_stages({}, 2) == [None, None]
+
+
+def shipped(run: str) -> Path:
+    if not (SHIPPED / run / "checkpoints").is_dir():
+        pytest.skip(f"runs/{run} is not in this checkout")
+    return SHIPPED / run
+
+
+@pytest.mark.parametrize(
+    ("spec", "needles"),
+    [
+        ("1-3", ["'1-3' is not STAGE:RUN"]),
+        ("1-5:{cartpole}", ["never plays '1-5'", "1-1, 1-2, 1-3, 1-4"]),
+        ("1-3:{cartpole}", ["cannot label 1-3", "observation shape is (4,)", "(4, 84, 84)"]),
+        ("1-3:{mario},1-3:{mario}", ["names 1-3 twice"]),
+        ("1-3:{tmp}/nowhere", ["nowhere"]),
+    ],
+)
+def test_bad_stage_teachers_exit_2_with_one_line(spec, needles, teachers, tmp_path, capsys):
+    world = shipped("mario-world-1-training")
+    spec = spec.format(cartpole=teachers["ppo"], mario=shipped("mario-1-3-training"), tmp=tmp_path)
+    out = tmp_path / "out"
+    argv = ["compress", world, "--method", "distil", "--set", f"stage_teachers={spec}", "--out", out]
+    code, stdout, err = run_lab([*argv, "--no-eval"], capsys)
+    assert code == 2 and stdout == ""
+    assert len(err.strip().splitlines()) == 1, err
+    for needle in needles:
+        assert needle in err
+    assert not out.exists()
+
+
+def test_a_world_1_distillation_labels_1_3_with_its_own_teacher(tmp_path, capsys, monkeypatch):
+    """The shipped World-1 agent as the teacher, the 1-3 agent for 1-3: each labelled row comes from
+    the teacher of the stage its env plays, read from the env's infos."""
+    world, stage_1_3 = shipped("mario-world-1-training"), shipped("mario-1-3-training")
+    seen: list[list[str | None]] = []
+    label = pipeline.label_by_stage
+
+    def recording(teacher, stage_teachers, obs, stages):
+        seen.append(list(stages))
+        logits, values = label(teacher, stage_teachers, obs, stages)
+        for row, stage in enumerate(stages):  # the row's labels are its stage teacher's own
+            owner = stage_teachers.get(stage, teacher)
+            own_logits, own_values = owner.label(obs[row : row + 1])
+            torch.testing.assert_close(logits[row], own_logits[0])
+            torch.testing.assert_close(values[row], own_values[0])
+        return logits, values
+
+    monkeypatch.setattr(pipeline, "label_by_stage", recording)
+    out = tmp_path / "student"
+    argv = ["compress", world, "--method", "distil", "--student", "nature-tiny", "--out", out, "--steps", 96,
+            "--set", f"stage_teachers=1-3:{stage_1_3}", "--set", "num_envs=8", "--set", "rollout=12",
+            "--set", "batch_size=32", "--set", "log_every=48", "--set", "seed=2", "--no-eval", "--json"]  # fmt: skip
+    code, _, err = run_lab(argv, capsys)
+    assert code == 0, err
+    stages = {stage for step in seen for stage in step}
+    assert "1-3" in stages and len(stages) >= 3, stages  # eight envs draw from the four stages
+    _, meta = locate_checkpoint(out)
+    assert meta["compression"]["settings"]["stage_teachers"] == f"1-3:{stage_1_3}"
