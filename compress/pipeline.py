@@ -722,6 +722,8 @@ def plot_compression(history: list[dict[str, float]], path: Path, title: str, pr
     alone (clear rate on Mario, return elsewhere) beside the share of teacher actions (distillation)
     or the sparsity (pruning)."""
     mario = any("clear_rate" in record for record in history)
+    # A multi-stage teacher: a panel with a line per stage.
+    stages = sorted({key for record in history for key in record if key.startswith("clear_rate/")})
     panels = [
         Panel(("agreement",), "student's greedy action = teacher's", ylim=(0.0, 1.02)),
         Panel(("kl",), "KL(teacher || student)", log=True),
@@ -733,4 +735,9 @@ def plot_compression(history: list[dict[str, float]], path: Path, title: str, pr
             twin_label="sparsity" if pruning else "teacher acts (beta)",
         ),
     ]
+    if stages:
+        legend = tuple(key.removeprefix("clear_rate/") for key in stages)
+        panels.append(
+            Panel(tuple(stages), "flag reached per stage, student alone", legend, ylim=(-0.02, 1.02))
+        )
     return plot_history(history, "step", panels, path, title=title, xlabel="frames")
