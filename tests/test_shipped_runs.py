@@ -17,6 +17,7 @@ SHIPPED = [
     "mario-1-1-int8",
     "mario-1-1-pruned",
     "mario-1-3-training",
+    "mario-world-1-distilled",
     "mario-world-1-training",
 ]
 
