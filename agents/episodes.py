@@ -16,16 +16,10 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 import envs
+from envs.mario import stage_label
 
 #: The info keys of a finished episode that its statistics keep (Mario's progress and stage).
 EPISODE_INFO_KEYS = ("x_pos_max", "flag_get", "world", "stage", "stalled", "route_start")
-
-
-def stage_label(stats: dict[str, float]) -> str | None:
-    """``"1-3"`` for an episode of Mario's world 1, stage 3; None when the env reports no stage."""
-    if "world" not in stats or "stage" not in stats:
-        return None
-    return f"{int(stats['world'])}-{int(stats['stage'])}"
 
 
 def env_stages(infos: dict[str, Any], count: int) -> list[str | None]:

@@ -29,7 +29,7 @@ GrayscaleObservation) and reading it only on the two frames that are max-pooled.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, SupportsFloat
 
 import gym_super_mario_bros  # noqa: F401  (registers the SuperMarioBros* ids)
@@ -405,6 +405,13 @@ def stage_of(env_id: str) -> str | None:
     return f"{parts[1]}-{parts[2]}" if len(parts) == 4 and parts[1].isdigit() and parts[2].isdigit() else None
 
 
+def stage_label(info: Mapping[str, Any]) -> str | None:
+    """``"1-3"`` for an info or episode record of world 1, stage 3; None when it names no stage."""
+    if "world" not in info or "stage" not in info:
+        return None
+    return f"{int(info['world'])}-{int(info['stage'])}"
+
+
 def _per_frame_stack(
     env_id: str,
     actions: str | Sequence[Sequence[str]],
@@ -500,7 +507,7 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         obs, info = self.env.reset(seed=seed, options=options)
         self.replayed = 0
-        label = f"{info.get('world')}-{info.get('stage')}"
+        label = stage_label(info) or ""  # no route is keyed by ""
         route = self.routes.get(label)
         if route and self.np_random.random() < self.prob:
             obs, info = self._replay(label, int(self.np_random.integers(*self.windows[label])), obs, info)
