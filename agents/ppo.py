@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, NamedTuple
@@ -978,10 +979,46 @@ def ppo_update(
         The last minibatch's losses, the approximate KL and the clip fraction.
     """
     optimizer.param_groups[0]["lr"] = learning_rate
-    clip_fractions, approx_kl, skipped, drac = [], torch.zeros((), device=rollout.obs.device), 0, None
     stepping = critic_parameters(agent) if critic_only else list(agent.parameters())
     kept = {id(parameter) for parameter in stepping}
     frozen = [parameter for parameter in agent.parameters() if id(parameter) not in kept]
+    with no_gradients(frozen):
+        return _ppo_epochs(
+            forward, optimizer, rollout, config, learning_rate, np_rng, autocast, imitation, critic_only,
+            stepping, frozen,
+        )  # fmt: skip
+
+
+@contextlib.contextmanager
+def no_gradients(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Parameters that do not step take no gradient either while inside (their ``requires_grad``
+    restored after): with ``critic_only`` the backward pass then stops at the shared encoder's
+    output instead of computing the encoder's and the actor's gradients only to drop them."""
+    trainable = [parameter.requires_grad for parameter in parameters]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in zip(parameters, trainable, strict=True):
+            parameter.requires_grad_(flag)
+
+
+def _ppo_epochs(
+    forward: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    rollout: Rollout,
+    config: PPOConfig,
+    learning_rate: float,
+    np_rng: np.random.Generator,
+    autocast: torch.autocast,
+    imitation: Imitation | None,
+    critic_only: bool,
+    stepping: list[nn.Parameter],
+    frozen: list[nn.Parameter],
+) -> UpdateStats:
+    """The epochs of :func:`ppo_update` (see there) over the parameters ``stepping``."""
+    clip_fractions, approx_kl, skipped, drac = [], torch.zeros((), device=rollout.obs.device), 0, None
     imitation_term = None
     for _epoch in range(config.update_epochs):
         for mb_index in minibatch_indices(config, np_rng):

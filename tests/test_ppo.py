@@ -448,14 +448,19 @@ def test_max_grad_norm_0_means_no_clipping_not_zero_gradients(tmp_path):
     assert tiny < unclipped / 100 and unclipped > 1e-3, (tiny, unclipped)
 
 
-def critic_only_update(critic_only: bool) -> tuple[ppo.ActorCritic, ppo.ActorCritic, list[float]]:
-    """The agent before and after 3 updates on a rollout whose returns are 10 (values start near 0)."""
+def critic_only_update(
+    critic_only: bool, encoder_grads: list[int] | None = None
+) -> tuple[ppo.ActorCritic, ppo.ActorCritic, list[float]]:
+    """The agent before and after 3 updates on a rollout whose returns are 10 (values start near 0);
+    ``encoder_grads`` counts the gradients computed for the encoder's parameters."""
     config = ppo.PPOConfig(
         net="nature", num_envs=4, num_steps=8, num_minibatches=2, update_epochs=4, clip_vloss=False
     )
     torch.manual_seed(0)
     before = ppo.ActorCritic(config, (4, 36, 36), num_actions=5)
     agent = copy.deepcopy(before)
+    for parameter in agent.encoder.parameters() if encoder_grads is not None else []:
+        parameter.register_hook(lambda grad: encoder_grads.append(1))
     rollout = ppo.Rollout.empty(
         config.num_steps, config.num_envs, (4, 36, 36), torch.uint8, torch.device("cpu")
     )
@@ -476,14 +481,18 @@ def critic_only_update(critic_only: bool) -> tuple[ppo.ActorCritic, ppo.ActorCri
 
 
 def test_critic_only_updates_move_the_critics_head_alone():
-    before, after, losses = critic_only_update(critic_only=True)
+    encoder_grads: list[int] = []
+    before, after, losses = critic_only_update(critic_only=True, encoder_grads=encoder_grads)
     critic = {name for name, _ in after.named_parameters() if name.startswith("head.critic.")}
     assert critic
     for (name, old), new in zip(before.named_parameters(), after.parameters(), strict=True):
         assert torch.equal(old, new) == (name not in critic), name
+        assert new.requires_grad, name  # what did not step is trainable again afterwards
     assert losses[-1] < losses[0]
+    assert encoder_grads == []  # the backward pass stopped at the shared encoder's output
     # Without it the same updates move the encoder and the actor too.
-    before, after, _ = critic_only_update(critic_only=False)
+    before, after, _ = critic_only_update(critic_only=False, encoder_grads=encoder_grads)
+    assert encoder_grads
     for part in ("encoder", "head.actor"):
         old, new = before.get_submodule(part), after.get_submodule(part)
         assert not all(torch.equal(a, b) for a, b in zip(old.parameters(), new.parameters(), strict=True)), (
