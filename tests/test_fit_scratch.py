@@ -358,4 +358,6 @@ def test_scratch_engine_reaches_the_torch_engines_accuracy(task, overrides, targ
     assert metrics["torch_outputs_match"]
     if target is not None:
         assert scratch >= target and torch_accuracy >= target
-    assert abs(scratch - torch_accuracy) <= 0.01
+    # Reaching torch's accuracy is the target; the same seeds round differently on other CPUs, and on
+    # one of them the scratch engine ended 1.4 points above torch's digits accuracy, which is no failure.
+    assert scratch >= torch_accuracy - 0.01
