@@ -983,10 +983,73 @@ def ppo_update(
     kept = {id(parameter) for parameter in stepping}
     frozen = [parameter for parameter in agent.parameters() if id(parameter) not in kept]
     with no_gradients(frozen):
-        return _ppo_epochs(
-            forward, optimizer, rollout, config, learning_rate, np_rng, autocast, imitation, critic_only,
-            stepping, frozen,
-        )  # fmt: skip
+        clip_fractions, approx_kl, skipped, drac = [], torch.zeros((), device=rollout.obs.device), 0, None
+        imitation_term = None
+        for _epoch in range(config.update_epochs):
+            for mb_index in minibatch_indices(config, np_rng):
+                mb = slice_minibatch(mb_index, config, rollout)
+                mb_state = select_state(rollout.start_state, mb.envs) if mb.envs is not None else None
+                with autocast:
+                    new_logits, new_values, _ = forward(mb.obs, mb_state, mb.starts)
+                distribution = action_distribution(new_logits)
+                new_logprobs = distribution.log_prob(mb.actions)
+                entropy = distribution.entropy().mean()
+                log_ratio = new_logprobs - mb.logprobs
+                ratio = log_ratio.exp()
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator, Schulman 2020
+                    clip_fractions.append(((ratio - 1.0).abs() > config.clip_coef).float().mean())
+
+                advantages = mb.advantages
+                if config.norm_adv:
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                policy_loss = torch.max(
+                    -advantages * ratio, -advantages * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef)
+                ).mean()
+
+                new_values = new_values.float()
+                if config.clip_vloss:
+                    clipped = mb.values + (new_values - mb.values).clamp(-config.clip_coef, config.clip_coef)
+                    value_loss = (
+                        0.5 * torch.max((new_values - mb.returns) ** 2, (clipped - mb.returns) ** 2).mean()
+                    )
+                else:
+                    value_loss = 0.5 * ((new_values - mb.returns) ** 2).mean()
+
+                if critic_only:
+                    loss = config.vf_coef * value_loss
+                else:
+                    loss = policy_loss - config.ent_coef * entropy + config.vf_coef * value_loss
+                if config.augment == "shift" and not critic_only:
+                    drac = minibatch_drac(
+                        forward, mb, rollout, config, new_logits, new_values, np_rng, autocast
+                    )
+                    loss = loss + config.drac_coef * drac
+                if imitation is not None:
+                    count = len(imitation.demos.actions)
+                    index = torch.as_tensor(
+                        np_rng.integers(0, count, IMITATE_BATCH), device=rollout.obs.device
+                    )
+                    imitation_term = imitation_loss(forward, imitation.demos, index, autocast)
+                    loss = loss + imitation.weight * imitation_term
+                optimizer.zero_grad(set_to_none=True)
+                # The frozen parameters get no gradient (no_gradients), and Adam leaves a parameter
+                # without one as it is, moments included.
+                loss.backward()
+                grad_norm = nn.utils.clip_grad_norm_(stepping, config.max_grad_norm or math.inf)
+                # A non-finite loss or gradient skips this step instead of poisoning the weights.
+                if torch.isfinite(loss) and torch.isfinite(grad_norm):
+                    optimizer.step()
+                else:
+                    skipped += 1
+            if config.target_kl is not None and approx_kl > config.target_kl:
+                break
+    return UpdateStats(
+        loss=loss, policy_loss=policy_loss, value_loss=value_loss, entropy=entropy, approx_kl=approx_kl,
+        clipfrac=torch.stack(clip_fractions).mean(), skipped=skipped, all_skipped=skipped == len(clip_fractions),
+        rollout=rollout, learning_rate=learning_rate, drac=None if drac is None else drac.detach(),
+        imitation=None if imitation_term is None else imitation_term.detach(),
+    )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -1002,85 +1065,6 @@ def no_gradients(parameters: list[nn.Parameter]) -> Iterator[None]:
     finally:
         for parameter, flag in zip(parameters, trainable, strict=True):
             parameter.requires_grad_(flag)
-
-
-def _ppo_epochs(
-    forward: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    rollout: Rollout,
-    config: PPOConfig,
-    learning_rate: float,
-    np_rng: np.random.Generator,
-    autocast: torch.autocast,
-    imitation: Imitation | None,
-    critic_only: bool,
-    stepping: list[nn.Parameter],
-    frozen: list[nn.Parameter],
-) -> UpdateStats:
-    """The epochs of :func:`ppo_update` (see there) over the parameters ``stepping``."""
-    clip_fractions, approx_kl, skipped, drac = [], torch.zeros((), device=rollout.obs.device), 0, None
-    imitation_term = None
-    for _epoch in range(config.update_epochs):
-        for mb_index in minibatch_indices(config, np_rng):
-            mb = slice_minibatch(mb_index, config, rollout)
-            mb_state = select_state(rollout.start_state, mb.envs) if mb.envs is not None else None
-            with autocast:
-                new_logits, new_values, _ = forward(mb.obs, mb_state, mb.starts)
-            distribution = action_distribution(new_logits)
-            new_logprobs = distribution.log_prob(mb.actions)
-            entropy = distribution.entropy().mean()
-            log_ratio = new_logprobs - mb.logprobs
-            ratio = log_ratio.exp()
-            with torch.no_grad():
-                approx_kl = ((ratio - 1) - log_ratio).mean()  # k3 estimator, Schulman 2020
-                clip_fractions.append(((ratio - 1.0).abs() > config.clip_coef).float().mean())
-
-            advantages = mb.advantages
-            if config.norm_adv:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            policy_loss = torch.max(
-                -advantages * ratio, -advantages * ratio.clamp(1 - config.clip_coef, 1 + config.clip_coef)
-            ).mean()
-
-            new_values = new_values.float()
-            if config.clip_vloss:
-                clipped = mb.values + (new_values - mb.values).clamp(-config.clip_coef, config.clip_coef)
-                value_loss = (
-                    0.5 * torch.max((new_values - mb.returns) ** 2, (clipped - mb.returns) ** 2).mean()
-                )
-            else:
-                value_loss = 0.5 * ((new_values - mb.returns) ** 2).mean()
-
-            if critic_only:
-                loss = config.vf_coef * value_loss
-            else:
-                loss = policy_loss - config.ent_coef * entropy + config.vf_coef * value_loss
-            if config.augment == "shift" and not critic_only:
-                drac = minibatch_drac(forward, mb, rollout, config, new_logits, new_values, np_rng, autocast)
-                loss = loss + config.drac_coef * drac
-            if imitation is not None:
-                count = len(imitation.demos.actions)
-                index = torch.as_tensor(np_rng.integers(0, count, IMITATE_BATCH), device=rollout.obs.device)
-                imitation_term = imitation_loss(forward, imitation.demos, index, autocast)
-                loss = loss + imitation.weight * imitation_term
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            for parameter in frozen:  # Adam leaves a parameter without a gradient as it is, moments included
-                parameter.grad = None
-            grad_norm = nn.utils.clip_grad_norm_(stepping, config.max_grad_norm or math.inf)
-            # A non-finite loss or gradient skips this step instead of poisoning the weights.
-            if torch.isfinite(loss) and torch.isfinite(grad_norm):
-                optimizer.step()
-            else:
-                skipped += 1
-        if config.target_kl is not None and approx_kl > config.target_kl:
-            break
-    return UpdateStats(
-        loss=loss, policy_loss=policy_loss, value_loss=value_loss, entropy=entropy, approx_kl=approx_kl,
-        clipfrac=torch.stack(clip_fractions).mean(), skipped=skipped, all_skipped=skipped == len(clip_fractions),
-        rollout=rollout, learning_rate=learning_rate, drac=None if drac is None else drac.detach(),
-        imitation=None if imitation_term is None else imitation_term.detach(),
-    )  # fmt: skip
 
 
 def critic_parameters(agent: nn.Module) -> list[nn.Parameter]:
