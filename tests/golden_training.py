@@ -116,11 +116,16 @@ def loose_mismatches(got: dict[str, list[float]], expected: dict[str, list[float
     computation, rounded another way)."""
     if sorted(got) != sorted(expected):
         return [f"statistics {sorted(set(got) ^ set(expected))} appeared or vanished"]
-    return [
+    apart = [
+        f"{tag}: {len(got[tag])} values against {len(values)}"
+        for tag, values in expected.items()
+        if len(got[tag]) != len(values)
+    ]
+    return apart or [
         f"{tag}: {a} against {b}"
         for tag, values in expected.items()
-        for a, b in zip(got[tag], values, strict=False)
-        if len(got[tag]) != len(values) or not math.isclose(a, b, **LOOSE)
+        for a, b in zip(got[tag], values, strict=True)
+        if not math.isclose(a, b, **LOOSE)
     ]
 
 

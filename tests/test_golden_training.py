@@ -55,3 +55,4 @@ def test_the_most_specific_matching_record_is_the_one_checked():
     assert loose_mismatches({"x": [1.0, 2.0]}, {"x": [1.0, 2.001]}) == []
     assert loose_mismatches({"x": [1.0, 2.5]}, {"x": [1.0, 2.0]}) == ["x: 2.5 against 2.0"]
     assert loose_mismatches({"y": [1.0]}, {"x": [1.0]}) != []
+    assert loose_mismatches({"x": []}, {"x": [1.0]}) == ["x: 0 values against 1"]
