@@ -17,7 +17,9 @@ towards those on the originals (:func:`drac_loss`); the clipped ratio only ever 
 whose probabilities the rollout recorded. ``init_encoder`` starts the encoder from a pre-trained one (a ``lab fit ssl``
 run, :func:`load_encoder_tensors`), ``freeze_encoder`` keeps it fixed. ``init_weights`` starts the whole
 network from another run (fine-tuning, e.g. a distilled student under sticky actions), and
-``keep_zeros`` keeps a pruned network's zero weights at zero while it learns.
+``keep_zeros`` keeps a pruned network's zero weights at zero while it learns. ``kickstart`` pulls the
+actor towards another PPO agent's policy with a decaying KL term (:func:`ppo_update`), so that
+fine-tuning a distilled or per-stage agent starts from what it knows instead of drifting from it.
 
 Tensors in the rollout are time-major: ``(T, N, ...)`` with T = num_steps and N = num_envs.
 
@@ -39,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch.distributions import Categorical, kl_divergence
 
+import envs
 import nets
 from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun, config_routes, played_stages
 from agents.episodes import env_stages, route_demonstrations
@@ -121,6 +124,18 @@ class PPOConfig(AgentConfig):
         None,
         "Mario: discounts of single stages, e.g. 1-3:0.99 or 1-2:0.95,1-3:0.99; the other stages keep gamma",
     )
+    kickstart: str | None = option(
+        None,
+        "a PPO run (or checkpoint) whose policy the actor is pulled towards: kickstart_coef times "
+        "KL(pi_teacher || pi) on the rollout's states is added to the loss (kickstarting), decaying "
+        "linearly to 0 over kickstart_steps agent steps",
+    )
+    # The teacher's distributions are the targets, not its greedy actions: a KL to them keeps the
+    # student's sharpness where the teacher is sure and leaves it free where the teacher hesitates.
+    kickstart_coef: float = option(1.0, "kickstart: weight of the KL to the teacher at step 0", min=0.0)
+    kickstart_steps: int = option(
+        1_000_000, "kickstart: agent steps over which the KL's weight decays to 0", min=1
+    )
     critic_only_until: int = option(
         0,
         "agent step until which only the critic's head (and a separate critic encoder) learns, from the "
@@ -154,6 +169,11 @@ class PPOConfig(AgentConfig):
         elif self.imitate_coef > 0:
             raise ValueError(f"imitate_coef={self.imitate_coef} needs routes to imitate (set imitate=ROUTES)")
         stage_gammas(self)
+        if self.kickstart and self.memory != "none":
+            raise ValueError(
+                f"kickstart needs memory=none: the teacher labels single frames, not sequences "
+                f"(this run has memory={self.memory})"
+            )
         if self.memory != "none" and not self.shared_encoder:
             # The critic head reads the memory's output; a separate critic encoder would bypass it.
             raise ValueError(
@@ -365,6 +385,77 @@ def imitate(
         loss = nn.functional.cross_entropy(logits, actions)
         accuracy = (logits.argmax(dim=-1) == actions).float().mean()
     return float(loss), float(accuracy)
+
+
+KICKSTART_CHUNK = 1024  # frames per forward pass of the teacher over a rollout
+
+
+class Kickstart(NamedTuple):
+    """The teacher's distributions on one rollout and the weight of their KL in its update's loss."""
+
+    log_probs: torch.Tensor  # (T, N, A) fp32, log pi_teacher(. | s_t)
+    weight: float
+
+
+def env_action_set(config: AgentConfig) -> str | None:
+    """The Mario action set a run plays with (its ``actions``, else its preset's); None off Mario."""
+    preset = envs.resolve(config.env)
+    return (config.actions or preset.action_set) if preset.kind == "mario" else None
+
+
+def load_kickstart_teacher(
+    config: PPOConfig, obs_shape: tuple[int, ...], num_actions: int, device: torch.device
+) -> ActorCritic:
+    """The policy network of ``config.kickstart``, frozen, checked to act in this run's envs.
+
+    Raises:
+        CheckpointError: nothing loadable at ``kickstart``.
+        ValueError: a teacher that is no PPO agent, has a memory or int8 weights, or sees another
+            observation shape or plays another action set.
+    """
+    try:
+        sidecar, meta = locate_checkpoint(str(config.kickstart))
+    except CheckpointError as error:
+        raise CheckpointError(f"kickstart: {error}") from None
+    if meta.get("algo") != ALGO or "config" not in meta:
+        kind = f"a {meta['algo']} agent" if "algo" in meta else "no agent checkpoint"
+        raise ValueError(f"kickstart: {sidecar} is {kind}; the teacher must be a PPO agent")
+    teacher_config = config_from_dict(meta["config"], source=str(sidecar))
+    shape, actions = tuple(meta["obs_shape"]), int(meta["num_actions"])
+    if teacher_config.memory != "none" or meta.get("quantization"):
+        raise ValueError(
+            f"kickstart: {sidecar} has memory={teacher_config.memory} and quantization="
+            f"{meta.get('quantization')}; the teacher must be a feed-forward fp32 PPO agent"
+        )
+    if (
+        shape != obs_shape
+        or actions != num_actions
+        or env_action_set(teacher_config) != env_action_set(config)
+    ):
+        raise ValueError(
+            f"kickstart: {sidecar} sees {shape} and plays {actions} actions "
+            f"({env_action_set(teacher_config) or teacher_config.env}); this run sees {obs_shape} and plays "
+            f"{num_actions} ({env_action_set(config) or config.env}): choose a teacher of the same env"
+        )
+    teacher = load_policy(sidecar, meta, device).agent
+    teacher.requires_grad_(False)
+    return teacher
+
+
+@torch.no_grad()
+def teacher_log_probs(teacher: ActorCritic, obs: torch.Tensor, autocast: torch.autocast) -> torch.Tensor:
+    """log pi_teacher(. | s) on a rollout's observations ``(T, N, *obs_shape)``: ``(T, N, A)`` fp32,
+    computed a few steps at a time (:data:`KICKSTART_CHUNK` frames) to bound the float copies."""
+    steps, num_envs = obs.shape[:2]
+    chunk = max(1, KICKSTART_CHUNK // num_envs)
+    parts = []
+    for start in range(0, steps, chunk):
+        part = obs[start : start + chunk]  # (t, N, *obs_shape)
+        no_starts = torch.zeros(part.shape[:2], dtype=torch.bool, device=obs.device)  # feed-forward: unused
+        with autocast:
+            logits, _, _ = teacher(part, None, no_starts)
+        parts.append(torch.log_softmax(logits.float(), dim=-1))
+    return torch.cat(parts)
 
 
 def keep_zero_weights(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -600,6 +691,7 @@ class UpdateStats(NamedTuple):
     learning_rate: float
     drac: torch.Tensor | None = None  # augment=shift: DrAC's regulariser of the last minibatch
     imitation: torch.Tensor | None = None  # imitate_coef: the routes' cross-entropy of the last minibatch
+    kickstart: torch.Tensor | None = None  # kickstart: KL(teacher || policy) of the last minibatch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -685,6 +777,12 @@ class PPOTrainer:
                 self.optimizer.load_state_dict(run.saved["optimizer"])
         if config.keep_zeros:
             keep_zero_weights(self.agent, self.optimizer)
+        # The kickstart teacher while its KL's weight lasts (a resume past kickstart_steps needs none).
+        self.teacher = (
+            load_kickstart_teacher(config, obs_shape, num_actions, device)
+            if config.kickstart and run.global_step < config.kickstart_steps
+            else None
+        )
         run.start(obs_shape, num_actions, self.num_updates * config.num_envs * config.num_steps)
         # The routes' replays: for the fit before PPO (not on resume) and, while imitate_coef's weight
         # lasts, for the imitation term of every update. After run.start, so the run's clock (and a
@@ -750,7 +848,9 @@ class PPOTrainer:
         )
         record = {key: getattr(stats, key).item() for key in ("loss", "policy_loss", "value_loss", "entropy")}
         extra = {
-            key: value.item() for key in ("drac", "imitation") if (value := getattr(stats, key)) is not None
+            key: value.item()
+            for key in ("drac", "imitation", "kickstart")
+            if (value := getattr(stats, key)) is not None
         }
         run.log(step, {**record, **extra}, {
             "charts/learning_rate": stats.learning_rate,
@@ -932,6 +1032,14 @@ def learn(trainer: PPOTrainer, rollout: Rollout, update: int) -> UpdateStats:
     critic_only = step < config.critic_only_until
     # autocast keeps its previous state on the context object: one per call, never shared by threads.
     autocast = bf16_autocast(trainer.run.device, config.bf16)
+    # Kickstarting's weight, decaying linearly to 0 at kickstart_steps; the teacher labels the rollout
+    # once, here, rather than each minibatch again in every epoch.
+    kickstart_weight = config.kickstart_coef * max(0.0, 1.0 - step / config.kickstart_steps)
+    kickstart = (
+        Kickstart(teacher_log_probs(trainer.teacher, rollout.obs, autocast), kickstart_weight)
+        if kickstart_weight > 0 and trainer.teacher is not None and not critic_only
+        else None
+    )
     return ppo_update(
         trainer.forward,
         trainer.agent,
@@ -944,6 +1052,7 @@ def learn(trainer: PPOTrainer, rollout: Rollout, update: int) -> UpdateStats:
         Imitation(trainer.demos, imitate_weight)
         if imitate_weight > 0 and trainer.demos is not None and not critic_only
         else None,
+        kickstart,
         critic_only,
     )
 
@@ -958,6 +1067,7 @@ def ppo_update(
     np_rng: np.random.Generator,
     autocast: torch.autocast,
     imitation: Imitation | None = None,
+    kickstart: Kickstart | None = None,
     critic_only: bool = False,
 ) -> UpdateStats:
     """``update_epochs`` passes of minibatch SGD over one rollout on
@@ -969,7 +1079,9 @@ def ppo_update(
     of ``drac_share`` of the minibatch's frames; the ratio itself only ever sees the original frames;
     plus, with ``imitation``, its weight times the cross-entropy of the actor on
     :data:`IMITATE_BATCH` route frames drawn afresh for each minibatch against the route's actions
-    (DAPG, Rajeswaran et al. 2018, with a linear decay in place of its geometric one).
+    (DAPG, Rajeswaran et al. 2018, with a linear decay in place of its geometric one);
+    plus, with ``kickstart``, its weight times KL(pi_teacher(. | s_t) || pi(. | s_t)) on the
+    minibatch's states (kickstarting, Schmitt et al. 2018; feed-forward minibatches only).
 
     With ``critic_only`` the loss is ``c_v * L_value`` and only the critic's own parameters
     (:func:`critic_parameters`) step: a critic fitted to another gamma or reward scale would
@@ -984,7 +1096,7 @@ def ppo_update(
     frozen = [parameter for parameter in agent.parameters() if id(parameter) not in kept]
     with no_gradients(frozen):
         clip_fractions, approx_kl, skipped, drac = [], torch.zeros((), device=rollout.obs.device), 0, None
-        imitation_term = None
+        imitation_term, kickstart_term = None, None
         for _epoch in range(config.update_epochs):
             for mb_index in minibatch_indices(config, np_rng):
                 mb = slice_minibatch(mb_index, config, rollout)
@@ -1032,6 +1144,11 @@ def ppo_update(
                     )
                     imitation_term = imitation_loss(forward, imitation.demos, index, autocast)
                     loss = loss + imitation.weight * imitation_term
+                if kickstart is not None:
+                    flat = torch.as_tensor(mb_index, device=rollout.obs.device)
+                    targets = kickstart.log_probs[flat // config.num_envs, flat % config.num_envs]  # (M, A)
+                    kickstart_term = kl_divergence(Categorical(logits=targets[None]), distribution).mean()
+                    loss = loss + kickstart.weight * kickstart_term
                 optimizer.zero_grad(set_to_none=True)
                 # The frozen parameters get no gradient (no_gradients), and Adam leaves a parameter
                 # without one as it is, moments included.
@@ -1049,6 +1166,7 @@ def ppo_update(
         clipfrac=torch.stack(clip_fractions).mean(), skipped=skipped, all_skipped=skipped == len(clip_fractions),
         rollout=rollout, learning_rate=learning_rate, drac=None if drac is None else drac.detach(),
         imitation=None if imitation_term is None else imitation_term.detach(),
+        kickstart=None if kickstart_term is None else kickstart_term.detach(),
     )  # fmt: skip
 
 
