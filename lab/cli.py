@@ -166,6 +166,12 @@ def build_parser() -> Parser:
         action="store_true",
         help="half size, every other frame (a GIF of a few hundred KB for a README)",
     )
+    watch.add_argument(
+        "--stage",
+        default=None,
+        metavar="W-S",
+        help="a multi-stage preset's stage to play, e.g. 1-3 (default: drawn)",
+    )
     watch.add_argument("--seed", type=non_negative_int, default=0, help="seed of the env")
     watch.add_argument(
         "--max-steps", type=positive_int, default=5000, help="stop an episode after this many steps"

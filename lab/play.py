@@ -111,6 +111,10 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "explain", None):  # `lab watch --explain METHOD`: the video of `lab explain`
         from lab.explain import watch_explain
 
+        if args.stage is not None:
+            raise UsageError(
+                "lab watch: --stage plays the game alone, in a video or a window; leave out --explain"
+            )
         return watch_explain(args)
     check_options(args)
     if args.human:
@@ -131,6 +135,7 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
         args.human,
         args.max_steps,
         small=args.small,
+        stage=args.stage,
     )
     if not args.json:
         for episode in summary["per_episode"]:
@@ -142,6 +147,8 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
 
 def describe_episode(episode: dict[str, Any]) -> str:
     text = f"return {episode['return']:.1f}, {episode['length']} steps"
+    if "stage" in episode:
+        text = f"{episode['stage']}: {text}"
     if "flag_get" in episode:
         text += (
             f", flag {'reached' if episode['flag_get'] else 'not reached'}, "

@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 import envs
+from envs.mario import stage_label
 from envs.video import write_video
 from lab.errors import UsageError
 from lab.viewer import CAPTION_HEIGHT, Viewer, add_caption, require_display
@@ -55,6 +56,26 @@ def action_names(env: Any) -> list[str] | None:
     return [str(n) for n in names] if names is not None else None
 
 
+def stage_options(env_name: str, stage: str | None) -> dict[str, Any]:
+    """The env options that play only ``stage`` of a multi-stage preset ({} for None).
+
+    Raises:
+        UsageError: ``stage`` on a single-stage env, or not one of the preset's stages.
+    """
+    if stage is None:
+        return {}
+    stages = tuple(envs.resolve(env_name).env_kwargs.get("stages", ()))
+    if len(stages) < 2:
+        raise UsageError(
+            f"lab watch: --stage picks a stage of a multi-stage preset; {env_name} has one stage"
+        )
+    if stage not in stages:
+        raise UsageError(
+            f"lab watch: --stage {stage} is not a stage of {env_name}; choose from: {', '.join(stages)}"
+        )
+    return {"stages": (stage,)}
+
+
 def value_label(policy: Any) -> str:
     """``"Q"`` for a Q-network policy (its value is the greedy action's Q), else ``"V"``."""
     return "Q" if hasattr(policy, "q_network") else "V"
@@ -70,7 +91,7 @@ def play_episode(
         sink: receives each step's rendered frame and caption; ``None`` renders nothing.
 
     Returns:
-        ``{return, length[, x_pos_max, flag_get, game_time]}``, or ``None`` when ``sink`` stopped
+        ``{return, length[, stage, x_pos_max, flag_get, game_time]}``, or ``None`` when ``sink`` stopped
         the episode before it ended.
     """
     names = action_names(env)
@@ -101,6 +122,8 @@ def play_episode(
                 total = float(np.asarray(info["episode"]["r"]).reshape(-1)[0])
             break
     result: dict[str, Any] = {"return": total, "length": length}
+    if (stage := stage_label(info)) is not None:
+        result["stage"] = stage
     if "x_pos" in info:
         result.update(x_pos_max=furthest, flag_get=flag)
         if "time" in info:
@@ -118,8 +141,10 @@ def watch(
     human: bool,
     max_steps: int,
     small: bool = False,
+    stage: str | None = None,
 ) -> dict[str, Any]:
     """Plays ``episodes`` greedy episodes; writes a video to ``out`` unless ``human`` (a window).
+    ``stage`` plays only that stage of a multi-stage preset (:func:`stage_options`).
 
     ``small`` keeps every other frame at half size (and half the frame rate, so it plays at the
     same speed): a Mario clear then fits a GIF of about 1 MB instead of 5.
@@ -130,8 +155,8 @@ def watch(
     """
     if human:
         require_display(NO_DISPLAY_SUGGESTION)
-        return watch_live(policy, env_name, episodes, seed, max_steps)
-    env = envs.make(env_name, render_mode="rgb_array")
+        return watch_live(policy, env_name, episodes, seed, max_steps, stage=stage)
+    env = envs.make(env_name, render_mode="rgb_array", **stage_options(env_name, stage))
     fps = float(env.metadata.get("render_fps") or 30)
     frames: list[np.ndarray] = []
 
@@ -261,6 +286,7 @@ def watch_live(
     follower: Follower | None = None,
     on_episode: Callable[[dict[str, Any]], None] | None = None,
     on_reload: Callable[[Any], None] | None = None,
+    stage: str | None = None,
 ) -> dict[str, Any]:
     """Plays episodes in a window at ``speed`` times the game's speed, until done or closed.
 
@@ -273,6 +299,7 @@ def watch_live(
         on_episode: called with each finished episode's result (which holds ``"episode"``, its number,
             and with a follower, ``"checkpoint"``).
         on_reload: called with each newer ``LoadedAgent`` the follower swapped in.
+        stage: only this stage of a multi-stage preset (:func:`stage_options`).
 
     Returns:
         ``{"episodes", "per_episode", "frames_drawn", "seconds_shown", "fps", "speed", "scale",
@@ -280,7 +307,7 @@ def watch_live(
     """
     if not speed > 0 or math.isinf(speed):
         raise ValueError(f"speed must be a positive number, got {speed!r}")
-    env = envs.make(env_name, render_mode="rgb_array")
+    env = envs.make(env_name, render_mode="rgb_array", **stage_options(env_name, stage))
     game_fps = float(env.metadata.get("render_fps") or 30)
     results: list[dict[str, Any]] = []
     checkpoints = [follower.current.name] if follower is not None and follower.current is not None else []
@@ -363,6 +390,7 @@ def watch_human(
         say(f"following {follower.folder}: playing {trained(agent)}; newer checkpoints load between episodes")
     else:
         agent = load_agent(args.run, args.device, args.stochastic, args.seed)
+    stage_options(agent.config.env, args.stage)  # a bad --stage says so before the window opens
     episodes = args.episodes if args.episodes is not None else (None if args.follow else 1)
 
     def report(episode: dict[str, Any]) -> None:
@@ -381,6 +409,7 @@ def watch_human(
         follower=follower,
         on_episode=report,
         on_reload=lambda newer: say(f"loaded {trained(newer)}"),
+        stage=args.stage,
     )
     if summary["closed"]:
         say(f"window closed after {summary['episodes']} finished episode(s)")

@@ -70,6 +70,7 @@ def fake_watch(
     human: bool,
     max_steps: int,
     small: bool = False,
+    stage: str | None = None,
 ):
     return {"episodes": episodes, "per_episode": [{"return": 1.0, "length": 2}] * episodes, "video": str(out)}
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import imageio.v2 as imageio
 import numpy as np
 import pytest
@@ -116,3 +118,23 @@ def test_watch_reports_the_same_return_as_eval(tmp_path):
     evaluated = episodes.evaluate(WalkRight(), lambda n: envs.make_vec("mario-1-1", n, seed=0), 1, 0)
     assert summary["per_episode"][0]["length"] < 400  # the episode really ended
     assert summary["per_episode"][0]["return"] == pytest.approx(evaluated["per_episode"][0]["return"])
+
+
+def test_watch_plays_the_stage_asked_for_and_refuses_others(tmp_path, capsys):
+    from lab.watch import watch
+    from tests.test_cli import assert_usage_error
+
+    for stage in ("1-2", "1-4"):
+        summary = watch(WalkRight(), "mario-world-1", None, 2, 0, False, max_steps=5, stage=stage)
+        assert [episode["stage"] for episode in summary["per_episode"]] == [stage, stage]
+    runs = Path(__file__).parents[1] / "runs"
+    run = str(runs / "mario-world-1-distilled")
+    assert_usage_error(
+        ["watch", run, "--stage", "2-1"], capsys, "--stage 2-1", "choose from: 1-1, 1-2, 1-3, 1-4"
+    )
+    assert_usage_error(
+        ["watch", str(runs / "mario-1-1"), "--stage", "1-1"], capsys, "mario-1-1 has one stage"
+    )
+    assert_usage_error(
+        ["watch", run, "--stage", "1-3", "--explain", "saliency"], capsys, "leave out --explain"
+    )
