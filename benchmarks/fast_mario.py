@@ -2,6 +2,7 @@
 
     python -m benchmarks.fast_mario run --seeds 1,2,3 [--name NAME] [--set KEY=VALUE ...] [--minutes 90]
     python -m benchmarks.fast_mario report [--names NAME,...] [--json FILE]
+    python -m benchmarks.fast_mario record --seeds 1 --name NAME [--set ...] --note "stopped by hand at ..."
 
 ``run`` trains each seed with ``lab train ENV --until clear_rate=0.9`` (the periodic greedy
 evaluation with the preset's protocol decides when to stop) in ``ROOT/<name>-s<seed>``, as a child
@@ -12,6 +13,9 @@ and is recorded as not reached. The agent a run stopped with is then evaluated w
 (``lab eval --episodes 20 --sticky 0.25``), and the run leaves ``RECORDS/<name>-s<seed>.json``:
 the wall-clock minutes and agent steps to the target, the sticky evaluation, the training history
 and every greedy evaluation, small enough to commit. A run with a checkpoint and no record resumes.
+``record`` writes the same record for a run that something else stopped (by hand, say: ``run`` then
+exits without one), with ``--note`` saying what; its wall clock is the run's own (its last history
+entry's seconds) and its load averages are unknown.
 
 ``report`` tabulates the records and draws the training clear rate and the greedy evaluations
 against wall-clock minutes and against agent steps, beside the shipped 1-1 run's training curve
@@ -67,29 +71,76 @@ def run(args: argparse.Namespace) -> None:
             command = ["train", "--resume", str(run_dir)]
         else:
             (run_dir / "config.json").unlink(missing_ok=True)  # a start that saved nothing
-            command = ["train", args.env, "--seed", str(seed), "--run-dir", str(run_dir), "--until", args.until]  # fmt: skip
-            command += [part for item in args.set for part in ("--set", item)]
+            command = start_command(args, seed, run_dir)
         deadline = time.time() + args.minutes * 60
         started = time.time()
         run_lab([*command, "--no-progress"], args.nice, stop=lambda d=deadline: time.time() > d, poll=POLL)
         wall_seconds = time.time() - started
-        load_after = os.getloadavg()
-        state = run_state(run_dir)
-        until = state.until or {"reached_at_step": None, "reached_after_seconds": None}
-        sticky_eval = sticky_evaluation(run_dir, args) if args.sticky_episodes else None
-        record = {
-            "name": args.name, "seed": seed, "env": args.env, "until": args.until, "sets": args.set,
-            "command": "lab " + " ".join(command), "minutes_limit": args.minutes, "resumed": resumed,
-            "reached": until["reached_at_step"] is not None,
-            "reached_at_step": until["reached_at_step"], "reached_after_seconds": until["reached_after_seconds"],
-            "steps": state.history[-1]["step"] if state.history else 0,
-            "wall_seconds": round(wall_seconds, 1), "load_before": load_before, "load_after": load_after,
-            "sticky_eval": sticky_eval,
-            "date": time.strftime("%Y-%m-%d"),
-            "history": [{key: entry.get(key) for key in HISTORY_KEYS} for entry in state.history],
-            "evals": state.evals,
-        }  # fmt: skip
+        record = build_record(
+            args, seed, run_dir, command, resumed, wall_seconds, (load_before, os.getloadavg())
+        )
         save_record(record_file, record)
+
+
+def start_command(args: argparse.Namespace, seed: int, run_dir: Path) -> list[str]:
+    """The ``lab`` arguments that start seed ``seed``'s run from nothing."""
+    command = ["train", args.env, "--seed", str(seed), "--run-dir", str(run_dir), "--until", args.until]
+    return command + [part for item in args.set for part in ("--set", item)]
+
+
+def build_record(
+    args: argparse.Namespace,
+    seed: int,
+    run_dir: Path,
+    command: list[str],
+    resumed: bool,
+    wall_seconds: float,
+    loads: tuple[Any, Any] | None,
+    note: str | None = None,
+) -> dict[str, Any]:
+    """A seed's record from its run directory, with the sticky evaluation of the agent it stopped
+    with; ``loads`` are the load averages before and after (None: not known)."""
+    state = run_state(run_dir)
+    until = state.until or {"reached_at_step": None, "reached_after_seconds": None}
+    sticky_eval = sticky_evaluation(run_dir, args) if args.sticky_episodes else None
+    load_before, load_after = loads if loads is not None else (None, None)
+    record = {
+        "name": args.name, "seed": seed, "env": args.env, "until": args.until, "sets": args.set,
+        "command": "lab " + " ".join(command), "minutes_limit": args.minutes, "resumed": resumed,
+        "reached": until["reached_at_step"] is not None,
+        "reached_at_step": until["reached_at_step"], "reached_after_seconds": until["reached_after_seconds"],
+        "steps": state.history[-1]["step"] if state.history else 0,
+        "wall_seconds": round(wall_seconds, 1), "load_before": load_before, "load_after": load_after,
+        "sticky_eval": sticky_eval,
+        "date": time.strftime("%Y-%m-%d"),
+        "history": [{key: entry.get(key) for key in HISTORY_KEYS} for entry in state.history],
+        "evals": state.evals,
+    }  # fmt: skip
+    if note:
+        record["note"] = note
+    return record
+
+
+def record_stopped(args: argparse.Namespace) -> None:
+    """``record``: the record of each seed's run that something other than ``run`` stopped."""
+    if not args.note:
+        raise SystemExit(
+            "record needs --note: say what stopped the run (e.g. 'stopped by hand at 41 minutes')"
+        )
+    for seed in args.seeds:
+        run_dir = args.root / f"{args.name}-s{seed}"
+        record_file = args.records / f"{args.name}-s{seed}.json"
+        if record_file.exists():
+            raise SystemExit(f"{record_file} exists already; remove it to record {run_dir} again")
+        if checkpoint_step(run_dir) == 0:
+            raise SystemExit(f"{run_dir} has no checkpoint to record")
+        history = run_state(run_dir).history
+        wall_seconds = float(history[-1].get("seconds") or 0.0) if history else 0.0
+        command = start_command(args, seed, run_dir)
+        save_record(
+            record_file, build_record(args, seed, run_dir, command, False, wall_seconds, None, args.note)
+        )
+        print(f"{run_dir}: recorded in {record_file}", flush=True)
 
 
 def sticky_evaluation(run_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -118,7 +169,7 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
             "steps": record["reached_at_step"] if record["reached"] else record["steps"],
             "wall_minutes": record["wall_seconds"] / 60,
             "sticky_clear_rate": record["sticky_eval"]["clear_rate"] if record["sticky_eval"] else None,
-            "load_before": record["load_before"][0],
+            "load_before": None if record["load_before"] is None else record["load_before"][0],
         }
         for record in records
     ]  # fmt: skip
@@ -128,9 +179,10 @@ def report(args: argparse.Namespace) -> dict[str, Any]:
     for row in rows:
         minutes = "-" if row["minutes"] is None else f"{row['minutes']:.1f}"
         sticky = "-" if row["sticky_clear_rate"] is None else f"{row['sticky_clear_rate']:.2f}"
+        load = "-" if row["load_before"] is None else f"{row['load_before']:.2f}"
         print(
             f"| {row['name']} | {row['seed']} | {'yes' if row['reached'] else 'no'} | {minutes} | "
-            f"{row['steps']:,} | {row['wall_minutes']:.1f} | {sticky} | {row['load_before']:.2f} |"
+            f"{row['steps']:,} | {row['wall_minutes']:.1f} | {sticky} | {load} |"
         )
     shipped = run_history(args.shipped) if (args.shipped / "checkpoints").is_dir() else []
     plot(records, shipped, args.plot)
@@ -209,7 +261,7 @@ def plot(records: list[dict[str, Any]], shipped: list[dict[str, Any]], path: Pat
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("step", choices=("run", "report"))
+    parser.add_argument("step", choices=("run", "report", "record"))
     parser.add_argument("--env", default=ENV, help=f"the preset (default {ENV})")
     parser.add_argument(
         "--name", default="preset", help="the configuration's name in the records (default preset)"
@@ -233,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shipped", type=Path, default=SHIPPED, help="the reference run of the plot")
     parser.add_argument("--plot", type=Path, default=Path("docs/images/fast-mario.png"))
     parser.add_argument("--json", type=Path, default=None, help="report: also write it as JSON here")
+    parser.add_argument("--note", default=None, help="record: what stopped the run (kept in the record)")
     return parser
 
 
@@ -243,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     args.names = [name for name in args.names.split(",") if name]
     if args.step == "run":
         run(args)
+    elif args.step == "record":
+        record_stopped(args)
     else:
         report(args)
     return 0

@@ -414,6 +414,19 @@ def test_fast_mario_records_the_time_to_the_target_and_a_run_stopped_by_the_cloc
     never = json.loads((tmp_path / "records" / "never-s2.json").read_text())
     assert not never["reached"] and never["steps"] > 0 and never["reached_after_seconds"] is None
     assert (tmp_path / "runs" / "never-s2" / "checkpoints").is_dir()
+    # The same run recorded by `record` (as for a run stopped by hand): its own clock, no load averages.
+    (tmp_path / "records" / "never-s2.json").unlink()
+    argv = ["record", "--seeds", "2", "--name", "never", "--until", "return_mean=1e9", "--set", "total_steps=10000000", *common]  # fmt: skip
+    with pytest.raises(SystemExit, match="record needs --note"):
+        fast_mario.main(argv)
+    assert fast_mario.main([*argv, "--note", "stopped by the clock"]) == 0
+    again = json.loads((tmp_path / "records" / "never-s2.json").read_text())
+    assert again["note"] == "stopped by the clock" and again["load_before"] is None
+    assert (again["steps"], again["history"], again["reached"]) == (never["steps"], never["history"], False)
+    assert 0 < again["wall_seconds"] <= never["wall_seconds"]
+    assert again["command"] == never["command"]
+    with pytest.raises(SystemExit, match="exists already"):
+        fast_mario.main([*argv, "--note", "twice"])
     # A recorded seed is not run again; the report reads both records.
     assert (
         fast_mario.main(["run", "--seeds", "1", "--name", "easy", "--until", "length_mean=1", *common]) == 0
