@@ -172,7 +172,14 @@ def build_parser() -> Parser:
         metavar="W-S",
         help="a multi-stage preset's stage to play, e.g. 1-3 (default: drawn)",
     )
-    watch.add_argument("--seed", type=non_negative_int, default=0, help="seed of the env")
+    watch.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the env: episode k starts with seed + k"
+    )
+    watch.add_argument(
+        "--deterministic-start",
+        action="store_true",
+        help="Mario: the stage's saved start, no random no-ops (default: lab eval's starts and stall cut-off)",
+    )
     watch.add_argument(
         "--max-steps", type=positive_int, default=5000, help="stop an episode after this many steps"
     )

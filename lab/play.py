@@ -136,6 +136,7 @@ def cmd_watch(args: argparse.Namespace) -> dict[str, Any]:
         args.max_steps,
         small=args.small,
         stage=args.stage,
+        deterministic_start=args.deterministic_start,
     )
     if not args.json:
         for episode in summary["per_episode"]:
@@ -156,6 +157,8 @@ def describe_episode(episode: dict[str, Any]) -> str:
         )
         if "game_time" in episode:
             text += f", game time {episode['game_time']}"
+    if episode.get("stalled"):
+        text += ", cut for making no progress"
     return text
 
 

@@ -56,6 +56,16 @@ def action_names(env: Any) -> list[str] | None:
     return [str(n) for n in names] if names is not None else None
 
 
+def watch_options(
+    env_name: str, stage: str | None = None, deterministic_start: bool = False
+) -> dict[str, Any]:
+    """The env options a watch plays with: ``lab eval``'s (in Mario 0-30 random no-ops drawn from the
+    episode's seed, and the stall cut-off) unless ``deterministic_start``, and only ``stage`` of a
+    multi-stage preset when given (:func:`stage_options`)."""
+    overrides = {} if deterministic_start else envs.eval_overrides(env_name)
+    return {**overrides, **stage_options(env_name, stage)}
+
+
 def stage_options(env_name: str, stage: str | None) -> dict[str, Any]:
     """The env options that play only ``stage`` of a multi-stage preset ({} for None).
 
@@ -91,7 +101,7 @@ def play_episode(
         sink: receives each step's rendered frame and caption; ``None`` renders nothing.
 
     Returns:
-        ``{return, length[, stage, x_pos_max, flag_get, game_time]}``, or ``None`` when ``sink`` stopped
+        ``{return, length[, stage, stalled, x_pos_max, flag_get, game_time]}``, or ``None`` when ``sink`` stopped
         the episode before it ended.
     """
     names = action_names(env)
@@ -124,6 +134,8 @@ def play_episode(
     result: dict[str, Any] = {"return": total, "length": length}
     if (stage := stage_label(info)) is not None:
         result["stage"] = stage
+    if info.get("stalled"):
+        result["stalled"] = True
     if "x_pos" in info:
         result.update(x_pos_max=furthest, flag_get=flag)
         if "time" in info:
@@ -142,9 +154,11 @@ def watch(
     max_steps: int,
     small: bool = False,
     stage: str | None = None,
+    deterministic_start: bool = False,
 ) -> dict[str, Any]:
     """Plays ``episodes`` greedy episodes; writes a video to ``out`` unless ``human`` (a window).
-    ``stage`` plays only that stage of a multi-stage preset (:func:`stage_options`).
+    The env starts as in ``lab eval`` unless ``deterministic_start``, and ``stage`` plays only that
+    stage of a multi-stage preset (:func:`watch_options`); episode k is seeded ``seed + k``.
 
     ``small`` keeps every other frame at half size (and half the frame rate, so it plays at the
     same speed): a Mario clear then fits a GIF of about 1 MB instead of 5.
@@ -155,8 +169,10 @@ def watch(
     """
     if human:
         require_display(NO_DISPLAY_SUGGESTION)
-        return watch_live(policy, env_name, episodes, seed, max_steps, stage=stage)
-    env = envs.make(env_name, render_mode="rgb_array", **stage_options(env_name, stage))
+        return watch_live(
+            policy, env_name, episodes, seed, max_steps, stage=stage, deterministic_start=deterministic_start
+        )
+    env = envs.make(env_name, render_mode="rgb_array", **watch_options(env_name, stage, deterministic_start))
     fps = float(env.metadata.get("render_fps") or 30)
     frames: list[np.ndarray] = []
 
@@ -287,6 +303,7 @@ def watch_live(
     on_episode: Callable[[dict[str, Any]], None] | None = None,
     on_reload: Callable[[Any], None] | None = None,
     stage: str | None = None,
+    deterministic_start: bool = False,
 ) -> dict[str, Any]:
     """Plays episodes in a window at ``speed`` times the game's speed, until done or closed.
 
@@ -299,7 +316,7 @@ def watch_live(
         on_episode: called with each finished episode's result (which holds ``"episode"``, its number,
             and with a follower, ``"checkpoint"``).
         on_reload: called with each newer ``LoadedAgent`` the follower swapped in.
-        stage: only this stage of a multi-stage preset (:func:`stage_options`).
+        stage, deterministic_start: the env's options, as for :func:`watch`.
 
     Returns:
         ``{"episodes", "per_episode", "frames_drawn", "seconds_shown", "fps", "speed", "scale",
@@ -307,7 +324,7 @@ def watch_live(
     """
     if not speed > 0 or math.isinf(speed):
         raise ValueError(f"speed must be a positive number, got {speed!r}")
-    env = envs.make(env_name, render_mode="rgb_array", **stage_options(env_name, stage))
+    env = envs.make(env_name, render_mode="rgb_array", **watch_options(env_name, stage, deterministic_start))
     game_fps = float(env.metadata.get("render_fps") or 30)
     results: list[dict[str, Any]] = []
     checkpoints = [follower.current.name] if follower is not None and follower.current is not None else []
@@ -410,6 +427,7 @@ def watch_human(
         on_episode=report,
         on_reload=lambda newer: say(f"loaded {trained(newer)}"),
         stage=args.stage,
+        deterministic_start=args.deterministic_start,
     )
     if summary["closed"]:
         say(f"window closed after {summary['episodes']} finished episode(s)")

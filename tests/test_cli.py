@@ -71,6 +71,7 @@ def fake_watch(
     max_steps: int,
     small: bool = False,
     stage: str | None = None,
+    deterministic_start: bool = False,
 ):
     return {"episodes": episodes, "per_episode": [{"return": 1.0, "length": 2}] * episodes, "video": str(out)}
 
@@ -557,7 +558,7 @@ OPTIONS = {
     "eval": ["--episodes", "--seed", "--device", "--deterministic-start", "--save", "--stochastic", "--sticky",
              "--json"],
     "watch": ["--episodes", "--out", "--human", "--small", "--stochastic", "--seed", "--max-steps", "--device",
-              "--json"],
+              "--json", "--stage", "--deterministic-start"],
     "fit": ["--net", "--epochs", "--seed", "--device", "--run-dir", "--set", "--help-config", "--json",
             "--no-progress"],
     "bench": ["--seconds", "--repeats", "--json", "--device", "--systems"],

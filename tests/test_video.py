@@ -115,7 +115,10 @@ def test_watch_reports_the_same_return_as_eval(tmp_path):
     from lab.watch import watch
 
     summary = watch(WalkRight(), "mario-1-1", None, 1, 0, False, max_steps=400)
-    evaluated = episodes.evaluate(WalkRight(), lambda n: envs.make_vec("mario-1-1", n, seed=0), 1, 0)
+    overrides = envs.eval_overrides("mario-1-1")  # watch starts as eval does
+    evaluated = episodes.evaluate(
+        WalkRight(), lambda n: envs.make_vec("mario-1-1", n, seed=0, **overrides), 1, 0
+    )
     assert summary["per_episode"][0]["length"] < 400  # the episode really ended
     assert summary["per_episode"][0]["return"] == pytest.approx(evaluated["per_episode"][0]["return"])
 
@@ -138,3 +141,33 @@ def test_watch_plays_the_stage_asked_for_and_refuses_others(tmp_path, capsys):
     assert_usage_error(
         ["watch", run, "--stage", "1-3", "--explain", "saliency"], capsys, "leave out --explain"
     )
+
+
+class FirstFrames(WalkRight):
+    """Walks right and keeps the first observation of every episode."""
+
+    def __init__(self):
+        self.first = []
+
+    def reset(self, num_envs):
+        self.fresh = True
+
+    def act(self, obs, starts):
+        if self.fresh:
+            self.first.append(obs[0].copy())
+            self.fresh = False
+        return super().act(obs, starts)
+
+
+def test_watch_starts_as_eval_does_unless_asked_for_the_saved_start():
+    from lab.watch import watch
+
+    for deterministic_start in (False, True):
+        policy = FirstFrames()
+        summary = watch(
+            policy, "mario-1-1", None, 4, 0, False, max_steps=3, deterministic_start=deterministic_start
+        )
+        assert summary["episodes"] == 4
+        same = [np.array_equal(policy.first[0], frame) for frame in policy.first[1:]]
+        # Random no-ops (0-30, from each episode's seed) move the clouds and the timer between starts.
+        assert all(same) == deterministic_start, same
