@@ -3,6 +3,8 @@
 Per run: parameters (and how many are not zero), bytes of its weights on disk, batch-1 CPU latency,
 the greedy clear rate (return elsewhere) over ``episodes`` episodes with the evaluation protocol's
 randomised starts, and the clear rate with sticky actions over ``sticky_episodes`` episodes (Mario).
+On a multi-stage preset (World 1) the counts are per stage, each stage played in turn as ``lab eval``
+plays them, and every row holds each stage's clear rates beside the overall one.
 
 Latency is measured honestly for a shared machine: one torch thread, inference mode, one real
 observation in and one action out through the policy's own ``act`` (conversion and argmax
@@ -18,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,7 +31,7 @@ import torch
 
 import envs
 from agents import LoadedAgent, load_agent
-from agents.episodes import evaluate, format_rate, rate_interval
+from agents.episodes import evaluate_preset, format_rate, preset_stages, rate_interval
 from compress.agents import agent_network, model_state
 from compress.measure import count_parameters
 from core.checkpoint import read_sidecar
@@ -64,6 +66,9 @@ class ComparisonRow:
         sticky_episodes: Episodes with sticky actions (Mario; 0 elsewhere).
         sticky_return_mean: Their mean return, or None.
         sticky_clear_rate: Their clear rate, or None.
+        stage_clear_rates: On a multi-stage preset, each stage's greedy clear rate (``episodes`` a
+            stage); else empty.
+        sticky_stage_clear_rates: The same with sticky actions (``sticky_episodes`` a stage).
     """
 
     run: str
@@ -79,6 +84,14 @@ class ComparisonRow:
     sticky_episodes: int
     sticky_return_mean: float | None
     sticky_clear_rate: float | None
+    stage_clear_rates: dict[str, float] = field(default_factory=dict)
+    sticky_stage_clear_rates: dict[str, float] = field(default_factory=dict)
+
+
+def stage_rates(summary: dict[str, Any] | None) -> dict[str, float]:
+    """Each stage's clear rate in an evaluation summary of a multi-stage preset ({} otherwise)."""
+    stages = (summary or {}).get("stages", {})
+    return {label: stage["clear_rate"] for label, stage in stages.items()}
 
 
 class Protocol(NamedTuple):
@@ -92,6 +105,7 @@ class Protocol(NamedTuple):
     actions: str
     latency_calls: int
     threads: int
+    stages: tuple[str, ...] = ()  # a multi-stage preset's stages: the episode counts are per stage
 
 
 def describe_method(meta: dict[str, Any]) -> str:
@@ -221,19 +235,12 @@ def compare_runs(
 
     rows = []
     for index, (path, agent) in enumerate(zip(paths, agents, strict=True)):
-        greedy = evaluate(
-            agent.policy,
-            lambda n: envs.make_vec(env_name, n, seed=seed, **backend, **greedy_overrides),
-            episodes,
-            seed,
-        )
+        # Per stage on a multi-stage preset (episodes on each in turn), as `lab eval` plays it.
+        greedy = evaluate_preset(agent.policy, env_name, episodes, seed, {**backend, **greedy_overrides})
         sticky = None
         if mario and sticky_episodes > 0:
-            sticky = evaluate(
-                agent.policy,
-                lambda n: envs.make_vec(env_name, n, seed=seed, **backend, **sticky_overrides),
-                sticky_episodes,
-                seed,
+            sticky = evaluate_preset(
+                agent.policy, env_name, sticky_episodes, seed, {**backend, **sticky_overrides}
             )
         counts = count_parameters(agent_network(agent))
         row = ComparisonRow(
@@ -250,6 +257,8 @@ def compare_runs(
             sticky_episodes=0 if sticky is None else sticky["episodes"],
             sticky_return_mean=None if sticky is None else sticky["return_mean"],
             sticky_clear_rate=None if sticky is None else sticky.get("clear_rate"),
+            stage_clear_rates=stage_rates(greedy),
+            sticky_stage_clear_rates=stage_rates(sticky),
         )
         rows.append(row)
         say(format_row(row))
@@ -262,6 +271,7 @@ def compare_runs(
         actions="sampled" if stochastic else "greedy",
         latency_calls=latency_calls,
         threads=1,
+        stages=preset_stages(env_name),
     )
     return rows, protocol
 
@@ -276,7 +286,18 @@ def format_row(row: ComparisonRow) -> str:
         text += f", clears {row.clear_rate:.0%} of {row.episodes}"
     if row.sticky_clear_rate is not None:
         text += f", sticky {row.sticky_clear_rate:.0%} of {row.sticky_episodes}"
+    if row.stage_clear_rates:
+        text += f" (per stage: {per_stage(row)})"
     return text
+
+
+def per_stage(row: ComparisonRow) -> str:
+    """Each stage's clear rates, greedy then sticky: ``1-1 90/84%, 1-2 30/40%, ...``."""
+    return ", ".join(
+        f"{label} {rate:.0%}" if label not in row.sticky_stage_clear_rates
+        else f"{label} {rate:.0%}/{row.sticky_stage_clear_rates[label]:.0%}"
+        for label, rate in row.stage_clear_rates.items()
+    )  # fmt: skip
 
 
 def format_comparison(rows: Sequence[ComparisonRow], protocol: Protocol) -> str:
@@ -284,12 +305,15 @@ def format_comparison(rows: Sequence[ComparisonRow], protocol: Protocol) -> str:
     first = rows[0]
     mario = any(row.clear_rate is not None for row in rows)
     header = ["run", "method", "parameters", "non-zero", "bytes on disk", "latency ms"]
+    each = " a stage" if protocol.stages else ""
     if mario:
         header += [
-            f"clear rate ({protocol.episodes}), 95% CI",
-            f"sticky {protocol.sticky_prob:g} ({protocol.sticky_episodes}), 95% CI",
+            f"clear rate ({protocol.episodes}{each}), 95% CI",
+            f"sticky {protocol.sticky_prob:g} ({protocol.sticky_episodes}{each}), 95% CI",
         ]
-    header += [f"return ({protocol.episodes})"]
+        if protocol.stages:
+            header.append("per stage: clear / sticky")
+    header += [f"return ({protocol.episodes}{each})"]
     lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
 
     def ratio(value: int, reference: int, fewer: str, more: str) -> str:
@@ -315,6 +339,8 @@ def format_comparison(rows: Sequence[ComparisonRow], protocol: Protocol) -> str:
                 format_rate(row.clear_rate, row.episodes),
                 format_rate(row.sticky_clear_rate, row.sticky_episodes),
             ]
+            if protocol.stages:
+                cells.append(per_stage(row))
         cells.append(f"{row.return_mean:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -594,3 +594,23 @@ def test_a_world_1_distillation_labels_1_3_with_its_own_teacher(tmp_path, capsys
     assert "1-3" in stages and len(stages) >= 3, stages  # eight envs draw from the four stages
     _, meta = locate_checkpoint(out)
     assert meta["compression"]["settings"]["stage_teachers"] == f"1-3:{stage_1_3}"
+
+
+def test_the_table_of_a_world_1_agent_gives_each_stages_clears():
+    world = shipped("mario-world-1-distilled")
+    rows, protocol = compare_runs([world], episodes=1, sticky_episodes=1, latency_calls=5)
+    (row,) = rows
+    assert protocol.stages == ("1-1", "1-2", "1-3", "1-4")
+    # One greedy and one sticky episode on each stage, in turn: the overall rate is their mean.
+    assert list(row.stage_clear_rates) == list(row.sticky_stage_clear_rates) == list(protocol.stages)
+    assert (row.episodes, row.sticky_episodes) == (4, 4)
+    assert row.clear_rate == pytest.approx(sum(row.stage_clear_rates.values()) / 4)
+    assert row.sticky_clear_rate == pytest.approx(sum(row.sticky_stage_clear_rates.values()) / 4)
+    text = format_comparison(rows, protocol)
+    assert "clear rate (1 a stage)" in text and "per stage: clear / sticky" in text
+    cells = [
+        f"{label} {row.stage_clear_rates[label]:.0%}/{row.sticky_stage_clear_rates[label]:.0%}"
+        for label in protocol.stages
+    ]
+    assert ", ".join(cells) in text
+    assert comparison_json(rows, protocol)["rows"][0]["stage_clear_rates"] == row.stage_clear_rates
