@@ -62,17 +62,20 @@ nothing else. Measured A/B against the version without recovery, 8 envs in 2 wor
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import logging
 import math
 import multiprocessing as mp
+import multiprocessing.util
 import os
 import select
 import signal
 import time
 import traceback
 import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -92,6 +95,21 @@ DEFAULT_RESTART_WINDOW = 100
 #: Seconds a worker still gets once its deadline has passed: a process group that was stopped (SIGSTOP,
 #: Ctrl-Z) and continued finds every deadline gone although no worker could reply in the meantime.
 HANG_GRACE = 2.0
+
+
+# The vector envs not closed yet. At interpreter exit they are closed before multiprocessing's own
+# exit handler runs: that handler sends SIGTERM to daemonic children and then joins them, and the
+# workers ignore SIGTERM (stopping is the main process's business, see _worker), so a script that
+# never closes its env, or a stop signal that arrives while an env is being built, would leave the
+# process waiting for its workers forever. atexit runs the handlers registered last first, and
+# multiprocessing.util (imported above) registered its handler already.
+_OPEN_ENVS: weakref.WeakSet[SubprocVectorEnv] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_envs() -> None:
+    for vec_env in list(_OPEN_ENVS):
+        vec_env.close(terminate=True)
 
 
 class EnvWorkerError(RuntimeError):
@@ -493,6 +511,14 @@ class SubprocVectorEnv(WorkerGroups, VectorEnv):
         self._processes: list[Any] = [None] * num_workers
         self._pollers: list[Any] = [None] * num_workers
         self._closed = False
+        _OPEN_ENVS.add(self)
+        try:
+            self._start_workers(num_workers)
+        except BaseException:  # a construction error, or Ctrl-C or a stop while the workers start
+            self.close(terminate=True)
+            raise
+
+    def _start_workers(self, num_workers: int) -> None:
         for worker in range(num_workers):
             self._start_worker(worker, reset_seeds=None)
         deadline = self._start_deadline()
@@ -500,7 +526,6 @@ class SubprocVectorEnv(WorkerGroups, VectorEnv):
             try:
                 self._receive(worker, deadline)
             except _WorkerFailure as failure:
-                self.close(terminate=True)
                 if failure.details:
                     logger.error("SubprocVectorEnv worker %d failed to start:\n%s", worker, failure.details)
                 raise EnvWorkerError(
@@ -766,6 +791,7 @@ class SubprocVectorEnv(WorkerGroups, VectorEnv):
         if self._closed:
             return
         self._closed = True
+        _OPEN_ENVS.discard(self)
         if not terminate:
             for pipe in self._pipes:
                 if pipe is not None:

@@ -410,6 +410,54 @@ def test_workers_exit_when_the_main_process_is_killed(tmp_path):
     assert not any(alive(pid) for pid in pids)
 
 
+@pytest.mark.parametrize("ending", ["never closed", "interrupted while starting"])
+def test_the_process_exits_with_an_env_left_open_or_interrupted_at_its_start(ending):
+    """Workers ignore SIGTERM, so multiprocessing's exit handler (SIGTERM, then join) alone would wait
+    for them forever: a script that never closes its env, or a Ctrl-C or stop while the workers start
+    (as when `lab train` is stopped during its first seconds), must still let the process exit."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from test_vector_recovery import env_fns
+        from envs import vector
+        if {ending!r} == "never closed":
+            vec = vector.SubprocVectorEnv(env_fns(2, {{}}), envs_per_worker=1)
+            vec.reset(seed=0)
+            print(" ".join(str(p.pid) for p in vec._processes), flush=True)
+        else:
+            started = []
+            real_start = vector.SubprocVectorEnv._start_worker
+            def start(self, worker, reset_seeds):
+                real_start(self, worker, reset_seeds)
+                started.append(self._processes[worker].pid)
+            def interrupted(self, worker, deadline):
+                raise KeyboardInterrupt
+            vector.SubprocVectorEnv._start_worker = start
+            vector.SubprocVectorEnv._receive = interrupted
+            try:
+                vector.SubprocVectorEnv(env_fns(2, {{}}), envs_per_worker=1)
+            except KeyboardInterrupt as error:
+                kept = error  # a handler may keep it (and with it the half-built env) to the end
+                print(" ".join(str(pid) for pid in started), flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert done.returncode == 0, done.stderr
+    pids = [int(pid) for pid in done.stdout.split()]
+    assert len(pids) == 2
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids)
+
+
 # ---------------------------------------------------------------------------------------------
 # Training goes on through the failures (PPO), or stops with a checkpoint when they repeat
 # ---------------------------------------------------------------------------------------------
