@@ -256,18 +256,22 @@ def evaluate_stages(
     stages: tuple[str, ...],
     episodes: int,
     seed: int,
+    only: str | None = None,
 ) -> dict[str, Any]:
     """Plays ``episodes`` episodes on each stage of a multi-stage preset, one stage at a time, so every
     stage gets the same number (a random draw of stages would give some far fewer).
 
     Args:
         make_vec_env: ``(num_envs, stage) -> vector env`` playing only that stage.
+        only: play this stage alone, with the seeds it gets among all (its rows of the full evaluation).
 
     Returns:
         The summary of all episodes (:func:`summarize_episodes`), whose ``stages`` holds each stage's.
     """
     results: list[dict[str, float]] = []
     for index, stage in enumerate(stages):
+        if only is not None and stage != only:
+            continue
         summary = evaluate(
             policy, lambda n, stage=stage: make_vec_env(n, stage), episodes, seed + 1000 * index
         )
@@ -282,11 +286,12 @@ def preset_stages(env: str) -> tuple[str, ...]:
 
 
 def evaluate_preset(
-    policy: Policy, env: str, episodes: int, seed: int, overrides: dict[str, Any]
+    policy: Policy, env: str, episodes: int, seed: int, overrides: dict[str, Any], stage: str | None = None
 ) -> dict[str, Any]:
     """Greedy episodes of ``policy`` on the preset ``env`` with the env options ``overrides`` (the
     eval protocol): ``episodes`` in all, or, on a multi-stage preset, ``episodes`` on each stage in
-    turn (:func:`evaluate_stages`), so the per-stage clear rates share one protocol."""
+    turn (:func:`evaluate_stages`), so the per-stage clear rates share one protocol; ``stage``
+    alone when given (a multi-stage preset's)."""
     stages = preset_stages(env)
     if stages:
         return evaluate_stages(
@@ -295,6 +300,7 @@ def evaluate_preset(
             stages,
             episodes,
             seed,
+            only=stage,
         )
     return evaluate(policy, lambda n: envs.make_vec(env, n, seed=seed, **overrides), episodes, seed)
 

@@ -115,6 +115,12 @@ def build_parser() -> Parser:
     evaluate.add_argument(
         "--save", action="store_true", help="also write the summary to eval.json in the run directory"
     )
+    evaluate.add_argument(
+        "--stage",
+        default=None,
+        metavar="W-S",
+        help="a multi-stage preset's stage alone, e.g. 1-3, with the seeds it gets in the full evaluation",
+    )
     evaluate.add_argument("--stochastic", action="store_true", help=STOCHASTIC_HELP)
     evaluate.add_argument(
         "--sticky",

@@ -21,8 +21,14 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
     from agents import load_agent
     from agents.episodes import evaluate_preset, preset_stages
     from core.files import atomic_write_json
+    from lab.watch import stage_options
 
     runs = args.run if isinstance(args.run, list) else [args.run]
+    stage = getattr(args, "stage", None)
+    if stage is not None and (len(runs) > 1 or getattr(args, "table", False)):
+        raise UsageError("lab eval: --stage evaluates one run; the comparison table plays every stage")
+    if stage is not None and args.save:
+        raise UsageError("lab eval: --save writes the whole protocol's eval.json; with --stage leave it out")
     if len(runs) > 1 or getattr(args, "table", False):
         return eval_table(args, runs)
     args.run = runs[0]
@@ -34,11 +40,13 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"--sticky applies to Mario presets only; this run trains {config.env!r}")
         overrides["sticky_prob"] = args.sticky
     stages = preset_stages(config.env)
-    summary = evaluate_preset(agent.policy, config.env, args.episodes, args.seed, overrides)
+    stage_options(config.env, stage, "lab eval")  # a bad --stage: one line, before any episode
+    summary = evaluate_preset(agent.policy, config.env, args.episodes, args.seed, overrides, stage)
     summary = {
         "run": args.run,
         "env": config.env,
         "actions": "sampled" if args.stochastic else "greedy",
+        **({"stage": stage} if stage else {}),
         **summary,
     }
     if args.save:
@@ -84,7 +92,8 @@ def print_eval(summary: dict[str, Any]) -> None:
     from agents.episodes import format_rate
 
     line = (
-        f"{summary['env']}: {summary['episodes']} {summary.get('actions', 'greedy')} episodes, "
+        f"{summary['env']}{' ' + summary['stage'] if 'stage' in summary else ''}: "
+        f"{summary['episodes']} {summary.get('actions', 'greedy')} episodes, "
         f"return {summary['return_mean']:.1f} +- {summary['return_std']:.1f}, length {summary['length_mean']:.0f}"
     )
     if "clear_rate" in summary:

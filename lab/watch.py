@@ -66,22 +66,23 @@ def watch_options(
     return {**overrides, **stage_options(env_name, stage)}
 
 
-def stage_options(env_name: str, stage: str | None) -> dict[str, Any]:
+def stage_options(env_name: str, stage: str | None, command: str = "lab watch") -> dict[str, Any]:
     """The env options that play only ``stage`` of a multi-stage preset ({} for None).
 
     Raises:
-        UsageError: ``stage`` on a single-stage env, or not one of the preset's stages.
+        UsageError: ``stage`` on a single-stage env, or not one of the preset's stages (the message
+            begins with ``command``).
     """
     if stage is None:
         return {}
     stages = tuple(envs.resolve(env_name).env_kwargs.get("stages", ()))
     if len(stages) < 2:
         raise UsageError(
-            f"lab watch: --stage picks a stage of a multi-stage preset; {env_name} has one stage"
+            f"{command}: --stage picks a stage of a multi-stage preset; {env_name} has one stage"
         )
     if stage not in stages:
         raise UsageError(
-            f"lab watch: --stage {stage} is not a stage of {env_name}; choose from: {', '.join(stages)}"
+            f"{command}: --stage {stage} is not a stage of {env_name}; choose from: {', '.join(stages)}"
         )
     return {"stages": (stage,)}
 

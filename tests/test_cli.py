@@ -556,7 +556,7 @@ OPTIONS = {
     "train": ["--algo", "--net", "--steps", "--envs", "--seed", "--device", "--run-dir", "--resume", "--set",
               "--json", "--no-progress", "--help-config"],
     "eval": ["--episodes", "--seed", "--device", "--deterministic-start", "--save", "--stochastic", "--sticky",
-             "--json"],
+             "--json", "--stage"],
     "watch": ["--episodes", "--out", "--human", "--small", "--stochastic", "--seed", "--max-steps", "--device",
               "--json", "--stage", "--deterministic-start"],
     "fit": ["--net", "--epochs", "--seed", "--device", "--run-dir", "--set", "--help-config", "--json",

@@ -76,6 +76,38 @@ def test_evaluation_plays_each_stage_equally_and_cuts_stalled_episodes():
     assert scalars["eval/stages/1-4/x_pos_mean"] == summary["stages"]["1-4"]["x_pos_mean"]
 
 
+class ReadsTheScreen:
+    """A deterministic policy whose actions follow the frames, so different no-op starts play different
+    episodes."""
+
+    def reset(self, num_envs: int) -> None:
+        pass
+
+    def act(self, obs: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return obs.reshape(len(obs), -1).sum(axis=1, dtype=np.int64) % 7, {}
+
+
+def test_one_stage_alone_replays_its_rows_of_the_full_evaluation(tmp_path, capsys):
+    overrides = {**envs.eval_overrides("mario-world-1"), "stall_patience": 30}
+    full = episodes.evaluate_preset(ReadsTheScreen(), "mario-world-1", 3, 5, overrides)
+    alone = episodes.evaluate_preset(ReadsTheScreen(), "mario-world-1", 3, 5, overrides, stage="1-2")
+    assert alone["episodes"] == 3
+    rows = [row for row in full["per_episode"] if (row["world"], row["stage"]) == (1, 2)]
+    assert alone["per_episode"] == rows
+    # Those are the seeds 1-2 gets as the second stage, not the first stage's.
+    first_seeds = episodes.evaluate(
+        ReadsTheScreen(),
+        lambda n: envs.make_vec("mario-world-1", n, seed=5, stages=("1-2",), **overrides),
+        3,
+        5,
+    )
+    assert first_seeds["per_episode"] != rows
+    run = str(ROOT / "runs" / "mario-world-1-distilled")
+    assert_usage_error(["eval", run, "--stage", "2-1"], capsys, "lab eval: --stage 2-1", "choose from: 1-1")
+    assert_usage_error(["eval", run, "--stage", "1-3", "--save"], capsys, "with --stage leave it out")
+    assert_usage_error(["eval", run, run, "--stage", "1-3"], capsys, "--stage evaluates one run")
+
+
 def test_only_multi_stage_presets_have_stages():
     assert episodes.preset_stages("mario-world-1") == WORLD_1_STAGES
     assert episodes.preset_stages("mario-1-1") == () and episodes.preset_stages("cartpole") == ()
