@@ -155,6 +155,12 @@ class AgentConfig:
     )
     sticky: float = option(0.0, "Mario: repeat the previous action on each frame with this probability", min=0.0, max=0.99)  # fmt: skip
     noop_max: int = option(0, "Mario: start each training episode with 0..noop_max random no-ops (the eval protocol uses 30)", min=0, max=1000)  # fmt: skip
+    flag_bonus: float = option(
+        0.0,
+        "Mario: extra training reward, in the game's units, on the step a flag is reached (the game's own "
+        "50 is clipped to 15 a frame); returns in the logs and evals stay the game's",
+        min=0.0,
+    )
     # The action sets are prefixes of one another (right_only, the first 5 of simple's 7, the first 7 of
     # complex's 12: the same buttons at the same indices), so an agent trained on a smaller set plays
     # in the preset's own env unchanged, and lab eval, watch, explain and compress need not know.
@@ -217,7 +223,7 @@ class AgentConfig:
 
     #: Fields that only a Mario preset takes (set on another env, ``check`` refuses them in one line);
     #: an algorithm's config adds its own.
-    MARIO_ONLY: ClassVar[tuple[str, ...]] = ("sticky", "noop_max", "route_starts", "actions")
+    MARIO_ONLY: ClassVar[tuple[str, ...]] = ("sticky", "noop_max", "route_starts", "actions", "flag_bonus")
 
     def check(self) -> None:
         """Checks the shared fields against each other and the env (the algorithms' ``check`` calls
@@ -265,12 +271,14 @@ class AgentConfig:
 
 def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
     """``envs.make_vec`` options that a training config sets: the action set, sticky actions, random
-    no-op starts and route starts (Mario presets only)."""
+    no-op starts, the flag bonus and route starts (Mario presets only)."""
     overrides: dict[str, Any] = {"actions": config.actions} if config.actions else {}
     if config.sticky:
         overrides["sticky_prob"] = config.sticky
     if config.noop_max:
         overrides["noop_max"] = config.noop_max
+    if config.flag_bonus:
+        overrides["flag_bonus"] = config.flag_bonus
     if config.route_starts:
         overrides["route_starts"] = config_routes(config)
         overrides["route_start_prob"] = config.route_start_prob

@@ -17,6 +17,7 @@ The stack, innermost first (per-frame wrappers below the frame skip, per-agent-s
     TimeLimit                truncation after max_episode_steps agent steps
     TruncateWithoutProgress  optional: cut an episode whose furthest x stalls (evaluation)
     RecordEpisodeStatistics  info["episode"] = {"r", "l", "t"} in the game's reward units
+    FlagBonus                optional: extra reward on reaching a flag (training)
     TerminateOnLifeLoss      optional, whole-game presets only
     ScaleReward              reward / 15 by default, so a typical step lies in [-1, 1]
 
@@ -660,6 +661,39 @@ class TruncateWithoutProgress(gym.Wrapper, gym.utils.RecordConstructorArgs):
         return obs, reward, terminated, truncated or stalled, info
 
 
+class FlagBonus(gym.Wrapper, gym.utils.RecordConstructorArgs):
+    """Adds ``bonus`` to the reward of the step on which Mario reaches a flag (each flag once).
+
+    Why: the game pays 50 for a flag, clipped with the rest of a frame's reward to 15, about three
+    frames of running; where a dead end pays more progress than the way to the flag (1-2's warp zone
+    against its exit pipe), no discount makes the flag the better return (RESULTS.md, "Where the
+    distilled network fails"). Training only; put it above ``RecordEpisodeStatistics`` so that
+    ``info["episode"]["r"]`` stays the game's own return.
+
+    Args:
+        env: an env whose info carries ``flag_get``.
+        bonus: the extra reward, in the game's units (``reward_scale`` applies to it as to the rest).
+    """
+
+    def __init__(self, env: gym.Env, bonus: float):
+        gym.utils.RecordConstructorArgs.__init__(self, bonus=bonus)
+        gym.Wrapper.__init__(self, env)
+        self.bonus = float(bonus)
+        self._flag = False
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
+        self._flag = False
+        return self.env.reset(seed=seed, options=options)
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        flag = bool(info.get("flag_get", False))
+        if flag and not self._flag:
+            reward = float(reward) + self.bonus
+        self._flag = flag
+        return obs, reward, terminated, truncated, info
+
+
 class TerminateOnLifeLoss(gym.Wrapper, gym.utils.RecordConstructorArgs):
     """Episodic life for whole-game Mario: losing a life ends the episode for the learner.
 
@@ -711,6 +745,7 @@ def make_mario(
     noop_max: int = 0,
     sticky_prob: float = 0.0,
     stall_patience: int = 0,
+    flag_bonus: float = 0.0,
     show_held_jump: bool = False,
     info_keys: Sequence[str] | None = INFO_KEYS,
     render_mode: str | None = None,
@@ -744,6 +779,8 @@ def make_mario(
         sticky_prob: per-frame probability of repeating the previous action (ALE v5 uses 0.25).
         stall_patience: cut an episode after this many agent steps without a new furthest x
             (:class:`TruncateWithoutProgress`; evaluation presets use it; 0 = off).
+        flag_bonus: extra reward, in the game's units, on the step a flag is reached
+            (:class:`FlagBonus`; training only; not in ``info["episode"]["r"]``; 0 = off).
         show_held_jump: draw whether A is held into the frame's top-left corner
             (:class:`ShowHeldJump`), so a policy can tell that its held jump will not jump again.
         info_keys: info keys to keep (None keeps gym-super-mario-bros' full info).
@@ -816,6 +853,8 @@ def make_mario(
     if stall_patience:
         env = TruncateWithoutProgress(env, patience=stall_patience)
     env = RecordEpisodeStatistics(env)
+    if flag_bonus:
+        env = FlagBonus(env, flag_bonus)
     if episodic_life:
         env = TerminateOnLifeLoss(env)
     if reward_scale != 1:

@@ -181,7 +181,31 @@ def test_sticky_and_noop_starts_reach_the_training_envs_and_the_eval_keeps_its_p
     assert engine.train_env_overrides(ppo.PPOConfig(env="mario-world-1")) == {}
 
 
-@pytest.mark.parametrize("setting", ["sticky=0.25", "noop_max=30"])
+def test_the_flag_bonus_pays_once_on_the_flag_and_stays_out_of_the_reported_return():
+    route = load_routes(str(ROOT / "envs" / "routes" / "1-4.json"))["1-4"]
+    results = {}
+    for bonus in (0.0, 400.0):
+        env = envs.make("mario-1-4", reward_scale=1.0, flag_bonus=bonus)
+        env.reset(seed=0)
+        rewards = []
+        for action in route:
+            _, reward, terminated, truncated, info = env.step(action)
+            rewards.append(float(reward))
+            if terminated or truncated:
+                break
+        env.close()
+        assert info["flag_get"]
+        results[bonus] = (rewards, info["episode"]["r"])
+    plain, paid = results[0.0][0], results[400.0][0]
+    assert len(plain) == len(paid) and paid[:-1] == plain[:-1] and paid[-1] == plain[-1] + 400.0
+    assert float(results[400.0][1]) == float(results[0.0][1]) == pytest.approx(sum(plain))
+    # Training envs only: the periodic evaluation keeps the game's reward.
+    config = ppo.PPOConfig(env="mario-world-1", flag_bonus=400.0)
+    assert engine.train_env_overrides(config) == {"flag_bonus": 400.0}
+    assert "flag_bonus" not in engine.eval_env_overrides(config)
+
+
+@pytest.mark.parametrize("setting", ["sticky=0.25", "noop_max=30", "flag_bonus=100"])
 def test_sticky_and_noop_starts_are_refused_outside_mario(setting, tmp_path, capsys):
     assert_usage_error(
         ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
