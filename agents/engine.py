@@ -285,6 +285,12 @@ def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
     return overrides
 
 
+def env_action_set(config: AgentConfig) -> str | None:
+    """The Mario action set a run plays with (its ``actions``, else its preset's); None off Mario."""
+    preset = envs.resolve(config.env)
+    return (config.actions or preset.action_set) if preset.kind == "mario" else None
+
+
 def config_routes(config: AgentConfig, option: str = "route_starts") -> dict[str, list[int]]:
     """The routes of the route files in the config field ``option``, checked against the training's
     action set and the stages its preset plays (ValueError naming what is wrong)."""

@@ -41,9 +41,16 @@ import torch
 import torch.nn as nn
 from torch.distributions import Categorical, kl_divergence
 
-import envs
 import nets
-from agents.engine import AgentConfig, AsyncLearner, EvalListener, TrainingRun, config_routes, played_stages
+from agents.engine import (
+    AgentConfig,
+    AsyncLearner,
+    EvalListener,
+    TrainingRun,
+    config_routes,
+    env_action_set,
+    played_stages,
+)
 from agents.episodes import env_stages, route_demonstrations
 from core.checkpoint import CheckpointError, load_checkpoint
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
@@ -397,12 +404,6 @@ class Kickstart(NamedTuple):
     weight: float
 
 
-def env_action_set(config: AgentConfig) -> str | None:
-    """The Mario action set a run plays with (its ``actions``, else its preset's); None off Mario."""
-    preset = envs.resolve(config.env)
-    return (config.actions or preset.action_set) if preset.kind == "mario" else None
-
-
 def load_kickstart_teacher(
     config: PPOConfig, obs_shape: tuple[int, ...], num_actions: int, device: torch.device
 ) -> ActorCritic:
@@ -422,10 +423,11 @@ def load_kickstart_teacher(
         raise ValueError(f"kickstart: {sidecar} is {kind}; the teacher must be a PPO agent")
     teacher_config = config_from_dict(meta["config"], source=str(sidecar))
     shape, actions = tuple(meta["obs_shape"]), int(meta["num_actions"])
-    if teacher_config.memory != "none" or meta.get("quantization"):
+    problems = [f"memory={teacher_config.memory}"] if teacher_config.memory != "none" else []
+    problems += [f"{meta['quantization']} weights"] if meta.get("quantization") else []
+    if problems:
         raise ValueError(
-            f"kickstart: {sidecar} has memory={teacher_config.memory} and quantization="
-            f"{meta.get('quantization')}; the teacher must be a feed-forward fp32 PPO agent"
+            f"kickstart: {sidecar} has {' and '.join(problems)}; the teacher must be a feed-forward fp32 PPO agent"
         )
     if (
         shape != obs_shape

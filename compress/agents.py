@@ -20,9 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import envs
 from agents import ALGOS, LoadedAgent, load_agent
-from agents.engine import save_training_checkpoint
+from agents.engine import env_action_set, save_training_checkpoint
 from core.checkpoint import CheckpointError
 from core.config import apply_overrides, validate
 from core.files import jsonable
@@ -101,10 +100,7 @@ class Teacher(NamedTuple):
 def action_set(teacher: Teacher) -> str | None:
     """The Mario action set a teacher plays with (its config's ``actions``, else its preset's); None
     for other envs."""
-    preset = envs.resolve(teacher.agent.config.env)
-    if preset.kind != "mario":
-        return None
-    return getattr(teacher.agent.config, "actions", None) or preset.action_set
+    return env_action_set(teacher.agent.config)
 
 
 def agent_network(agent: LoadedAgent) -> nn.Module:
