@@ -24,6 +24,7 @@ import cv2
 import numpy as np
 
 import envs
+from agents.episodes import preset_stages
 from envs.mario import stage_label
 from envs.video import write_video
 from lab.errors import UsageError
@@ -75,8 +76,8 @@ def stage_options(env_name: str, stage: str | None, command: str = "lab watch") 
     """
     if stage is None:
         return {}
-    stages = tuple(envs.resolve(env_name).env_kwargs.get("stages", ()))
-    if len(stages) < 2:
+    stages = preset_stages(env_name)
+    if not stages:
         raise UsageError(
             f"{command}: --stage picks a stage of a multi-stage preset; {env_name} has one stage"
         )
