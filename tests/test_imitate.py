@@ -96,21 +96,56 @@ def test_a_bad_imitate_setting_is_one_line_before_the_run_exists(env, settings, 
     assert not (tmp_path / "run").exists()
 
 
-def test_the_imitation_term_alone_moves_the_actor_to_the_route_actions():
-    # Zero advantages, value and entropy weights: PPO's own loss has no gradient, so the actor moves
-    # only when the demonstration term is on.
-    config = ppo.PPOConfig(
+def silent_config() -> ppo.PPOConfig:
+    """Zero value and entropy weights (and, with :func:`random_rollout`, zero advantages): PPO's own
+    loss has no gradient, so the actor moves only through a term added to it."""
+    return ppo.PPOConfig(
         net="nature", num_envs=4, num_steps=8, num_minibatches=2, update_epochs=10, ent_coef=0.0, vf_coef=0.0
     )
-    torch.manual_seed(0)
-    agent = ppo.ActorCritic(config, (4, 36, 36), num_actions=5)
+
+
+def random_rollout(config: ppo.PPOConfig) -> ppo.Rollout:
+    """Random (4, 36, 36) frames, zero advantages, the old policy uniform over 5 actions."""
     rollout = ppo.Rollout.empty(
         config.num_steps, config.num_envs, (4, 36, 36), torch.uint8, torch.device("cpu")
     )
     rollout.obs.random_(0, 256)
     rollout.logprobs.fill_(-np.log(5))
-    demos = ppo.DemoTensors(torch.randint(0, 256, (16, 4, 36, 36), dtype=torch.uint8), torch.full((16,), 2))
+    return rollout
+
+
+def update_a_copy(
+    agent: ppo.ActorCritic,
+    rollout: ppo.Rollout,
+    config: ppo.PPOConfig,
+    imitation: ppo.Imitation | None = None,
+    kickstart: ppo.Kickstart | None = None,
+) -> tuple[ppo.UpdateStats, ppo.ActorCritic]:
+    """One ``ppo_update`` of a copy of ``agent`` (Adam at 1e-3, no autocast): its stats and the copy."""
+    model = copy.deepcopy(agent)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     no_autocast = torch.autocast("cpu", enabled=False)
+    stats = ppo.ppo_update(
+        model,
+        model,
+        optimizer,
+        rollout,
+        config,
+        1e-3,
+        np.random.default_rng(0),
+        no_autocast,
+        imitation,
+        kickstart,
+    )
+    return stats, model
+
+
+def test_the_imitation_term_alone_moves_the_actor_to_the_route_actions():
+    config = silent_config()
+    torch.manual_seed(0)
+    agent = ppo.ActorCritic(config, (4, 36, 36), num_actions=5)
+    rollout = random_rollout(config)
+    demos = ppo.DemoTensors(torch.randint(0, 256, (16, 4, 36, 36), dtype=torch.uint8), torch.full((16,), 2))
 
     def route_probability(model):
         with torch.no_grad():
@@ -120,12 +155,8 @@ def test_the_imitation_term_alone_moves_the_actor_to_the_route_actions():
     before = route_probability(agent)
     results = {}
     for weight in (None, 1.0):
-        model = copy.deepcopy(agent)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         imitation = None if weight is None else ppo.Imitation(demos, weight)
-        stats = ppo.ppo_update(
-            model, model, optimizer, rollout, config, 1e-3, np.random.default_rng(0), no_autocast, imitation
-        )
+        stats, model = update_a_copy(agent, rollout, config, imitation=imitation)
         results[weight] = (stats, route_probability(model))
     assert results[None][0].imitation is None and results[None][1] == pytest.approx(before, abs=1e-6)
     assert results[1.0][0].imitation is not None and results[1.0][1] > before + 0.2

@@ -3,16 +3,15 @@ rollout's states, weighted by ``kickstart_coef`` and decaying to 0 over ``kickst
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from agents import ppo
 from tests.test_cli import assert_usage_error
+from tests.test_imitate import random_rollout, silent_config, update_a_copy
 
 DATA = Path(__file__).parent / "data" / "runs-99e85bd"
 CARTPOLE_TEACHER = DATA / "ppo"  # a PPO CartPole run (hidden 16x16), loadable by today's code
@@ -27,42 +26,20 @@ def kl_to_teacher(teacher: ppo.ActorCritic, student: ppo.ActorCritic, obs: torch
 
 
 def test_the_kickstart_term_alone_moves_the_actor_to_the_teacher():
-    # Zero advantages, value and entropy weights: PPO's own loss has no gradient, so the actor moves
-    # only when the kickstart term is on.
-    config = ppo.PPOConfig(
-        net="nature", num_envs=4, num_steps=8, num_minibatches=2, update_epochs=10, ent_coef=0.0, vf_coef=0.0
-    )
+    config = silent_config()  # PPO's own loss has no gradient: only the kickstart term moves the actor
     torch.manual_seed(0)
     student = ppo.ActorCritic(config, (4, 36, 36), num_actions=5)
     teacher = ppo.ActorCritic(config, (4, 36, 36), num_actions=5)
     with torch.no_grad():  # a teacher that is sure of its actions, as a trained one is
         teacher.head.actor[0].weight.mul_(20.0)
-    rollout = ppo.Rollout.empty(
-        config.num_steps, config.num_envs, (4, 36, 36), torch.uint8, torch.device("cpu")
-    )
-    rollout.obs.random_(0, 256)
-    rollout.logprobs.fill_(-np.log(5))
-    no_autocast = torch.autocast("cpu", enabled=False)
-    targets = ppo.teacher_log_probs(teacher, rollout.obs, no_autocast)
+    rollout = random_rollout(config)
+    targets = ppo.teacher_log_probs(teacher, rollout.obs, torch.autocast("cpu", enabled=False))
     assert targets.shape == (8, 4, 5) and torch.allclose(targets.exp().sum(-1), torch.ones(8, 4))
     before = kl_to_teacher(teacher, student, rollout.obs)
     results = {}
     for weight in (None, 1.0):
-        model = copy.deepcopy(student)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         kickstart = None if weight is None else ppo.Kickstart(targets, weight)
-        stats = ppo.ppo_update(
-            model,
-            model,
-            optimizer,
-            rollout,
-            config,
-            1e-3,
-            np.random.default_rng(0),
-            no_autocast,
-            None,
-            kickstart,
-        )
+        stats, model = update_a_copy(student, rollout, config, kickstart=kickstart)
         results[weight] = (stats, kl_to_teacher(teacher, model, rollout.obs))
     assert results[None][0].kickstart is None and results[None][1] == pytest.approx(before, rel=1e-5)
     assert results[1.0][0].kickstart is not None and results[1.0][1] < before / 2
