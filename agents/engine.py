@@ -295,8 +295,9 @@ def config_routes(config: AgentConfig, option: str = "route_starts") -> dict[str
     """The routes of the route files in the config field ``option``, checked against the training's
     action set and the stages its preset plays (ValueError naming what is wrong)."""
     paths = getattr(config, option)
-    assert paths
-    routes = load_routes(paths, config.actions or envs.resolve(config.env).action_set, option)
+    action_set = env_action_set(config)
+    assert paths and action_set  # route options are Mario-only: check() refuses them elsewhere first
+    routes = load_routes(paths, action_set, option)
     played = played_stages(config.env)
     if unplayed := sorted(set(routes) - set(played)):
         raise ValueError(

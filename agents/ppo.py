@@ -419,7 +419,7 @@ def load_kickstart_teacher(
     except CheckpointError as error:
         raise CheckpointError(f"kickstart: {error}") from None
     if meta.get("algo") != ALGO or "config" not in meta:
-        kind = f"a {meta['algo']} agent" if "algo" in meta else "no agent checkpoint"
+        kind = f"a {meta['algo']} agent" if "algo" in meta and "config" in meta else "no agent checkpoint"
         raise ValueError(f"kickstart: {sidecar} is {kind}; the teacher must be a PPO agent")
     teacher_config = config_from_dict(meta["config"], source=str(sidecar))
     shape, actions = tuple(meta["obs_shape"]), int(meta["num_actions"])
@@ -1147,8 +1147,8 @@ def ppo_update(
                     imitation_term = imitation_loss(forward, imitation.demos, index, autocast)
                     loss = loss + imitation.weight * imitation_term
                 if kickstart is not None:
-                    flat = torch.as_tensor(mb_index, device=rollout.obs.device)
-                    targets = kickstart.log_probs[flat // config.num_envs, flat % config.num_envs]  # (M, A)
+                    t_index, env_index = rollout_steps(mb_index, config, rollout)
+                    targets = kickstart.log_probs[t_index, env_index]  # (M, A)
                     kickstart_term = kl_divergence(Categorical(logits=targets[None]), distribution).mean()
                     loss = loss + kickstart.weight * kickstart_term
                 optimizer.zero_grad(set_to_none=True)
@@ -1265,12 +1265,20 @@ def minibatch_indices(config: PPOConfig, np_rng: np.random.Generator) -> list[np
     return np.array_split(np_rng.permutation(config.num_envs), config.num_minibatches)
 
 
+def rollout_steps(
+    index: np.ndarray, config: PPOConfig, rollout: Rollout
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (time, env) positions of a feed-forward minibatch's flat indices (M,) into (T, N) tensors."""
+    index_tensor = torch.as_tensor(index, device=rollout.obs.device)
+    return index_tensor // config.num_envs, index_tensor % config.num_envs
+
+
 def slice_minibatch(index: np.ndarray, config: PPOConfig, rollout: Rollout) -> Minibatch:
     """Feed-forward minibatches are (1, M) "sequences" of single steps; recurrent ones (T, envs)."""
-    index_tensor = torch.as_tensor(index, device=rollout.obs.device)
     fields = (rollout.obs, rollout.starts, rollout.actions, rollout.logprobs, rollout.advantages,
               rollout.returns, rollout.values)  # fmt: skip
     if config.memory == "none":
-        t_index, env_index = index_tensor // config.num_envs, index_tensor % config.num_envs
+        t_index, env_index = rollout_steps(index, config, rollout)
         return Minibatch(*(x[t_index, env_index][None] for x in fields), envs=None)  # (1, M, ...)
+    index_tensor = torch.as_tensor(index, device=rollout.obs.device)
     return Minibatch(*(x[:, index_tensor] for x in fields), envs=index_tensor)  # (T, E, ...)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from agents import ALGOS, LoadedAgent, load_agent
-from agents.engine import env_action_set, save_training_checkpoint
+from agents.engine import save_training_checkpoint
 from core.checkpoint import CheckpointError
 from core.config import apply_overrides, validate
 from core.files import jsonable
@@ -95,12 +95,6 @@ class Teacher(NamedTuple):
         if self.algo == "dqn":
             return torch.log_softmax(logits.float() / DQN_TEMPERATURE, dim=-1), None
         return logits.float(), values.float()
-
-
-def action_set(teacher: Teacher) -> str | None:
-    """The Mario action set a teacher plays with (its config's ``actions``, else its preset's); None
-    for other envs."""
-    return env_action_set(teacher.agent.config)
 
 
 def agent_network(agent: LoadedAgent) -> nn.Module:

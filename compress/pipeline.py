@@ -41,14 +41,13 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import envs
-from agents.engine import load_training_checkpoint, played_stages
+from agents.engine import env_action_set, load_training_checkpoint, played_stages
 from agents.episodes import env_stages, finished_episodes, stage_label
 from agents.ppo import copy_tensors
 from compress import METHODS, get_method
 from compress.agents import (
     PolicyNet,
     Teacher,
-    action_set,
     as_batch,
     build_network,
     compressed_meta,
@@ -298,7 +297,7 @@ def load_stage_teachers(teacher: Teacher, config: CompressConfig) -> dict[str, T
         for what, own, theirs in (
             ("algorithm", teacher.algo, other.algo),
             ("observation shape", teacher.obs_shape, other.obs_shape),
-            ("action set", action_set(teacher), action_set(other)),
+            ("action set", env_action_set(teacher.agent.config), env_action_set(other.agent.config)),
         ):
             if own != theirs:
                 raise ValueError(
