@@ -161,6 +161,13 @@ class AgentConfig:
         "50 is clipped to 15 a frame); returns in the logs and evals stay the game's",
         min=0.0,
     )
+    stall_patience: int = option(
+        0,
+        "Mario: cut a training episode after this many agent steps without a new furthest x (a truncation, "
+        "as the evaluation's 200): no samples spent standing in a dead end until the clock runs out; 0: off",
+        min=0,
+        max=100_000,
+    )
     # The action sets are prefixes of one another (right_only, the first 5 of simple's 7, the first 7 of
     # complex's 12: the same buttons at the same indices), so an agent trained on a smaller set plays
     # in the preset's own env unchanged, and lab eval, watch, explain and compress need not know.
@@ -223,7 +230,9 @@ class AgentConfig:
 
     #: Fields that only a Mario preset takes (set on another env, ``check`` refuses them in one line);
     #: an algorithm's config adds its own.
-    MARIO_ONLY: ClassVar[tuple[str, ...]] = ("sticky", "noop_max", "route_starts", "actions", "flag_bonus")
+    MARIO_ONLY: ClassVar[tuple[str, ...]] = (
+        "sticky", "noop_max", "route_starts", "actions", "flag_bonus", "stall_patience",
+    )  # fmt: skip
 
     def check(self) -> None:
         """Checks the shared fields against each other and the env (the algorithms' ``check`` calls
@@ -271,7 +280,7 @@ class AgentConfig:
 
 def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
     """``envs.make_vec`` options that a training config sets: the action set, sticky actions, random
-    no-op starts, the flag bonus and route starts (Mario presets only)."""
+    no-op starts, the flag bonus, the stall cut-off and route starts (Mario presets only)."""
     overrides: dict[str, Any] = {"actions": config.actions} if config.actions else {}
     if config.sticky:
         overrides["sticky_prob"] = config.sticky
@@ -279,6 +288,8 @@ def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
         overrides["noop_max"] = config.noop_max
     if config.flag_bonus:
         overrides["flag_bonus"] = config.flag_bonus
+    if config.stall_patience:
+        overrides["stall_patience"] = config.stall_patience
     if config.route_starts:
         overrides["route_starts"] = config_routes(config)
         overrides["route_start_prob"] = config.route_start_prob

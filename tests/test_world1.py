@@ -205,7 +205,25 @@ def test_the_flag_bonus_pays_once_on_the_flag_and_stays_out_of_the_reported_retu
     assert "flag_bonus" not in engine.eval_env_overrides(config)
 
 
-@pytest.mark.parametrize("setting", ["sticky=0.25", "noop_max=30", "flag_bonus=100"])
+def test_the_training_stall_cut_off_truncates_a_standing_episode():
+    config = ppo.PPOConfig(env="mario-1-1", stall_patience=7)
+    overrides = engine.train_env_overrides(config)
+    assert overrides == {"stall_patience": 7}
+    env = envs.make("mario-1-1", **overrides)
+    try:
+        env.reset(seed=0)
+        for steps in range(1, 100):  # no-ops: Mario stands at the start, his furthest x never grows
+            _, _, terminated, truncated, info = env.step(0)
+            if terminated or truncated:
+                break
+        assert truncated and not terminated and info["stalled"] and steps <= 8
+    finally:
+        env.close()
+    # The periodic evaluation keeps the preset's protocol (its own cut-off, 200).
+    assert envs.eval_overrides("mario-1-1")["stall_patience"] == engine.eval_env_overrides(config)["stall_patience"]
+
+
+@pytest.mark.parametrize("setting", ["sticky=0.25", "noop_max=30", "flag_bonus=100", "stall_patience=100"])
 def test_sticky_and_noop_starts_are_refused_outside_mario(setting, tmp_path, capsys):
     assert_usage_error(
         ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
