@@ -1,7 +1,7 @@
 """``lab demo``: the flagship demo on the shipped defaults.
 
-With the shipped World-1 agent (runs/mario-world-1/) it plays 1-1 to 1-4 in sequence, greedily on
-the CPU, into one video with the stage named on screen. Without it, the shipped 1-1 agent
+With the shipped World-1 network (runs/mario-world-1-distilled/) it plays 1-1 to 1-4 in sequence,
+greedily on the CPU, into one video with the stage named on screen. Without it, the shipped 1-1 agent
 (runs/mario-1-1/) plays World 1-1, writes the video under runs/, and prints the outcome. While no
 finished agent ships, the agent still in training (runs/mario-1-1-inprogress/) plays instead, and
 says so. Without either (a checkout that ships no agent) it falls back to the supervised
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-WORLD_RUN = Path("runs/mario-world-1")
+WORLD_RUN = Path("runs/mario-world-1-distilled")
 SHIPPED_RUN = Path("runs/mario-1-1")
 IN_PROGRESS_RUN = Path("runs/mario-1-1-inprogress")
 

@@ -398,6 +398,9 @@ def test_demo_plays_the_shipped_agent_else_the_one_in_training_else_the_playgrou
     lab.demo.demo()
     out = capsys.readouterr().out
     assert "still in training" not in out and "PPO agent (runs/mario-1-1" in out
+    monkeypatch.setattr(lab.demo, "world_demo", lambda run_dir: {"demo": "world", "run": str(run_dir)})
+    (tmp_path / "runs" / "mario-world-1-distilled" / "checkpoints").mkdir(parents=True)
+    assert lab.demo.demo() == {"demo": "world", "run": "runs/mario-world-1-distilled"}
 
 
 def test_stochastic_policies_sample_and_greedy_ones_do_not(paths):

@@ -55,3 +55,15 @@ def test_the_pruned_agent_is_90_percent_sparse_with_whole_ends():
     assert zeros / sum(weight.numel() for weight in weights) == pytest.approx(0.9, abs=1e-4)
     for layer in end_layers(model):  # dense_ends: the first layer and the heads keep every weight
         assert int((layer.weight == 0).sum()) == 0
+
+
+def test_the_world_demo_plays_the_four_stages_into_one_video(tmp_path, capsys):
+    from lab.demo import WORLD_RUN, world_demo
+
+    run = RUNS.parent / WORLD_RUN
+    if not (run / "checkpoints").is_dir():
+        pytest.skip(f"{WORLD_RUN} is not in this checkout")
+    summary = world_demo(run, out=tmp_path / "world-1.mp4")
+    assert [episode["stage"] for episode in summary["per_episode"]] == ["1-1", "1-2", "1-3", "1-4"]
+    assert (tmp_path / "world-1.mp4").stat().st_size > 10_000 and summary["frames"] > 100
+    assert "stages cleared; video:" in capsys.readouterr().out
