@@ -81,7 +81,7 @@ def world_demo(run_dir: Path, out: Path = Path("runs/demo/mario-world-1.mp4")) -
         finally:
             env.close()
         episodes.append({"stage": stage, **episode})
-        print(f"World {stage}: {describe_episode(episode)}")
+        print(f"World {describe_episode(episodes[-1])}")  # "World 1-2: return ..."
     out.parent.mkdir(parents=True, exist_ok=True)
     video = str(write_video(frames, out, fps=fps))
     cleared = sum(bool(episode.get("flag_get")) for episode in episodes)

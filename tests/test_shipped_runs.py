@@ -66,4 +66,5 @@ def test_the_world_demo_plays_the_four_stages_into_one_video(tmp_path, capsys):
     summary = world_demo(run, out=tmp_path / "world-1.mp4")
     assert [episode["stage"] for episode in summary["per_episode"]] == ["1-1", "1-2", "1-3", "1-4"]
     assert (tmp_path / "world-1.mp4").stat().st_size > 10_000 and summary["frames"] > 100
-    assert "stages cleared; video:" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "World 1-3: return" in out and "1-3: 1-3" not in out and "stages cleared; video:" in out
