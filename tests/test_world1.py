@@ -212,10 +212,10 @@ def test_the_training_stall_cut_off_truncates_a_standing_episode():
     env = envs.make("mario-1-1", **overrides)
     try:
         env.reset(seed=0)
-        for steps in range(1, 100):  # no-ops: Mario stands at the start, his furthest x never grows
+        steps, terminated, truncated = 0, False, False
+        while not (terminated or truncated) and steps < 100:  # no-ops: Mario stands, his furthest x stays
             _, _, terminated, truncated, info = env.step(0)
-            if terminated or truncated:
-                break
+            steps += 1
         assert truncated and not terminated and info["stalled"] and steps <= 8
     finally:
         env.close()
