@@ -220,7 +220,10 @@ def test_the_training_stall_cut_off_truncates_a_standing_episode():
     finally:
         env.close()
     # The periodic evaluation keeps the preset's protocol (its own cut-off, 200).
-    assert envs.eval_overrides("mario-1-1")["stall_patience"] == engine.eval_env_overrides(config)["stall_patience"]
+    assert (
+        envs.eval_overrides("mario-1-1")["stall_patience"]
+        == engine.eval_env_overrides(config)["stall_patience"]
+    )
 
 
 @pytest.mark.parametrize("setting", ["sticky=0.25", "noop_max=30", "flag_bonus=100", "stall_patience=100"])
