@@ -6,6 +6,7 @@ Each takes a run directory, its ``checkpoints/`` folder or a checkpoint file (``
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
         plot_learning_curve,
     )
     from core.checkpoint import latest_checkpoint, load_checkpoint
-    from core.files import check_writable
+    from core.files import atomic_write_files, check_writable
     from core.runs import run_dir_of
 
     source, out = run_dir_of(args.run), Path(args.out)
@@ -193,7 +194,12 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     sidecar = export_slim_checkpoint(source, out)
     state, meta = load_checkpoint(sidecar)
     history = list(state.get("history", []))
-    if history:
+    curves = [source / "metrics.json", source / "learning_curve.png"]
+    if all(path.is_file() for path in curves) and "method" in json.loads(curves[0].read_text()):
+        # A compressed run (lab compress) keeps its own curves: agreement, KL, the student's clears per
+        # stage. The checkpoint's history holds only the PPO-style episode records behind them.
+        atomic_write_files([(out / path.name, path.read_bytes()) for path in curves])
+    elif history:
         plot_learning_curve(
             history,
             out / "learning_curve.png",

@@ -136,6 +136,9 @@ def test_a_stopped_distillation_resumes_where_it_was(teachers, tmp_path, capsys)
     ):
         code, _, err = run_lab(argv, capsys)
         assert code == 0, f"{argv[0]}: {err}"
+    # The export keeps the distillation's own curves, not a PPO-style plot of the checkpoint's history.
+    for name in ("metrics.json", "learning_curve.png"):
+        assert (tmp_path / "exported" / name).read_bytes() == (out / name).read_bytes()
 
 
 def test_an_interrupted_distillation_keeps_what_it_learnt(teachers, tmp_path, capsys, monkeypatch):
