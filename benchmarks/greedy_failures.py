@@ -9,6 +9,10 @@ again until the cut-off (the stall that the ``mario-1-1-hud`` preset's corner bl
 
     python -m benchmarks.greedy_failures runs/mario-world-1-training --stage 1-1 --episodes 20
 
+``--frames DIR`` writes the screen on which each episode that missed the flag ended, as a PNG named by
+its stage, seed, outcome and x (``1-4-seed1005-stall-x2270.png``): where a stall stood is easier seen
+than read.
+
 ``--corner`` (PPO agents without memory, on a preset with the block): does the agent read the block?
 Every observation of the episodes is given to the policy twice more, with the block drawn as "A held"
 and as "A not held" in all stacked frames, and the probability of the actions that press A is
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -29,6 +34,7 @@ import agents
 import envs
 from agents.ppo import action_distribution
 from core.checkpoint import CheckpointError
+from core.files import atomic_write_bytes
 from envs.mario import HELD_JUMP_BLOCK, jump_held, playing_emulator
 
 # The last agent steps whose actions a stall report counts: the stall cut-off's patience (200).
@@ -87,6 +93,14 @@ def play(agent: Any, env: Any, seed: int, action_names: list[str], seen: list | 
     )
 
 
+def write_screen(env: Any, path: Path) -> None:
+    """Writes the env's current screen (an ``rgb_array`` env's full-resolution frame) as a PNG."""
+    import imageio.v3 as iio
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, iio.imwrite("<bytes>", env.render(), extension=".png"))
+
+
 @torch.no_grad()
 def read_corner(network: torch.nn.Module, observations: np.ndarray, action_names: list[str]) -> CornerReading:
     """:class:`CornerReading` of a PPO network (no memory) over ``observations`` (N, 4, 84, 84) uint8."""
@@ -115,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--corner", action="store_true", help="also measure how the held-jump block sways the policy (PPO)"
     )
+    parser.add_argument(
+        "--frames",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write the last screen of each failure as a PNG",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON summary as the last line")
     args = parser.parse_args(argv)
     if args.episodes < 1 or not 0.0 <= args.sticky < 1.0:
@@ -141,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     stages = {"stages": (args.stage,)} if args.stage else {}
     try:
-        env = envs.make(preset, **{**envs.eval_overrides(preset), "sticky_prob": args.sticky, **stages})
+        render = {"render_mode": "rgb_array"} if args.frames else {}
+        env = envs.make(
+            preset, **{**envs.eval_overrides(preset), "sticky_prob": args.sticky, **stages, **render}
+        )
     except ValueError as error:  # a stage that is not Super Mario Bros.'s
         parser.exit(2, f"greedy_failures: {error}\n")
     action_names = list(env.get_wrapper_attr("action_names"))
@@ -152,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         if args.corner and result.outcome == "stall":
             stalled.extend(seen[max(start, len(seen) - STALL_WINDOW) :])
+        if args.frames and result.outcome != "flag":
+            name = f"{args.stage or preset}-seed{args.seed + episode}-{result.outcome}-x{result.x_pos}.png"
+            write_screen(env, args.frames / name)
         held = (
             f", A held at the end: {'yes' if result.a_held_at_end else 'no'}"
             if result.outcome == "stall"

@@ -303,6 +303,35 @@ def test_greedy_failures_reports_the_shipped_agents_greedy_clear():
     assert summary["per_episode"][0]["outcome"] == "flag" and summary["per_episode"][0]["x_pos"] > 3000
 
 
+def test_greedy_failures_writes_the_last_screen_of_each_failure(tmp_path, capsys):
+    import imageio.v3 as iio
+
+    from benchmarks import greedy_failures
+
+    # Sticky actions at 0.9 make the shipped 1-1 agent fail early (these seeds: deaths and stalls).
+    argv = [
+        "runs/mario-1-1",
+        "--episodes",
+        "3",
+        "--sticky",
+        "0.9",
+        "--seed",
+        "1",
+        "--frames",
+        str(tmp_path),
+        "--json",
+    ]
+    assert greedy_failures.main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    expected = {
+        f"mario-1-1-seed{1 + index}-{episode['outcome']}-x{episode['x_pos']}.png"
+        for index, episode in enumerate(summary["per_episode"])
+        if episode["outcome"] != "flag"
+    }
+    assert expected and {path.name for path in tmp_path.iterdir()} == expected
+    assert all(iio.imread(tmp_path / name).shape == (240, 256, 3) for name in expected)
+
+
 def test_a_stall_with_a_held_is_reported_as_such():
     """A policy that always chooses "A" jumps once and then stands holding A: no new press, no jump."""
     from benchmarks import greedy_failures
