@@ -16,8 +16,10 @@ SHIPPED = [
     "mario-1-1-distilled",
     "mario-1-1-int8",
     "mario-1-1-pruned",
+    "mario-1-1-training",
     "mario-1-2-training",
     "mario-1-3-training",
+    "mario-1-4-training",
     "mario-world-1-distilled",
     "mario-world-1-training",
 ]
