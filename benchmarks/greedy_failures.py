@@ -34,8 +34,8 @@ import agents
 import envs
 from agents.ppo import action_distribution
 from core.checkpoint import CheckpointError
-from core.files import atomic_write_bytes
 from envs.mario import HELD_JUMP_BLOCK, jump_held, playing_emulator
+from explain.render import save_png
 
 # The last agent steps whose actions a stall report counts: the stall cut-off's patience (200).
 STALL_WINDOW = 200
@@ -95,10 +95,8 @@ def play(agent: Any, env: Any, seed: int, action_names: list[str], seen: list | 
 
 def write_screen(env: Any, path: Path) -> None:
     """Writes the env's current screen (an ``rgb_array`` env's full-resolution frame) as a PNG."""
-    import imageio.v3 as iio
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, iio.imwrite("<bytes>", env.render(), extension=".png"))
+    save_png(env.render(), path)
 
 
 @torch.no_grad()

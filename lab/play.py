@@ -6,7 +6,6 @@ Each takes a run directory, its ``checkpoints/`` folder or a checkpoint file (``
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -195,7 +194,7 @@ def cmd_export(args: argparse.Namespace) -> dict[str, Any]:
     state, meta = load_checkpoint(sidecar)
     history = list(state.get("history", []))
     curves = [source / "metrics.json", source / "learning_curve.png"]
-    if all(path.is_file() for path in curves) and "method" in json.loads(curves[0].read_text()):
+    if "compression" in meta and all(path.is_file() for path in curves):
         # A compressed run (lab compress) keeps its own curves: agreement, KL, the student's clears per
         # stage. The checkpoint's history holds only the PPO-style episode records behind them.
         atomic_write_files([(out / path.name, path.read_bytes()) for path in curves])

@@ -309,18 +309,8 @@ def test_greedy_failures_writes_the_last_screen_of_each_failure(tmp_path, capsys
     from benchmarks import greedy_failures
 
     # Sticky actions at 0.9 make the shipped 1-1 agent fail early (these seeds: deaths and stalls).
-    argv = [
-        "runs/mario-1-1",
-        "--episodes",
-        "3",
-        "--sticky",
-        "0.9",
-        "--seed",
-        "1",
-        "--frames",
-        str(tmp_path),
-        "--json",
-    ]
+    argv = [str(ROOT / "runs" / "mario-1-1"), "--episodes", "3", "--sticky", "0.9", "--seed", "1",
+            "--frames", str(tmp_path), "--json"]  # fmt: skip
     assert greedy_failures.main(argv) == 0
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     expected = {
