@@ -43,6 +43,7 @@ from agents.episodes import (
     evaluate_preset,
     finished_episodes,
     first_route_frontiers,
+    fixed_route_frontiers,
     preset_stages,
     route_start_scalars,
     route_windows,
@@ -183,20 +184,21 @@ class AgentConfig:
         "curriculum; evals start as usual)",
     )
     route_start_prob: float = option(0.5, "Mario: the share of training episodes that start along a route", min=0.0, max=1.0)  # fmt: skip
-    route_start_schedule: Literal["uniform", "backward"] = option(
+    route_start_schedule: Literal["uniform", "backward", "window"] = option(
         "uniform",
-        "route starts: anywhere along the route (uniform), or from a window that begins near the flag "
-        "and moves route_start_step actions back whenever a fifth of its starts clear (backward)",
+        "route starts: anywhere along the route (uniform), from a window that begins near the flag "
+        "and moves route_start_step actions back whenever a fifth of its starts clear (backward), or "
+        "from a window that stays at route_start_from (window: practice one stretch)",
     )
     # A wide window mixes starts before and after a hard spot (1-3's moving lift): those after it
     # clear, and the window moves on before the spot itself is learnt.
-    route_start_step: int = option(10, "route_start_schedule=backward: the window's width and step, in actions", min=1)  # fmt: skip
+    route_start_step: int = option(10, "route_start_schedule=backward or window: the window's width (and backward's step), in actions", min=1)  # fmt: skip
     # A dead end early in a stage (1-3's turn back at route action 87) is far from the flag: a window
     # that walks back from the flag takes a million steps to get there, so it can begin nearer.
     route_start_from: int = option(
         0,
         "route_start_schedule=backward: the action where the window begins (or the window of a resumed "
-        "run, if that is earlier); 0: just before the flag",
+        "run, if that is earlier; 0: just before the flag); window: where the fixed window begins",
         min=0,
     )
     stage_sampling: Literal["uniform", "adaptive"] = option(
@@ -262,10 +264,10 @@ class AgentConfig:
             raise ValueError(
                 f"route_start_schedule={self.route_start_schedule} needs route_starts=FILE (a route file)"
             )
-        if self.route_start_from and self.route_start_schedule != "backward":
+        if self.route_start_from and self.route_start_schedule == "uniform":
             raise ValueError(
-                f"route_start_from={self.route_start_from} places the backward schedule's window; "
-                "set route_start_schedule=backward too"
+                f"route_start_from={self.route_start_from} places the backward or fixed schedule's window; "
+                "set route_start_schedule=backward or window too"
             )
         if self.init_weights and self.init_encoder:
             raise ValueError(
@@ -543,9 +545,12 @@ class TrainingRun:
             changes = config_changes(loaded[1].get("config", {}), jsonable(dataclasses.asdict(config)))
             if changes:
                 self.config_changes.append({"step": self.global_step, "changes": changes})
-        # route_start_schedule=backward: {stage: the first action of its route-start window}.
+        # route_start_schedule=backward or window: {stage: the first action of its route-start window}.
         self.route_lengths: dict[str, int] = {}
         self.route_frontiers: dict[str, int] = {}
+        if config.route_start_schedule == "window":
+            self.route_lengths = {label: len(route) for label, route in config_routes(config).items()}
+            self.route_frontiers = fixed_route_frontiers(self.route_lengths, config.route_start_from)
         if config.route_start_schedule == "backward":
             self.route_lengths = {label: len(route) for label, route in config_routes(config).items()}
             first = first_route_frontiers(
@@ -682,7 +687,7 @@ class TrainingRun:
         """``route_start_schedule=backward``: moves each stage's window back once enough of its
         starts cleared (:func:`advance_route_frontiers`) and hands the new windows to the training
         envs. Called between updates, when no env is stepping."""
-        if not self.route_frontiers:
+        if self.config.route_start_schedule != "backward":
             return
         moved = advance_route_frontiers(self.route_frontiers, self.episodes, self.config.route_start_step)
         if moved != self.route_frontiers:

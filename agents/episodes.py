@@ -159,6 +159,12 @@ def first_route_frontiers(lengths: dict[str, int], step: int, start_from: int = 
     }
 
 
+def fixed_route_frontiers(lengths: dict[str, int], start_from: int) -> dict[str, int]:
+    """Where a fixed window (``route_start_schedule=window``) begins: at action ``start_from``, or one
+    action before a shorter route's end."""
+    return {label: max(0, min(length - 1, start_from)) for label, length in lengths.items() if length > 0}
+
+
 def route_windows(
     frontiers: dict[str, int], lengths: dict[str, int], step: int
 ) -> dict[str, tuple[int, int]]:

@@ -512,6 +512,27 @@ def resumed_frontiers(config: Any, run_dir: Path) -> dict[str, int]:
         run.close()
 
 
+def test_a_fixed_window_stays_where_it_begins_however_many_of_its_starts_clear(tmp_path):
+    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
+    config = ppo.PPOConfig(
+        env="mario-1-1", route_starts=path, route_start_prob=1.0, route_start_schedule="window",
+        route_start_step=6, route_start_from=8, device="cpu",
+    )  # fmt: skip
+    run = engine.TrainingRun("ppo", config, tmp_path / "run", resume=False, progress=False)
+    try:
+        assert run.route_windows() == {"1-1": (8, 14)}
+        vec_env = run.make_vec_env(2, seed=0)
+        assert all(8 <= start < 14 for start in vec_env.reset(seed=0)[1]["route_start"])
+        for i in range(episodes.FRONTIER_EPISODES):  # every start clears: a backward window would move
+            run.episodes.add(route_episode(8 + i % 6, cleared=True, stage=1))
+        run.advance_route_starts()
+        assert run.route_windows() == {"1-1": (8, 14)}
+    finally:
+        run.close()
+    # A window past a short route's end begins one action before it.
+    assert episodes.fixed_route_frontiers({"1-1": 25, "1-2": 0}, start_from=40) == {"1-1": 24}
+
+
 def test_route_start_from_needs_the_backward_schedule(tmp_path, capsys):
     path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
     assert_usage_error(
