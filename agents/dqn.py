@@ -292,7 +292,10 @@ class DQNTrainer:
         space = self.vec_env.single_observation_space
         obs_shape, self.num_actions = tuple(space.shape), int(self.vec_env.single_action_space.n)
         self.q_network = QNetwork(config, obs_shape, self.num_actions).to(device)
-        setup_network(config, self.q_network, [self.q_network.encoder], obs_shape, resumed="model" in saved)
+        resumed = "model" in saved
+        run.record_start_weights(
+            setup_network(config, self.q_network, [self.q_network.encoder], obs_shape, resumed)
+        )
         self.target_network = QNetwork(config, obs_shape, self.num_actions).to(device)
         self.target_network.load_state_dict(self.q_network.state_dict())
         self.optimizer = torch.optim.Adam(

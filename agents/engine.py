@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, NamedTuple, Protocol
 
 from tqdm.auto import tqdm
 
@@ -87,6 +87,17 @@ def save_training_checkpoint(
     return sidecar
 
 
+class StartWeights(NamedTuple):
+    """Which checkpoint a run's starting weights came from: a path such as ``runs/X`` names only the
+    newest checkpoint there at the time, and the hash tells it apart from a later one."""
+
+    option: str  # init_weights, init_encoder or init_student
+    path: str  # as given
+    checkpoint: str  # the checkpoint's sidecar that was read
+    step: int | None  # its training step, when it records one
+    weights_sha256: str  # of its .safetensors file (its sidecar's own record)
+
+
 def load_training_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """``(state, meta)`` of the newest good checkpoint of a run, or None when it has none yet."""
     sidecar = latest_checkpoint(run_dir / CHECKPOINTS)
@@ -97,7 +108,7 @@ def load_training_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, A
 SLIM_KEYS = (
     "model", "global_step", "update", "episodes", "recent_episodes", "recent_by_stage", "history",
     "route_start_episodes", "recent_route_starts", "route_frontiers",  # a route-start curriculum goes on
-    "seconds", "evals", "config_changes",
+    "seconds", "evals", "config_changes", "start_weights",
 )  # fmt: skip
 
 
@@ -545,6 +556,8 @@ class TrainingRun:
             changes = config_changes(loaded[1].get("config", {}), jsonable(dataclasses.asdict(config)))
             if changes:
                 self.config_changes.append({"step": self.global_step, "changes": changes})
+        #: where init_weights / init_encoder came from (StartWeights records), kept across resumes.
+        self.start_weights: list[dict[str, Any]] = list(self.saved.get("start_weights", []))
         # route_start_schedule=backward or window: {stage: the first action of its route-start window}.
         self.route_lengths: dict[str, int] = {}
         self.route_frontiers: dict[str, int] = {}
@@ -587,6 +600,11 @@ class TrainingRun:
         )  # fmt: skip
         self.vec_envs.append(vec_env)
         return vec_env
+
+    def record_start_weights(self, started_from: Sequence[StartWeights]) -> None:
+        """Keeps which checkpoints the starting weights were read from (``setup_network``'s records;
+        none on a resume, which keeps the first process's)."""
+        self.start_weights.extend(record._asdict() for record in started_from)
 
     def start(self, obs_shape: tuple[int, ...], num_actions: int, total_steps: int) -> None:
         """Called once the networks and optimizer exist (and hold the resumed weights): restores the
@@ -776,6 +794,7 @@ class TrainingRun:
             "route_frontiers": self.route_frontiers,
             "seconds": self.seconds,
             "config_changes": self.config_changes,
+            "start_weights": self.start_weights,
         }
         save_training_checkpoint(self.run_dir, step, full, self.meta, self.config.keep_checkpoints)
 
@@ -870,6 +889,7 @@ class TrainingRun:
             "history": self.history,
             "evals": self.evals,
             "config_changes": self.config_changes,
+            "start_weights": self.start_weights,
         }
         atomic_write_json(self.run_dir / "metrics.json", jsonable(metrics))
         if self.history:

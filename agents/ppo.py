@@ -46,13 +46,14 @@ from agents.engine import (
     AgentConfig,
     AsyncLearner,
     EvalListener,
+    StartWeights,
     TrainingRun,
     config_routes,
     env_action_set,
     played_stages,
 )
 from agents.episodes import env_stages, route_demonstrations
-from core.checkpoint import CheckpointError, load_checkpoint
+from core.checkpoint import CheckpointError, load_checkpoint, read_sidecar
 from core.compute import adam_kernel, bf16_autocast, forward_copy, set_learner_threads
 from core.config import config_from_dict as rebuild_config
 from core.config import option
@@ -246,11 +247,14 @@ def build_encoder(config: PPOConfig, obs_shape: tuple[int, ...]) -> nn.Module:
 
 def setup_network(
     config: Any, model: nn.Module, encoders: list[nn.Module], obs_shape: tuple[int, ...], resumed: bool
-) -> None:
+) -> list[StartWeights]:
     """Applies the start options of a PPO or DQN config to a freshly built ``model`` and its
     ``encoders``: checks that ``augment`` has images to shift, loads ``init_weights`` or
     ``init_encoder`` (not on resume: the checkpoint holds the weights) and freezes the encoders with
     ``freeze_encoder``. ``keep_zeros`` is the optimizer's part (:func:`keep_zero_weights`).
+
+    Returns:
+        where the loaded weights came from (empty when none were loaded).
 
     Raises:
         ValueError: augmentation of non-image observations, or weights that do not fit.
@@ -261,15 +265,17 @@ def setup_network(
             f"augment={config.augment} needs image observations (C, H, W), this env gives {obs_shape}; "
             f"valid: {', '.join(AUGMENTS)} (none for vectors)"
         )
+    started_from = []
     if config.init_weights and not resumed:
-        copy_tensors(config.init_weights, [model], prefix="", option="init_weights")
+        started_from.append(copy_tensors(config.init_weights, [model], prefix="", option="init_weights"))
     if config.init_encoder and not resumed:
-        load_encoder_tensors(config.init_encoder, encoders)
+        started_from.append(load_encoder_tensors(config.init_encoder, encoders))
     for encoder in encoders if config.freeze_encoder else []:
         encoder.requires_grad_(False)  # Adam skips parameters without gradients
+    return started_from
 
 
-def load_encoder_tensors(path: str, encoders: list[nn.Module]) -> None:
+def load_encoder_tensors(path: str, encoders: list[nn.Module]) -> StartWeights:
     """Copies the ``encoder.*`` tensors of the newest checkpoint at ``path`` into each encoder.
 
     Any run whose model keeps its encoder under ``encoder`` fits: ``lab fit ssl`` and ``lab fit
@@ -280,10 +286,10 @@ def load_encoder_tensors(path: str, encoders: list[nn.Module]) -> None:
         CheckpointError: nothing loadable at ``path``, or no model in it.
         ValueError: a tensor of the encoder missing there, or of another shape.
     """
-    copy_tensors(path, encoders, prefix="encoder.", option="init_encoder")
+    return copy_tensors(path, encoders, prefix="encoder.", option="init_encoder")
 
 
-def copy_tensors(path: str, modules: list[nn.Module], prefix: str, option: str) -> None:
+def copy_tensors(path: str, modules: list[nn.Module], prefix: str, option: str) -> StartWeights:
     """Copies the model tensors named ``prefix + name`` of the newest checkpoint at ``path`` (read
     once) into each module's ``name``; every tensor of a module must be there with its shape. With an
     empty prefix (the whole network) the checkpoint may hold nothing else either, so that a recurrent
@@ -316,6 +322,9 @@ def copy_tensors(path: str, modules: list[nn.Module], prefix: str, option: str) 
                     f"{tuple(tensor.shape)} here; {hint}"
                 )
         module.load_state_dict({name: source[name] for name in target})
+    step = state.get("global_step", state.get("step"))
+    sha256 = read_sidecar(sidecar)["weights_sha256"]  # load_checkpoint checked the weights against it
+    return StartWeights(option, str(path), str(sidecar), None if step is None else int(step), sha256)
 
 
 IMITATE_BATCH = 64  # (observation, action) pairs per behaviour-cloning step
@@ -769,7 +778,9 @@ class PPOTrainer:
         obs_shape, num_actions = tuple(space.shape), int(self.vec_envs[0].single_action_space.n)
         self.agent = ActorCritic(config, obs_shape, num_actions).to(device)
         encoders = [e for e in (self.agent.encoder, self.agent.critic_encoder) if e is not None]
-        setup_network(config, self.agent, encoders, obs_shape, resumed="model" in run.saved)
+        run.record_start_weights(
+            setup_network(config, self.agent, encoders, obs_shape, resumed="model" in run.saved)
+        )
         self.optimizer = torch.optim.Adam(
             self.agent.parameters(), lr=config.learning_rate, eps=1e-5, **adam_kernel(device)
         )

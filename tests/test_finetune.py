@@ -3,12 +3,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
-from agents import dqn, ppo
+from agents import dqn, engine, ppo
 from core import runs
-from core.checkpoint import load_checkpoint, save_checkpoint
+from core.checkpoint import load_checkpoint, read_sidecar, save_checkpoint
 from tests.test_augment import short_cartpole_config
 from tests.test_cli import assert_usage_error
 
@@ -118,3 +121,34 @@ def test_without_keep_zeros_the_pruned_weights_come_back(tmp_path):
     ppo.train(config, tmp_path / "agent", progress=False)
     state, _ = load_checkpoint(runs.locate_checkpoint(tmp_path / "agent")[0])
     assert torch.count_nonzero(state["model"]["head.actor.0.weight"]) > 0
+
+
+@pytest.mark.parametrize("algo", ["ppo", "dqn"])
+def test_a_fine_tuned_run_records_which_checkpoint_it_started_from(tmp_path, algo):
+    module = ppo if algo == "ppo" else dqn
+    network = network_of(algo, short_cartpole_config(algo))
+    source = saved_run(tmp_path, random_state(network))
+    sidecar = runs.locate_checkpoint(source)[0]
+    config = short_cartpole_config(algo, init_weights=str(source))
+    (tmp_path / "agent").mkdir()
+    module.train(config, tmp_path / "agent", progress=False)
+    expected = {
+        "option": "init_weights", "path": str(source), "checkpoint": str(sidecar), "step": None,
+        "weights_sha256": read_sidecar(sidecar)["weights_sha256"],
+    }  # fmt: skip
+    assert json.loads((tmp_path / "agent" / "metrics.json").read_text())["start_weights"] == [expected]
+    # A later checkpoint at the same path does not change the record: a resume keeps the first.
+    saved_run(tmp_path, random_state(network))
+    resumed = dataclasses.replace(config, total_steps=1024)
+    module.train(resumed, tmp_path / "agent", progress=False, resume=True)
+    assert json.loads((tmp_path / "agent" / "metrics.json").read_text())["start_weights"] == [expected]
+    runs.write_run_config(tmp_path / "agent", "algo", algo, resumed)
+    engine.export_slim_checkpoint(tmp_path / "agent", tmp_path / "slim")  # what a session commits
+    state, _ = load_checkpoint(runs.locate_checkpoint(tmp_path / "slim")[0])
+    assert state["start_weights"] == [expected]
+
+
+def test_a_run_from_scratch_records_no_start_weights(tmp_path):
+    (tmp_path / "agent").mkdir()
+    ppo.train(short_cartpole_config("ppo"), tmp_path / "agent", progress=False)
+    assert json.loads((tmp_path / "agent" / "metrics.json").read_text())["start_weights"] == []
