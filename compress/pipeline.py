@@ -41,7 +41,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 import envs
-from agents.engine import env_action_set, load_training_checkpoint, played_stages
+from agents.engine import StartWeights, env_action_set, load_training_checkpoint, played_stages
 from agents.episodes import env_stages, finished_episodes, stage_label
 from agents.ppo import copy_tensors
 from compress import METHODS, get_method
@@ -404,10 +404,11 @@ def _student_net_name(teacher: Teacher, config: CompressConfig) -> str | None:
 
 def make_student(
     teacher: Teacher, config: CompressConfig, overrides: list[str], resuming: bool = False
-) -> tuple[PolicyNet, Any]:
-    """The network to train and its agent config: a fresh student (distil), the channel-pruned
-    teacher (structured prune) or a copy of the teacher (prune); ``init_student``'s weights unless
-    ``resuming`` (the checkpoint holds the weights then, and the run it named may be gone).
+) -> tuple[PolicyNet, Any, StartWeights | None]:
+    """The network to train, its agent config and where its weights came from: a fresh student
+    (distil), the channel-pruned teacher (structured prune) or a copy of the teacher (prune);
+    ``init_student``'s weights unless ``resuming`` (the checkpoint holds the weights then, and the
+    run it named may be gone).
 
     Raises:
         ValueError: an unknown student net or override, a teacher structured pruning cannot cut, or an
@@ -427,14 +428,15 @@ def make_student(
         net = copy.deepcopy(teacher.net.net)
         for parameter in net.parameters():
             parameter.requires_grad_(True)
-        return PolicyNet(net, algo, detach_value=True), teacher.agent.config
+        return PolicyNet(net, algo, detach_value=True), teacher.agent.config, None
     agent_config = student_config(teacher, _student_net_name(teacher, config), overrides)
     net = build_network(algo, agent_config, teacher.obs_shape, teacher.num_actions)
     if config.method == "prune":
         _copy_channel_pruned(teacher.net.net, net)
+    started_from = None
     if config.init_student is not None and not resuming:  # every tensor with its shape, or a ValueError
-        copy_tensors(config.init_student, [net], prefix="", option="init_student")
-    return PolicyNet(net, algo, detach_value=True), agent_config
+        started_from = copy_tensors(config.init_student, [net], prefix="", option="init_student")
+    return PolicyNet(net, algo, detach_value=True), agent_config, started_from
 
 
 @torch.no_grad()
@@ -497,7 +499,11 @@ def _train(
     progress: bool,
 ) -> CompressResult:
     seed_everything(config.seed)
-    student, agent_config = make_student(teacher, config, overrides, resuming=saved is not None)
+    student, agent_config, started_from = make_student(teacher, config, overrides, resuming=saved is not None)
+    # The compression record keeps where init_student's weights came from; a resume keeps the first's.
+    start_weights = [started_from._asdict()] if started_from else []
+    if saved is not None:
+        start_weights = list(saved[1].get("compression", {}).get("start_weights", []))
     state = LoopState()
     if saved is not None:
         checkpoint = saved[0]
@@ -522,7 +528,11 @@ def _train(
     if saved is not None and "optimizer" in saved[0]:
         optimizer.load_state_dict(saved[0]["optimizer"])
     total = config.total_steps
-    record_base = {"student_net": agent_config.net, "student_overrides": list(overrides)}
+    record_base = {
+        "student_net": agent_config.net,
+        "student_overrides": list(overrides),
+        "start_weights": start_weights,
+    }
 
     def save(final: bool) -> dict[str, Any]:
         counts = sparsity_count(student)

@@ -27,7 +27,7 @@ from compress.compare import (
     format_comparison,
     interleaved_latency,
 )
-from core.checkpoint import load_checkpoint
+from core.checkpoint import load_checkpoint, read_sidecar
 from core.files import jsonable
 from core.runs import locate_checkpoint, write_run_config
 from lab.cli import main
@@ -182,6 +182,11 @@ def test_a_student_can_start_from_another_runs_weights(teachers, tmp_path, capsy
         assert torch.equal(tensor, after["model"][key]), key
     _, meta = locate_checkpoint(second)
     assert meta["compression"]["settings"]["init_student"] == str(first)
+    # ... and the record names the checkpoint it read, by its weights' hash.
+    first_sidecar = locate_checkpoint(first)[0]
+    [started] = meta["compression"]["start_weights"]
+    assert started["checkpoint"] == str(first_sidecar) and started["step"] == 256
+    assert started["weights_sha256"] == read_sidecar(first_sidecar)["weights_sha256"]
     # Another student shape, or pruning (which starts from the teacher), is refused in one line.
     for method, needle in (
         (["--method", "distil", "--student-set", "hidden=16"], "init_student: "),
