@@ -45,6 +45,7 @@ from agents.episodes import (
     first_route_frontiers,
     fixed_route_frontiers,
     preset_stages,
+    retry_scalars,
     route_start_scalars,
     route_windows,
     stage_scalars,
@@ -108,6 +109,7 @@ def load_training_checkpoint(run_dir: Path) -> tuple[dict[str, Any], dict[str, A
 SLIM_KEYS = (
     "model", "global_step", "update", "episodes", "recent_episodes", "recent_by_stage", "history",
     "route_start_episodes", "recent_route_starts", "route_frontiers",  # a route-start curriculum goes on
+    "retry_episodes", "recent_retries",
     "seconds", "evals", "config_changes", "start_weights",
 )  # fmt: skip
 
@@ -212,6 +214,16 @@ class AgentConfig:
         "run, if that is earlier; 0: just before the flag); window: where the fixed window begins",
         min=0,
     )
+    # Route starts hand over in the route's states; the agent dies in its own (another lift phase,
+    # another speed), which a retry starts shortly before.
+    retry_prob: float = option(
+        0.0,
+        "Mario: the share of training episodes that restart shortly before where a recent episode of the "
+        "same env died (from an emulator snapshot; evals start as usual); 0: off",
+        min=0.0,
+        max=1.0,
+    )
+    retry_back: int = option(40, "retry_prob: the most agent steps before the death that a retry starts", min=4)  # fmt: skip
     stage_sampling: Literal["uniform", "adaptive"] = option(
         "uniform",
         "multi-stage presets: draw stages uniformly, or the less often cleared ones more often (adaptive)",
@@ -244,7 +256,7 @@ class AgentConfig:
     #: Fields that only a Mario preset takes (set on another env, ``check`` refuses them in one line);
     #: an algorithm's config adds its own.
     MARIO_ONLY: ClassVar[tuple[str, ...]] = (
-        "sticky", "noop_max", "route_starts", "actions", "flag_bonus", "stall_patience",
+        "sticky", "noop_max", "route_starts", "actions", "flag_bonus", "stall_patience", "retry_prob",
     )  # fmt: skip
 
     def check(self) -> None:
@@ -306,6 +318,9 @@ def train_env_overrides(config: AgentConfig) -> dict[str, Any]:
     if config.route_starts:
         overrides["route_starts"] = config_routes(config)
         overrides["route_start_prob"] = config.route_start_prob
+    if config.retry_prob:
+        overrides["retry_prob"] = config.retry_prob
+        overrides["retry_back"] = config.retry_back
     return overrides
 
 
@@ -656,6 +671,8 @@ class TrainingRun:
             record["stages"] = episodes.stage_means()
         shares = self.rebalance_stages(record.get("stages", {}))
         route_scalars = route_start_scalars(episodes) if self.config.route_starts else {}
+        if self.config.retry_prob:
+            route_scalars.update(retry_scalars(episodes))
         if route_scalars:
             record["route_start_clear_rate"] = route_scalars["route_starts/clear_rate"]
         self.advance_route_starts()

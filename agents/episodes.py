@@ -19,7 +19,7 @@ import envs
 from envs.mario import stage_label
 
 #: The info keys of a finished episode that its statistics keep (Mario's progress and stage).
-EPISODE_INFO_KEYS = ("x_pos_max", "flag_get", "world", "stage", "stalled", "route_start")
+EPISODE_INFO_KEYS = ("x_pos_max", "flag_get", "world", "stage", "stalled", "route_start", "retry_start")
 
 
 def env_stages(infos: dict[str, Any], count: int) -> list[str | None]:
@@ -63,19 +63,26 @@ class EpisodeTracker:
     """Recent-episode windows for the progress bar and TensorBoard ``charts/``: one over all
     episodes, and one per stage for multi-stage Mario presets (so a rare stage keeps its own 100).
 
-    Episodes that started part-way along a route (``route_starts``) have a window of their own
-    (``route_starts``): a clear rate of the others means clears from the stage's start."""
+    Episodes that started part-way along a route (``route_starts``) or shortly before a recent death
+    (``retry_prob``) have windows of their own (``route_starts``, ``retries``): a clear rate of the
+    others means clears from the stage's start."""
 
     def __init__(self, window: int = 100) -> None:
         self.window = window
         self.recent: deque[dict[str, float]] = deque(maxlen=window)
         self.by_stage: dict[str, deque[dict[str, float]]] = {}
         self.route_starts: deque[dict[str, float]] = deque(maxlen=window)
+        self.retries: deque[dict[str, float]] = deque(maxlen=window)
         self.count = 0
         self.route_start_count = 0
+        self.retry_count = 0
 
     def add(self, stats: dict[str, float]) -> None:
         self.count += 1
+        if stats.get("retry_start"):
+            self.retries.append(stats)
+            self.retry_count += 1
+            return
         if stats.get("route_start"):
             self.route_starts.append(stats)
             self.route_start_count += 1
@@ -112,6 +119,8 @@ class EpisodeTracker:
             "episodes": self.count,
             "route_start_episodes": self.route_start_count,
             "recent_route_starts": list(self.route_starts),
+            "retry_episodes": self.retry_count,
+            "recent_retries": list(self.retries),
             "recent_episodes": list(self.recent),
             "recent_by_stage": {label: list(window) for label, window in self.by_stage.items()},
         }
@@ -121,12 +130,26 @@ class EpisodeTracker:
         self.route_start_count = int(state.get("route_start_episodes", 0))
         self.route_starts.clear()
         self.route_starts.extend(dict(stats) for stats in state.get("recent_route_starts", []))
+        self.retry_count = int(state.get("retry_episodes", 0))
+        self.retries.clear()
+        self.retries.extend(dict(stats) for stats in state.get("recent_retries", []))
         self.recent.clear()
         self.recent.extend(dict(stats) for stats in state.get("recent_episodes", []))
         self.by_stage = {
             label: deque((dict(stats) for stats in window), maxlen=self.window)
             for label, window in state.get("recent_by_stage", {}).items()
         }
+
+
+def retry_scalars(episodes: EpisodeTracker) -> dict[str, float]:
+    """How the retries of recent deaths went (``retry_prob``): their count, and the clear rate, the
+    furthest x and the steps between hand-over and death of the recent ones (NaN before the first)."""
+    return {
+        "retries/episodes": float(episodes.retry_count),
+        "retries/clear_rate": _window_mean(episodes.retries, "flag_get"),
+        "retries/x_pos_max": _window_mean(episodes.retries, "x_pos_max"),
+        "retries/steps_before_death": _window_mean(episodes.retries, "retry_start"),
+    }
 
 
 def route_start_scalars(episodes: EpisodeTracker) -> dict[str, float]:

@@ -29,9 +29,11 @@ GrayscaleObservation) and reading it only on the two frames that are max-pooled.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any, SupportsFloat
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, NamedTuple, SupportsFloat
 
 import gym_super_mario_bros  # noqa: F401  (registers the SuperMarioBros* ids)
 import gymnasium as gym
@@ -436,8 +438,22 @@ def _per_frame_stack(
     return env
 
 
+#: Recent deaths per stage whose start states an env keeps for retries (the oldest goes first).
+RETRY_POOL = 8
+
+
+class Retry(NamedTuple):
+    """A start state shortly before a death: the emulator some steps earlier and the actions that
+    led from there to the hand-over (a frame stack's worth, to refill the stack)."""
+
+    snapshot: Any
+    actions: list[int]
+    back: int  # agent steps from the hand-over to the death
+
+
 class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
-    """Starts some episodes part-way along a known route through the stage (a start-state curriculum).
+    """Starts some episodes part-way along a known route through the stage (a start-state curriculum),
+    and some shortly before where a recent episode died (retries).
 
     On 1-3 the progress reward leads the agent along the low tree tops to a tree it cannot climb; the
     high ones that lead past it pay no more until then, and no entropy bonus found them (issue 26;
@@ -455,6 +471,17 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     the stage's start), so the training curves can leave these episodes out. Stages without a route
     start as usual.
 
+    A route's replay hands over in the route's own states: on 1-3 the agent clears 85-90% of the
+    starts along the stretch where most of its episodes from the start die, since it arrives there
+    otherwise (another lift phase, another speed). Retries practise the states it reaches itself
+    (the "restart from a save state" of speed-runners; Go-Explore's return to a state): every
+    ``tail``-th step of an episode keeps a snapshot, and when the episode dies (terminated without
+    the flag; not a retry itself) a snapshot from ``tail`` to ``retry_back`` steps before the death goes to the stage's
+    pool of the :data:`RETRY_POOL` latest. With probability ``retry_prob`` a reset then loads one
+    from the pool and replays the ``tail`` actions the episode took from there, sticky actions off
+    (so not exactly its path: a slightly other start), and hands over. ``info["retry_start"]`` is
+    the number of steps between the hand-over and the death it retries (0 otherwise).
+
     A replay from the stage's start costs as much emulation as the agent steps it skips, which near
     the flag is many times the episode itself. So every ``tail``-th position the replays pass is kept
     as an emulator snapshot (nes-py's ``dump_state``: quick, but hundreds of KB each, hence not every
@@ -468,6 +495,9 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         routes: ``{"1-3": [action, ...]}``, indices into the env's action set from the stage's start.
         prob: the probability that an episode starts along the route, in [0, 1].
         windows: ``{"1-3": (low, high)}``, the first windows (:meth:`set_route_windows`).
+        retry_prob: the probability that an episode retries a recent death, in [0, 1] (0: never; the
+            route-start draw then takes the others).
+        retry_back: the most agent steps before a death that a retry hands over.
     """
 
     def __init__(
@@ -476,11 +506,17 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         routes: dict[str, Sequence[int]],
         prob: float,
         windows: dict[str, tuple[int, int]] | None = None,
+        retry_prob: float = 0.0,
+        retry_back: int = 40,
     ):
-        gym.utils.RecordConstructorArgs.__init__(self, routes=routes, prob=prob, windows=windows)
+        gym.utils.RecordConstructorArgs.__init__(
+            self, routes=routes, prob=prob, windows=windows, retry_prob=retry_prob, retry_back=retry_back
+        )
         gym.Wrapper.__init__(self, env)
         if not 0.0 <= float(prob) <= 1.0:
             raise ValueError(f"route_start_prob must be in [0, 1], got {prob}")
+        if not 0.0 <= float(retry_prob) <= 1.0:
+            raise ValueError(f"retry_prob must be in [0, 1], got {retry_prob}")
         self.routes = {str(label): [int(action) for action in route] for label, route in routes.items()}
         self.prob = float(prob)
         self.windows = {label: (0, len(route) + 1) for label, route in self.routes.items()}
@@ -492,6 +528,16 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         #: {stage: {n: the emulator after the route's first n actions}}, n a multiple of tail
         self.snapshots: dict[str, dict[int, Any]] = {label: {} for label in self.routes}
         self.replayed = 0
+        self.retry_prob = float(retry_prob)
+        self.retry_back = max(int(retry_back), self.tail)
+        self.retries: dict[str, deque[Retry]] = {}  # {stage: its latest deaths' start states}
+        self.retried = 0
+        # This episode's snapshots, (steps taken, emulator), every tail-th step, and its latest actions
+        # as (index, action): enough to hand over up to retry_back steps before a death.
+        self.label = ""
+        self.taken = 0
+        self.episode_snapshots: deque[tuple[int, Any]] = deque(maxlen=self.retry_back // self.tail + 2)
+        self.episode_actions: deque[tuple[int, int]] = deque(maxlen=self.retry_back + 2 * self.tail)
 
     def set_route_windows(self, windows: dict[str, tuple[int, int]]) -> None:
         """Later starts of each named stage replay ``low <= n < high`` actions of its route (the
@@ -507,17 +553,77 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         obs, info = self.env.reset(seed=seed, options=options)
-        self.replayed = 0
-        label = stage_label(info) or ""  # no route is keyed by ""
-        route = self.routes.get(label)
-        if route and self.np_random.random() < self.prob:
+        self.replayed = self.retried = self.taken = 0
+        self.episode_snapshots.clear()
+        self.episode_actions.clear()
+        self.label = label = stage_label(info) or ""  # no route is keyed by ""
+        route, pool = self.routes.get(label), self.retries.get(label)
+        if pool and self.np_random.random() < self.retry_prob:
+            obs, info = self._retry(pool[int(self.np_random.integers(len(pool)))], obs, info)
+        elif route and self.np_random.random() < self.prob:
             obs, info = self._replay(label, int(self.np_random.integers(*self.windows[label])), obs, info)
-        return obs, {**info, "route_start": self.replayed}
+        return obs, {**info, **self._start_info()}
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        # A retry's own death is not kept: retries of retries would creep ever nearer the death,
+        # past the steps where it could still be avoided.
+        keeping = self.retry_prob and not self.retried
+        if keeping:
+            emulator = self._emulator()
+            if emulator is not None and self.taken % self.tail == 0:
+                self.episode_snapshots.append((self.taken, emulator.dump_state()))  # ~30 us
+            self.episode_actions.append((self.taken, int(action)))
         obs, reward, terminated, truncated, info = self.env.step(action)
-        # Every step says how the episode began, so the episode statistics can tell the two apart.
-        return obs, reward, terminated, truncated, {**info, "route_start": self.replayed}
+        self.taken += 1
+        if keeping and terminated and not info.get("flag_get"):
+            self._keep_retry()
+        # Every step says how the episode began, so the episode statistics can tell them apart.
+        return obs, reward, terminated, truncated, {**info, **self._start_info()}
+
+    def _start_info(self) -> dict[str, int]:
+        return (
+            {"route_start": self.replayed, "retry_start": self.retried}
+            if self.retry_prob
+            else {"route_start": self.replayed}
+        )
+
+    def _keep_retry(self) -> None:
+        """Keeps a start state ``tail`` to ``retry_back`` steps before this episode's death."""
+        fits = [(n, snapshot) for n, snapshot in self.episode_snapshots
+                if self.tail <= self.taken - (n + self.tail) <= self.retry_back]  # fmt: skip
+        if not fits:  # a death within the episode's first steps
+            return
+        n, snapshot = fits[int(self.np_random.integers(len(fits)))]
+        actions = [action for index, action in self.episode_actions if n <= index < n + self.tail]
+        pool = self.retries.setdefault(self.label, deque(maxlen=RETRY_POOL))
+        pool.append(Retry(snapshot, actions, self.taken - n - self.tail))
+
+    def _retry(self, retry: Retry, obs: Any, info: dict) -> tuple[Any, dict]:
+        """Loads a retry's snapshot and replays its actions; an episode that ends in the replay
+        starts again from the stage's start."""
+        emulator = self._emulator()
+        if emulator is None:
+            return obs, info
+        emulator.load_state(retry.snapshot)
+        with self._sticky_off():
+            for action in retry.actions:
+                obs, _, terminated, truncated, info = self.env.step(action)
+                if terminated or truncated:
+                    return self.env.reset()
+        self.retried = retry.back
+        return obs, info
+
+    @contextlib.contextmanager
+    def _sticky_off(self) -> Iterator[None]:
+        """Sticky actions off for a replay (the emulator is then deterministic), back on after it."""
+        sticky_probs = [wrapper.repeat_action_probability for wrapper in self.sticky]
+        for wrapper in self.sticky:
+            wrapper.repeat_action_probability = 0.0
+        try:
+            yield
+        finally:
+            for wrapper, sticky_prob in zip(self.sticky, sticky_probs, strict=True):
+                wrapper.repeat_action_probability = sticky_prob
 
     def _replay(self, label: str, length: int, obs: Any, info: dict) -> tuple[Any, dict]:
         """Plays the first ``length`` actions of the stage's route, from the nearest snapshot at
@@ -526,19 +632,13 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
         start = max((n for n in snapshots if n <= length - self.tail), default=0)
         if start and emulator is not None:
             emulator.load_state(snapshots[start])
-        sticky_probs = [wrapper.repeat_action_probability for wrapper in self.sticky]
-        for wrapper in self.sticky:
-            wrapper.repeat_action_probability = 0.0
-        try:
+        with self._sticky_off():
             for n in range(start + 1, length + 1):
                 obs, _, terminated, truncated, info = self.env.step(route[n - 1])
                 if terminated or truncated:  # the route's end (the flag), or one that does not fit
                     return self.env.reset()
                 if emulator is not None and n % self.tail == 0 and n not in snapshots:
                     snapshots[n] = emulator.dump_state()
-        finally:
-            for wrapper, sticky_prob in zip(self.sticky, sticky_probs, strict=True):
-                wrapper.repeat_action_probability = sticky_prob
         self.replayed = length
         return obs, info
 
@@ -753,6 +853,8 @@ def make_mario(
     route_starts: dict[str, Sequence[int]] | None = None,
     route_start_prob: float = 0.5,
     route_start_windows: dict[str, tuple[int, int]] | None = None,
+    retry_prob: float = 0.0,
+    retry_back: int = 40,
 ) -> gym.Env:
     """Builds a preprocessed Super Mario Bros environment.
 
@@ -793,6 +895,9 @@ def make_mario(
         route_start_prob: the share of the episodes that start along a route.
         route_start_windows: ``{"1-3": (low, high)}``: the replayed prefix's length is drawn from
             ``low..high-1`` (default: the whole route; :meth:`RouteStarts.set_route_windows`).
+        retry_prob: the share of the episodes that start shortly before where a recent episode of
+            this env died (:class:`RouteStarts`' retries; training only; 0 = off).
+        retry_back: the most agent steps before the death that a retry hands over.
 
     Returns:
         The wrapped env; observation ``Box(0, 255, (frame_stack, 84, 84), uint8)`` by default.
@@ -842,12 +947,14 @@ def make_mario(
             env = MergeStackChannels(env)
     elif not grayscale:
         env = ChannelFirstObservation(env)
-    if route_starts:
-        env = RouteStarts(env, route_starts, route_start_prob, route_start_windows)
+    if route_starts or retry_prob:
+        env = RouteStarts(
+            env, route_starts or {}, route_start_prob, route_start_windows, retry_prob, retry_back
+        )
     if noop_max:
-        # A route start hands over where the route left Mario, often in the air: no-ops there would
+        # A route start or a retry hands over where Mario was, often in the air: no-ops there would
         # drop him mid-jump, so they apply to the episodes from the stage's start only.
-        env = NoopResetEpisode(env, noop_max=noop_max, noop_action=0, skip_if="route_start")
+        env = NoopResetEpisode(env, noop_max=noop_max, noop_action=0, skip_if=("route_start", "retry_start"))
     if max_episode_steps is not None:
         env = TimeLimit(env, max_episode_steps=max_episode_steps)
     if stall_patience:

@@ -100,11 +100,13 @@ class NoopResetEpisode(gym.Wrapper, gym.utils.RecordConstructorArgs):
         env: environment with a discrete action space.
         noop_max: the largest number of no-ops (>= 0; 0 disables the wrapper's effect).
         noop_action: the action that does nothing (Mario: 0, "NOOP").
-        skip_if: an info key that, when true at reset, says the episode starts where something
-            below has put it (Mario's route starts, often mid-jump): no no-ops then.
+        skip_if: info keys of which any, when true at reset, says the episode starts where something
+            below has put it (Mario's route starts and retries, often mid-jump): no no-ops then.
     """
 
-    def __init__(self, env: gym.Env, noop_max: int = 30, noop_action: int = 0, skip_if: str | None = None):
+    def __init__(
+        self, env: gym.Env, noop_max: int = 30, noop_action: int = 0, skip_if: str | Sequence[str] = ()
+    ):
         gym.utils.RecordConstructorArgs.__init__(
             self, noop_max=noop_max, noop_action=noop_action, skip_if=skip_if
         )
@@ -115,12 +117,12 @@ class NoopResetEpisode(gym.Wrapper, gym.utils.RecordConstructorArgs):
         if not env.action_space.contains(noop_action):
             raise ValueError(f"noop_action {noop_action!r} is not in the action space {env.action_space}")
         self.noop_action = int(noop_action)
-        self.skip_if = skip_if
+        self.skip_if = (skip_if,) if isinstance(skip_if, str) else tuple(skip_if)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict]:
         obs, info = self.env.reset(seed=seed, options=options)
         noops = int(self.np_random.integers(0, self.noop_max + 1)) if self.noop_max else 0
-        if self.skip_if is not None and info.get(self.skip_if):
+        if any(info.get(key) for key in self.skip_if):
             return obs, info
         for _ in range(noops):
             obs, _, terminated, truncated, info = self.env.step(self.noop_action)

@@ -226,7 +226,9 @@ def test_the_training_stall_cut_off_truncates_a_standing_episode():
     )
 
 
-@pytest.mark.parametrize("setting", ["sticky=0.25", "noop_max=30", "flag_bonus=100", "stall_patience=100"])
+@pytest.mark.parametrize(
+    "setting", ["sticky=0.25", "noop_max=30", "flag_bonus=100", "stall_patience=100", "retry_prob=0.25"]
+)
 def test_sticky_and_noop_starts_are_refused_outside_mario(setting, tmp_path, capsys):
     assert_usage_error(
         ["train", "cartpole", "--steps", "256", "--device", "cpu", "--no-progress",
@@ -450,6 +452,54 @@ def route_episode(start: int, cleared: bool, stage: int = 3) -> dict[str, float]
         "stage": float(stage),
         "route_start": float(start),
     }
+
+
+def walk_until_the_end(env) -> tuple[int, dict]:
+    """Holds right (action 1) until the episode ends: on 1-1, into the first goomba."""
+    for steps in range(1, 500):
+        *_, terminated, truncated, info = env.step(1)
+        if terminated or truncated:
+            return steps, info
+    raise AssertionError("walking right did not end the episode")
+
+
+def test_a_retry_starts_shortly_before_the_last_death_and_does_not_retry_itself():
+    config = ppo.PPOConfig(env="mario-1-1", retry_prob=1.0, retry_back=20, noop_max=30)
+    overrides = engine.train_env_overrides(config)
+    assert overrides == {"noop_max": 30, "retry_prob": 1.0, "retry_back": 20}
+    assert "retry_prob" not in engine.eval_env_overrides(config)  # evals start at the stage's start
+    env = envs.make("mario-1-1", **overrides)
+    try:
+        _, info = env.reset(seed=0)
+        assert info["retry_start"] == 0  # nothing died yet: from the start
+        first_steps, first_end = walk_until_the_end(env)
+        assert first_end["flag_get"] is False and first_steps > 20
+        _, info = env.reset()
+        back = info["retry_start"]
+        # Handed over 4-20 steps before the death, no no-ops: the same walk dies as many steps later.
+        assert 4 <= back <= 20 and info["x_pos"] < first_end["x_pos"]
+        steps, end = walk_until_the_end(env)
+        assert (steps, end["x_pos"]) == (back, first_end["x_pos"]) and end["retry_start"] == back
+        # The retry's own death is not kept: the next retry starts where the first did.
+        _, again = env.reset()
+        assert (again["retry_start"], again["x_pos"]) == (back, info["x_pos"])
+    finally:
+        env.close()
+
+
+def test_retries_have_their_own_window_and_leave_the_clear_rate_from_the_start():
+    tracker = episodes.EpisodeTracker(window=10)
+    tracker.add({"return": 1.0, "flag_get": 0.0, "x_pos_max": 300.0, "route_start": 0.0, "retry_start": 0.0})
+    tracker.add(
+        {"return": 1.0, "flag_get": 1.0, "x_pos_max": 3100.0, "route_start": 0.0, "retry_start": 12.0}
+    )
+    assert tracker.mean("flag_get") == 0.0 and tracker.count == 2
+    scalars = episodes.retry_scalars(tracker)
+    assert scalars == {"retries/episodes": 1.0, "retries/clear_rate": 1.0, "retries/x_pos_max": 3100.0,
+                       "retries/steps_before_death": 12.0}  # fmt: skip
+    restored = episodes.EpisodeTracker(window=10)
+    restored.restore(tracker.state())
+    assert episodes.retry_scalars(restored) == scalars
 
 
 def test_the_backward_schedule_moves_back_after_a_fifth_of_its_window_clears():
