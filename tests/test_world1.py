@@ -325,6 +325,12 @@ def test_route_starts_reach_every_stage_stack_of_a_multi_stage_env():
         env.close()
 
 
+def walk_route_config(tmp_path, **fields: Any) -> ppo.PPOConfig:
+    """A 1-1 config whose every training episode starts along WALK (its route file in ``tmp_path``)."""
+    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
+    return ppo.PPOConfig(env="mario-1-1", route_starts=path, route_start_prob=1.0, device="cpu", **fields)
+
+
 def write_routes(tmp_path, content) -> str:
     path = tmp_path / "routes.json"
     path.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -535,11 +541,9 @@ def test_the_backward_window_can_begin_part_way_along_the_route(tmp_path):
     # Action 135 on 1-3; on 1-4 the window just before the flag (0) is already earlier.
     assert episodes.first_route_frontiers(lengths, step=10, start_from=135) == {"1-3": 135, "1-4": 0}
     assert episodes.first_route_frontiers(lengths, step=10, start_from=400) == {"1-3": 290, "1-4": 0}
-    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
-    config = ppo.PPOConfig(
-        env="mario-1-1", route_starts=path, route_start_prob=1.0, route_start_schedule="backward",
-        route_start_step=5, route_start_from=12, device="cpu",
-    )  # fmt: skip
+    config = walk_route_config(
+        tmp_path, route_start_schedule="backward", route_start_step=5, route_start_from=12
+    )
     run = engine.TrainingRun("ppo", config, tmp_path / "run", resume=False, progress=False)
     try:
         assert run.route_windows() == {"1-1": (12, 17)}
@@ -563,11 +567,9 @@ def resumed_frontiers(config: Any, run_dir: Path) -> dict[str, int]:
 
 
 def test_a_fixed_window_stays_where_it_begins_however_many_of_its_starts_clear(tmp_path):
-    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
-    config = ppo.PPOConfig(
-        env="mario-1-1", route_starts=path, route_start_prob=1.0, route_start_schedule="window",
-        route_start_step=6, route_start_from=8, device="cpu",
-    )  # fmt: skip
+    config = walk_route_config(
+        tmp_path, route_start_schedule="window", route_start_step=6, route_start_from=8
+    )
     run = engine.TrainingRun("ppo", config, tmp_path / "run", resume=False, progress=False)
     try:
         assert run.route_windows() == {"1-1": (8, 14)}
@@ -603,11 +605,7 @@ def test_a_backward_schedule_needs_routes(tmp_path, capsys):
 
 
 def test_the_backward_schedule_hands_its_windows_to_the_envs_and_a_resumed_run_keeps_them(tmp_path):
-    path = write_routes(tmp_path, {"actions": "simple", "routes": {"1-1": WALK}})
-    config = ppo.PPOConfig(
-        env="mario-1-1", route_starts=path, route_start_prob=1.0, route_start_schedule="backward",
-        route_start_step=5, device="cpu",
-    )  # fmt: skip
+    config = walk_route_config(tmp_path, route_start_schedule="backward", route_start_step=5)
     run = engine.TrainingRun("ppo", config, tmp_path / "run", resume=False, progress=False)
     try:
         assert run.route_frontiers == {"1-1": 20}
