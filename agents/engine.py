@@ -568,7 +568,10 @@ class TrainingRun:
         #: history says from which step it trained with what (the config.json holds only the last).
         self.config_changes: list[dict[str, Any]] = list(self.saved.get("config_changes", []))
         if loaded is not None:
-            changes = config_changes(loaded[1].get("config", {}), jsonable(dataclasses.asdict(config)))
+            defaults = jsonable({field.name: field.default for field in dataclasses.fields(config)})
+            changes = config_changes(
+                loaded[1].get("config", {}), jsonable(dataclasses.asdict(config)), defaults
+            )
             if changes:
                 self.config_changes.append({"step": self.global_step, "changes": changes})
         #: where init_weights / init_encoder came from (StartWeights records), kept across resumes.
@@ -919,10 +922,17 @@ class TrainingRun:
         return summary
 
 
-def config_changes(was: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
-    """``{key: [was, now]}`` for every config field whose value differs (a field new since ``was``
-    was written is not a change: the run trained with its default)."""
-    return {key: [was[key], value] for key, value in now.items() if key in was and was[key] != value}
+def config_changes(
+    was: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any]
+) -> dict[str, list[Any]]:
+    """``{key: [was, now]}`` for every config field whose value differs; a field new since ``was``
+    was written had its default until now (a resume that sets it is a change from the default)."""
+    changes = {}
+    for key, value in now.items():
+        before = was.get(key, defaults.get(key, value))
+        if before != value:
+            changes[key] = [before, value]
+    return changes
 
 
 def try_to_save(save: Callable[[], None]) -> str:

@@ -149,6 +149,15 @@ def test_a_resume_that_changes_the_config_says_so_in_the_runs_records(algo, tmp_
     assert engine.load_training_checkpoint(run_dir)[0]["config_changes"] == changes
 
 
+def test_a_field_newer_than_the_checkpoint_counts_as_its_default_until_a_resume_sets_it():
+    was = {"learning_rate": 0.001}  # written before the field stall_patience existed
+    defaults = {"learning_rate": 0.0003, "stall_patience": 0}
+    assert engine.config_changes(was, {"learning_rate": 0.001, "stall_patience": 0}, defaults) == {}
+    assert engine.config_changes(was, {"learning_rate": 0.001, "stall_patience": 300}, defaults) == {
+        "stall_patience": [0, 300]
+    }
+
+
 @pytest.mark.parametrize("algo", ALGO_NAMES)
 def test_greedy_evals_are_recorded_in_metrics_and_kept_across_resumes(algo, tmp_path, capsys):
     run_dir, (_, first, second) = tmp_path / "run", TINY[algo]
