@@ -674,10 +674,10 @@ class TrainingRun:
             record["stages"] = episodes.stage_means()
         shares = self.rebalance_stages(record.get("stages", {}))
         route_scalars = route_start_scalars(episodes) if self.config.route_starts else {}
-        if self.config.retry_prob:
-            route_scalars.update(retry_scalars(episodes))
         if route_scalars:
             record["route_start_clear_rate"] = route_scalars["route_starts/clear_rate"]
+        if self.config.retry_prob:  # TensorBoard only
+            route_scalars.update(retry_scalars(episodes))
         self.advance_route_starts()
         if self.route_frontiers:
             record["route_frontiers"] = dict(self.route_frontiers)

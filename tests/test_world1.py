@@ -18,7 +18,7 @@ from agents import engine, episodes, ppo
 from core.runs import write_run_config
 from envs.mario import ACTION_SETS, load_routes, parse_stages
 from envs.registry import WORLD_1_STAGES
-from tests.test_cli import assert_usage_error
+from tests.test_cli import assert_usage_error, run_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -491,6 +491,19 @@ def test_a_retry_starts_shortly_before_the_last_death_and_does_not_retry_itself(
         assert (again["retry_start"], again["x_pos"]) == (back, info["x_pos"])
     finally:
         env.close()
+
+
+def test_a_run_with_retries_and_no_route_starts_logs_the_retries(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code, _, err = run_main(
+        ["train", "mario-1-1", "--steps", "128", "--envs", "2", "--device", "cpu", "--no-progress",
+         "--run-dir", str(run_dir), "--set", "num_steps=64", "--set", "retry_prob=0.5",
+         "--set", "eval_episodes=1"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0, err
+    [record] = json.loads((run_dir / "metrics.json").read_text())["history"]
+    assert "route_start_clear_rate" not in record  # the route-start panel is for route starts only
 
 
 def test_retries_have_their_own_window_and_leave_the_clear_rate_from_the_start():
