@@ -476,9 +476,9 @@ class RouteStarts(gym.Wrapper, gym.utils.RecordConstructorArgs):
     otherwise (another lift phase, another speed). Retries practise the states it reaches itself
     (the "restart from a save state" of speed-runners; Go-Explore's return to a state): every
     ``tail``-th step of an episode keeps a snapshot, and when the episode dies (terminated without
-    the flag; not a retry itself) a snapshot from ``tail`` to ``retry_back`` steps before the death goes to the stage's
-    pool of the :data:`RETRY_POOL` latest. With probability ``retry_prob`` a reset then loads one
-    from the pool and replays the ``tail`` actions the episode took from there, sticky actions off
+    the flag; not a retry itself) a snapshot from ``tail`` to ``retry_back`` steps before the death
+    goes to the stage's pool of the :data:`RETRY_POOL` latest. With probability ``retry_prob`` a
+    reset then loads one from the pool and replays the ``tail`` actions the episode took from there, sticky actions off
     (so not exactly its path: a slightly other start), and hands over. ``info["retry_start"]`` is
     the number of steps between the hand-over and the death it retries (0 otherwise).
 
