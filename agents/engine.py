@@ -568,7 +568,7 @@ class TrainingRun:
         #: history says from which step it trained with what (the config.json holds only the last).
         self.config_changes: list[dict[str, Any]] = list(self.saved.get("config_changes", []))
         if loaded is not None:
-            defaults = jsonable({field.name: field.default for field in dataclasses.fields(config)})
+            defaults = jsonable(dataclasses.asdict(type(config)()))
             changes = config_changes(
                 loaded[1].get("config", {}), jsonable(dataclasses.asdict(config)), defaults
             )
@@ -579,11 +579,11 @@ class TrainingRun:
         # route_start_schedule=backward or window: {stage: the first action of its route-start window}.
         self.route_lengths: dict[str, int] = {}
         self.route_frontiers: dict[str, int] = {}
-        if config.route_start_schedule == "window":
+        if config.route_start_schedule != "uniform":
             self.route_lengths = {label: len(route) for label, route in config_routes(config).items()}
+        if config.route_start_schedule == "window":
             self.route_frontiers = fixed_route_frontiers(self.route_lengths, config.route_start_from)
         if config.route_start_schedule == "backward":
-            self.route_lengths = {label: len(route) for label, route in config_routes(config).items()}
             first = first_route_frontiers(
                 self.route_lengths, config.route_start_step, config.route_start_from
             )

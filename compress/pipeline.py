@@ -501,9 +501,10 @@ def _train(
     seed_everything(config.seed)
     student, agent_config, started_from = make_student(teacher, config, overrides, resuming=saved is not None)
     # The compression record keeps where init_student's weights came from; a resume keeps the first's.
-    start_weights = [started_from._asdict()] if started_from else []
     if saved is not None:
         start_weights = list(saved[1].get("compression", {}).get("start_weights", []))
+    else:
+        start_weights = [started_from._asdict()] if started_from else []
     state = LoopState()
     if saved is not None:
         checkpoint = saved[0]
